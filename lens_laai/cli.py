@@ -1,0 +1,206 @@
+"""``lens-laai``: fit, evaluate and compose interventions from the shell.
+
+    lens-laai fit --task antonym --out runs/antonym            # embedded SmolLM2, layer sweep
+    lens-laai eval --task antonym --intervention runs/antonym
+    lens-laai compose runs/antonym runs/english-french --out runs/ant_fr --weights 1,1
+
+With ``--json`` the last printed line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import pandas as pd
+
+from .fit import FitConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .intervention import InterventionError
+    from .tasks import TaskError
+
+    try:
+        return args.func(args)
+    except (TaskError, InterventionError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"lens-laai {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lens-laai", description="Sparse additive interventions on attention heads.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit an intervention on a task and report held-out accuracy")
+    _task_args(f)
+    f.add_argument("--layer", default="auto", help="layer index, or 'auto' to pick on validation (default)")
+    f.add_argument("--layers", default="default",
+                   help="layers the auto sweep tries: comma list, 'all', or 'default' (every 3rd layer in the middle 70%%)")
+    f.add_argument("--n-train", type=int, default=FitConfig.n_train)
+    f.add_argument("--n-valid", type=int, default=FitConfig.n_valid)
+    f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
+    f.add_argument("--l1", type=float, default=FitConfig.l1)
+    f.add_argument("--group-l1", type=float, default=FitConfig.group_l1)
+    f.add_argument("--steps", type=int, default=FitConfig.steps)
+    f.add_argument("--lr", type=float, default=FitConfig.lr)
+    f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
+    f.add_argument("--out", required=True, help="directory to save the intervention in")
+    f.set_defaults(func=_fit)
+
+    e = sub.add_parser("eval", help="accuracy of the model, with or without an intervention")
+    _task_args(e)
+    e.add_argument("--intervention", default=None, help="a saved intervention directory")
+    e.add_argument("--shots", type=int, default=0)
+    e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
+    e.add_argument("--n-train", type=int, default=None)
+    e.add_argument("--n-valid", type=int, default=None)
+    e.set_defaults(func=_eval)
+
+    c = sub.add_parser("compose", help="weighted sum of saved interventions")
+    c.add_argument("interventions", nargs="+", help="saved intervention directories")
+    c.add_argument("--weights", default=None, help="comma list, one per intervention (default: all 1)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_compose)
+    return p
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default=None, help="bundled task name (antonym, synonym, english-french, english-german)")
+    p.add_argument("--task-file", default=None, help="a Function Vectors-format JSON file; overrides --task")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a hub name or a local dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _load_task(args: argparse.Namespace):
+    from .tasks import Task, TaskError, load_task
+
+    if args.task_file:
+        return Task.from_json(args.task_file, name=args.task or None)
+    if not args.task:
+        raise TaskError("Give --task NAME or --task-file PATH.")
+    return load_task(args.task)
+
+
+def _sweep_layers(spec: str, n_layers: int) -> list[int] | None:
+    if spec == "all":
+        return None
+    if spec == "default":
+        lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
+        return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be 'all', 'default' or a comma list of integers, got {spec!r}.") from None
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .fit import fit
+    from .models import load_model
+
+    start = time.perf_counter()
+    task = _load_task(args)
+    model = load_model(args.model)
+    layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
+    splits = task.split(args.seed, args.n_train, args.n_valid, args.n_test)
+    result = fit(model, splits, layer, layers=_sweep_layers(args.layers, model.cfg.n_layers), l1=args.l1,
+                 group_l1=args.group_l1, steps=args.steps, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+    result.intervention.save(args.out)
+    test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
+    zero = few = None
+    if not args.no_baselines:
+        zero = evaluate(model, splits, shots=0, progress=not args.no_progress).accuracy
+        few = evaluate(model, splits, shots=5, progress=not args.no_progress).accuracy
+    summary = {
+        "task": task.name, "model": args.model, "layer": result.layer,
+        "selected_heads": [list(h) for h in result.selected_heads],
+        "n_heads_total": model.cfg.n_heads, "train_accuracy": result.train_accuracy,
+        "valid_accuracy": result.valid_accuracy, "test_accuracy": test.accuracy, "n_test": test.n,
+        "zero_shot_accuracy": zero, "few_shot_accuracy": few, "fit_seconds": round(result.seconds, 2),
+        "forward_equivalents": round(result.forward_equivalents, 1), "fast_path": result.fast_path,
+        "out": str(args.out), "seconds": round(time.perf_counter() - start, 2),
+    }
+    if not args.json or not args.no_progress:
+        _print_fit_table(summary, result.sweep)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
+    heads = ", ".join(f"L{l}H{h}" for l, h in s["selected_heads"]) or "none"
+    print(f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
+          f"{s['n_heads_total']} heads selected ({heads})")
+    if len(sweep) > 1:
+        print("\nLayer sweep (validation):")
+        print(sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    rows = [("zero-shot prompt", s["zero_shot_accuracy"]), ("5-shot prompt", s["few_shot_accuracy"]),
+            ("LAAI intervention (0-shot)", s["test_accuracy"])]
+    table = pd.DataFrame([(m, a) for m, a in rows if a is not None], columns=["method", f"test accuracy (n={s['n_test']})"])
+    print("\n" + table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nfit {s['fit_seconds']:.1f}s ({s['forward_equivalents']:.0f} forward-pass equivalents), "
+          f"total {s['seconds']:.1f}s; saved to {s['out']}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .intervention import HeadIntervention
+    from .models import load_model
+
+    task = _load_task(args)
+    model = load_model(args.model)
+    iv = HeadIntervention.load(args.intervention, model=model) if args.intervention else None
+    result = evaluate(model, task, iv, shots=args.shots, split=args.split, seed=args.seed if iv is None else None,
+                      n_train=args.n_train, n_valid=args.n_valid, progress=not args.no_progress)
+    out = {"task": task.name, "accuracy": result.accuracy, "n": result.n, "shots": args.shots,
+           "intervention": args.intervention, "split": args.split, "seconds": round(result.seconds, 2)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(result.table[["input", "target", "prediction", "correct"]].head(10).to_string(index=False))
+        print(f"\naccuracy {result.accuracy:.3f} on {result.n} {args.split} examples")
+    return 0
+
+
+def _compose(args: argparse.Namespace) -> int:
+    from .intervention import HeadIntervention
+
+    ivs = [HeadIntervention.load(p) for p in args.interventions]
+    weights = [1.0] * len(ivs) if args.weights is None else [_float(w, "--weights") for w in args.weights.split(",")]
+    if len(weights) != len(ivs):
+        raise ValueError(f"--weights has {len(weights)} values for {len(ivs)} interventions; give one each.")
+    total = weights[0] * ivs[0]
+    for w, iv in zip(weights[1:], ivs[1:]):
+        total = total + w * iv
+    total.metadata = {"name": "+".join(iv.metadata.get("name", "?") for iv in ivs), "composed_from": list(args.interventions),
+                      "weights": weights}
+    total.save(args.out)
+    out = {"out": args.out, "layers": total.layers, "selected_heads": [list(h) for h in total.selected_heads()]}
+    print(json.dumps(out) if args.json else f"saved {args.out}: layers {total.layers}, {len(out['selected_heads'])} heads")
+    return 0
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be an integer or 'auto', got {text!r}.") from None
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be numbers, got {text!r}.") from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The last-token fast path: per-step cost independent of prompt length.
+
+Δ acts at one layer ``L`` and only at the last prompt token, so nothing at earlier positions,
+and nothing of the last token below ``L``, can change. :class:`LastTokenCache` runs one full
+forward per batch and keeps (a) every layer ≥ L's keys/values of the earlier positions and
+(b) the last token's residual stream entering block ``L``. A step then pushes the last token
+alone through blocks ``L..n-1`` (attending to the cached keys/values), the final norm and the
+unembedding. The intervention's ordinary ``hook_z`` hook fires inside block ``L`` as usual.
+
+The path needs a Hugging Face decoder with ``model.layers``, ``model.norm``,
+``model.rotary_emb`` and ``lm_head`` (Llama, Mistral, Qwen2, SmolLM, …). On build it checks
+that it reproduces the full forward's last-token logits; if not, or if the architecture lacks
+those parts, :meth:`LastTokenCache.build` returns ``None`` with a one-time warning and callers
+use the full forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from .prompts import Batch
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Say ``message`` once per process (the fallback is silent about nothing, noisy about little)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _FrozenPrefix:
+    """A read-only stand-in for an HF cache: appends the new token's K/V without storing them."""
+
+    def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor]) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, cache_kwargs: Any = None) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys[layer_idx], k], dim=-2), torch.cat([self.values[layer_idx], v], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return next(iter(self.keys.values())).shape[-2]
+
+
+@dataclass
+class LastTokenCache:
+    """What Δ at (layer, last token) cannot change, for one batch; see the module docstring."""
+
+    layer: int
+    resid: Float[Tensor, "batch 1 d_model"]
+    prefix: _FrozenPrefix
+    key_mask: Bool[Tensor, "batch 1 1 pos"]
+    position_ids: Tensor
+    full_logits: Float[Tensor, "batch vocab"]
+    model: TransformerBridge
+
+    @classmethod
+    def build(cls, model: TransformerBridge, batch: Batch, layer: int, check: bool = True) -> "LastTokenCache | None":
+        """Run the one full forward; ``None`` (after a one-time warning) if the path can't be used."""
+        hf = getattr(model, "original_model", None)
+        backbone = getattr(hf, "model", None)
+        needed = ("layers", "norm", "rotary_emb")
+        if backbone is None or not all(hasattr(backbone, n) for n in needed) or not hasattr(hf, "lm_head"):
+            warn_once(f"arch:{type(hf).__name__}", f"Fast last-token path unsupported for {type(hf).__name__}; using the full forward.")
+            return None
+        captured: dict[str, Tensor] = {}
+
+        def grab(x: Tensor, hook: Any) -> None:
+            captured["resid"] = x[:, -1:].detach().clone()
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_in", grab)]):
+            logits, cache = model(
+                batch.input_ids, attention_mask=batch.attention_mask, return_type="logits_and_cache", use_cache=True
+            )
+        keys, values = _prefix_kv(cache, layer, model.cfg.n_layers)
+        if keys is None or "resid" not in captured:
+            warn_once("nocache", "The model returned no KV cache; the fast path is off, using the full forward.")
+            return None
+        mask = batch.attention_mask.bool()
+        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        built = cls(layer, captured["resid"], _FrozenPrefix(keys, values), mask[:, None, None, :],
+                    position_ids, logits[:, -1].detach(), model)
+        if check and not built._reproduces_full_forward():
+            warn_once(f"check:{type(hf).__name__}", "Fast last-token path disagrees with the full forward on this model; using the full forward.")
+            return None
+        return built
+
+    def logits(self, fwd_hooks: list[tuple[str, Callable]] = ()) -> Float[Tensor, "batch vocab"]:
+        """Last-token logits with ``fwd_hooks`` active (e.g. an intervention's ``hook_z`` adder)."""
+        hf = self.model.original_model
+        backbone = hf.model
+        h = self.resid
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+            pos_emb = backbone.rotary_emb(h, self.position_ids)
+            for layer in range(self.layer, self.model.cfg.n_layers):
+                out = backbone.layers[layer](
+                    h, attention_mask=self.key_mask, position_ids=self.position_ids,
+                    past_key_values=self.prefix, position_embeddings=pos_emb, use_cache=False,
+                )
+                h = out[0] if isinstance(out, tuple) else out
+            return hf.lm_head(backbone.norm(h))[:, -1]
+
+    def _reproduces_full_forward(self) -> bool:
+        with torch.no_grad():
+            fast = self.logits()
+        scale = self.full_logits.abs().max().clamp(min=1.0)
+        return bool(((fast - self.full_logits).abs().max() / scale) < 1e-4)
+
+
+def _prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:
+    """Keys/values of all positions but the last, for layers ``layer..n_layers-1``."""
+    if cache is None:
+        return None, None
+    keys, values = {}, {}
+    for l in range(layer, n_layers):
+        if hasattr(cache, "layers"):
+            k, v = cache.layers[l].keys, cache.layers[l].values
+        else:
+            k, v = cache[l][0], cache[l][1]
+        if k is None or k.numel() == 0:
+            return None, None
+        keys[l], values[l] = k[..., :-1, :].detach(), v[..., :-1, :].detach()
+    return keys, values
+
+
+class CostMeter:
+    """Counts compute in token-layers (backward = 2× forward) to report forward-pass equivalents.
+
+    One forward-pass equivalent is one full forward of one prompt: ``prompt tokens × n_layers``
+    token-layers. Attention's length-dependent cost is ignored, which flatters long prompts
+    slightly on the full path and never the fast path.
+    """
+
+    def __init__(self) -> None:
+        self.token_layers = 0.0
+        self.prompt_token_layers = 0.0
+        self.prompts = 0
+
+    def add(self, tokens: float, layers: int, backward: bool) -> None:
+        self.token_layers += tokens * layers * (3 if backward else 1)
+
+    def register_prompts(self, batch: Batch, n_layers: int) -> None:
+        self.prompt_token_layers += float(batch.attention_mask.sum()) * n_layers
+        self.prompts += len(batch)
+
+    def forward_equivalents(self) -> float:
+        per_prompt = self.prompt_token_layers / max(self.prompts, 1)
+        return self.token_layers / per_prompt if per_prompt else 0.0
+
+
+class LayerRunner:
+    """Last-token logits of fixed batches under a Δ at one layer; fast path where possible."""
+
+    def __init__(
+        self, model: TransformerBridge, batches: list[Batch], layer: int, fast: bool = True, meter: CostMeter | None = None
+    ) -> None:
+        self.model, self.batches, self.layer = model, batches, layer
+        self.meter = meter or CostMeter()
+        n = model.cfg.n_layers
+        self.caches: list[LastTokenCache | None] = []
+        for batch in batches:
+            self.meter.register_prompts(batch, n)
+            cache = LastTokenCache.build(model, batch, layer) if fast else None
+            if cache is not None:
+                self.meter.add(float(batch.attention_mask.sum()), n, backward=False)
+            self.caches.append(cache)
+
+    @property
+    def is_fast(self) -> bool:
+        return all(c is not None for c in self.caches)
+
+    def logits(self, index: int, fwd_hooks: list[tuple[str, Callable]], backward: bool = False) -> Float[Tensor, "batch vocab"]:
+        batch, cache = self.batches[index], self.caches[index]
+        n = self.model.cfg.n_layers
+        if cache is not None:
+            self.meter.add(len(batch), n - self.layer, backward)
+            return cache.logits(fwd_hooks)
+        self.meter.add(float(batch.attention_mask.sum()), n, backward)
+        out = self.model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=fwd_hooks)
+        return out[:, -1]

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from lens_laai.cli import main
+from lens_laai.testing import TINY_PAIRS
+
+TINY = ["--model", "lens-laai-tiny", "--no-progress"]
+
+
+@pytest.fixture()
+def task_file(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps([{"input": a, "output": b} for a, b in TINY_PAIRS]))
+    return path
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
+    args = ["fit", "--task-file", str(task_file), "--layer", "1", "--n-train", "8", "--n-valid", "4", "--steps", "3"]
+    assert main([*args, *TINY, "--out", str(tmp_path / "a"), "--json"]) == 0
+    out = last_json(capsys)
+    for key in ("layer", "selected_heads", "n_heads_total", "train_accuracy", "valid_accuracy", "test_accuracy",
+                "zero_shot_accuracy", "few_shot_accuracy", "seconds"):
+        assert key in out, key
+    assert out["layer"] == 1 and out["n_heads_total"] == 4 and out["n_test"] == len(TINY_PAIRS) - 12
+
+    assert main(["eval", "--task-file", str(task_file), "--intervention", str(tmp_path / "a"), *TINY, "--json"]) == 0
+    ev = last_json(capsys)
+    assert ev["n"] == out["n_test"] and ev["accuracy"] == pytest.approx(out["test_accuracy"])
+
+    assert main(["fit", *args[1:], "--seed", "1", "--no-baselines", *TINY, "--out", str(tmp_path / "b")]) == 0
+    assert "LAAI intervention" in capsys.readouterr().out
+    assert main(["compose", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,0.5",
+                 "--out", str(tmp_path / "ab"), "--json"]) == 0
+    assert last_json(capsys)["layers"] == [1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["eval", "--task", "nope", *TINY], "Unknown task 'nope'"),
+     (["eval", *TINY], "Give --task"),
+     (["fit", "--task", "antonym", "--layer", "9", "--out", "x", *TINY], "out of range"),
+     (["fit", "--task", "antonym", "--layer", "two", "--out", "x", *TINY], "--layer must be an integer"),
+     (["fit", "--task", "antonym", "--group-l1", "nan", "--out", "x", *TINY], "finite"),
+     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved HeadIntervention")],
+)
+def test_bad_inputs_exit_2_with_a_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_task_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "e.json").write_text("[]")
+    assert main(["eval", "--task-file", str(tmp_path / "e.json"), *TINY]) == 2
+    assert "non-empty JSON list" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from lens_laai import Task, evaluate, fit, fit_path
+from lens_laai.prompts import k_shot_prompts, make_batch
+
+
+def test_padded_batch_matches_one_prompt_at_a_time(tiny, task):
+    long_prompts, targets = k_shot_prompts(task, shots=2, seed=0)
+    short_prompts, _ = k_shot_prompts(task, shots=0)
+    prompts = long_prompts[:3] + short_prompts[3:6]
+    batch = make_batch(tiny.tokenizer, prompts, targets[:6])
+    assert (batch.attention_mask == 0).any(), "the example must contain padding"
+    batched = tiny(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+    for i, prompt in enumerate(prompts):
+        single = make_batch(tiny.tokenizer, [prompt], [targets[i]])
+        assert torch.allclose(tiny(single.input_ids)[:, -1], batched[i : i + 1], atol=1e-5)
+
+
+def test_fit_lowers_loss_and_is_deterministic(tiny, task):
+    kwargs = dict(layer=1, n_train=12, n_valid=6, steps=15, group_l1=1e-3, l1=1e-4, progress=False)
+    a, b = fit(tiny, task, **kwargs), fit(tiny, task, **kwargs)
+    assert torch.equal(a.intervention.deltas[1], b.intervention.deltas[1])
+    assert a.history.smooth.iloc[-1] < a.history.smooth.iloc[0]
+    assert a.history.loss.iloc[-1] <= a.history.loss.iloc[0]
+    assert a.fast_path
+    assert set(a.history.columns) >= {"step", "loss", "smooth", "penalty", "n_selected", "lr"}
+
+
+def test_fit_teaches_a_constant_answer(tiny, task):
+    # A random model cannot learn antonyms, but one additive vector can make it say "cold".
+    constant = Task("always-cold", [(a, "cold") for a, _ in task.pairs])
+    splits = constant.split(0, 12, 6)
+    before = evaluate(tiny, splits, split="train").accuracy
+    result = fit(tiny, splits, layer=2, steps=25, group_l1=0.0, l1=0.0, progress=False)
+    assert before < 0.5 and result.train_accuracy == 1.0 and result.valid_accuracy == 1.0
+
+
+def test_large_group_penalty_switches_every_head_off(tiny, task):
+    result = fit(tiny, task, layer=1, n_train=12, n_valid=6, steps=10, group_l1=1e3, progress=False)
+    assert result.selected_heads == []
+    assert torch.equal(result.intervention.deltas[1], torch.zeros_like(result.intervention.deltas[1]))
+
+
+def test_moderate_penalty_gives_exact_zeros_without_thresholding(tiny, task):
+    path, ivs = fit_path(tiny, task.split(0, 12, 6), layer=1, group_l1s=[0.0, 0.05, 0.2, 1e3], steps=15, progress=False)
+    counts = path.sort_values("group_l1").n_selected.tolist()
+    assert counts == sorted(counts, reverse=True), "more penalty must not select more heads"
+    assert counts[0] == 4 and counts[-1] == 0
+    for iv in ivs:
+        norms = iv.deltas[1].norm(dim=-1)
+        assert torch.all((norms == 0) | (norms > 1e-6)), "heads are either exactly off or clearly on"
+
+
+def test_fast_and_full_paths_give_the_same_trajectory(tiny, task):
+    kwargs = dict(layer=1, n_train=12, n_valid=6, steps=20, group_l1=0.02, l1=1e-3, progress=False)
+    fast, full = fit(tiny, task, fast=True, **kwargs), fit(tiny, task, fast=False, **kwargs)
+    assert fast.fast_path and not full.fast_path
+    assert (fast.history.loss - full.history.loss).abs().max() < 1e-4
+    assert fast.selected_heads == full.selected_heads
+    assert fast.forward_equivalents < full.forward_equivalents
+
+
+def test_fast_path_works_on_few_shot_prompts(tiny, task):
+    kwargs = dict(layer=1, n_train=12, n_valid=6, steps=8, shots=3, progress=False)
+    fast, full = fit(tiny, task, fast=True, **kwargs), fit(tiny, task, fast=False, **kwargs)
+    assert (fast.history.loss - full.history.loss).abs().max() < 1e-4
+
+
+def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
+    result = fit(tiny, task, layer="auto", n_train=12, n_valid=6, steps=5, progress=False)
+    assert result.sweep.layer.tolist() == [0, 1, 2]
+    best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
+    assert result.layer == best.layer and result.intervention.layers == [result.layer]
+
+
+def test_sequence_objective_runs(tiny, task):
+    result = fit(tiny, task, layer=1, n_train=8, n_valid=4, steps=5, objective="sequence", progress=False)
+    assert not result.fast_path and math.isfinite(result.history.loss.iloc[-1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"layer": 3}, "out of range"), ({"layer": -1}, "out of range"), ({"l1": float("nan")}, "finite"),
+     ({"group_l1": float("inf")}, "finite"), ({"lr": 0.0}, "lr must be > 0"), ({"steps": 0}, "positive"),
+     ({"layer": "best"}, "'auto'"), ({"objective": "kl"}, "objective")],
+)
+def test_bad_hyperparameters_are_clear_errors(tiny, task, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tiny, task, **{"layer": 1, "steps": 2, "progress": False, **kwargs})
+
+
+def test_evaluate_table_and_split_from_intervention(tiny, task):
+    result = fit(tiny, task, layer=1, n_train=10, n_valid=4, steps=3, seed=2, progress=False)
+    ev = evaluate(tiny, task, result.intervention)
+    assert ev.n == len(task) - 14
+    assert set(ev.table.input) == set(result.splits.test.inputs)
+    assert list(ev.table.columns) == ["input", "target", "prediction", "correct", "target_logprob", "target_rank", "prompt"]
+    assert ev.accuracy == ev.table.correct.mean()

