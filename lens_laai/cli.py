@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-valid", type=int, default=FitConfig.n_valid)
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
     f.add_argument("--l1", type=float, default=FitConfig.l1)
-    f.add_argument("--group-l1", type=float, default=FitConfig.group_l1)
+    f.add_argument("--group-l1", default=str(FitConfig.group_l1),
+                   help="λ₂; a comma list is a path (warm starts) and the best value on validation is kept")
     f.add_argument("--steps", type=int, default=FitConfig.steps)
     f.add_argument("--lr", type=float, default=FitConfig.lr)
     f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
@@ -112,7 +113,7 @@ def _fit(args: argparse.Namespace) -> int:
     layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
     splits = task.split(args.seed, args.n_train, args.n_valid, args.n_test)
     result = fit(model, splits, layer, layers=_sweep_layers(args.layers, model.cfg.n_layers), l1=args.l1,
-                 group_l1=args.group_l1, steps=args.steps, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+                 group_l1=_floats(args.group_l1, "--group-l1"), steps=args.steps, lr=args.lr, seed=args.seed, progress=not args.no_progress)
     result.intervention.save(args.out)
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
     zero = few = None
@@ -193,6 +194,11 @@ def _int(text: str, flag: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"{flag} must be an integer or 'auto', got {text!r}.") from None
+
+
+def _floats(text: str, flag: str) -> float | list[float]:
+    values = [_float(v, flag) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
 
 
 def _float(text: str, flag: str) -> float:

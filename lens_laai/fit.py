@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -45,9 +45,9 @@ class FitConfig:
 
     layer: int | str = "auto"
     layers: tuple[int, ...] | None = None
-    l1: float = 1e-4
-    group_l1: float = 2e-3
-    steps: int = 60
+    l1: float = 1e-3
+    group_l1: float = 0.3
+    steps: int = 50
     lr: float = 1.0
     n_train: int = 20
     n_valid: int = 40
@@ -107,7 +107,7 @@ def fit(
     *,
     layers: Sequence[int] | None = None,
     l1: float = FitConfig.l1,
-    group_l1: float = FitConfig.group_l1,
+    group_l1: float | Sequence[float] = FitConfig.group_l1,
     steps: int = FitConfig.steps,
     lr: float = FitConfig.lr,
     n_train: int = FitConfig.n_train,
@@ -127,54 +127,42 @@ def fit(
             ready :class:`TaskSplits`.
         layer: a layer index, or ``"auto"`` to sweep ``layers`` (default: all) and keep the
             best validation accuracy (ties: lower validation loss).
-        l1, group_l1: λ₁ and λ₂ of the penalty.
-        steps, lr: proximal steps per layer and the initial step size (adapted by backtracking).
+        l1, group_l1: λ₁ and λ₂ of the penalty. A sequence of λ₂ values is a path, fitted
+            largest first with warm starts at every layer; the best (layer, λ₂) on validation wins.
+        steps, lr: proximal steps per (layer, λ₂) and the initial step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
         objective: ``"first_token"`` or ``"sequence"`` (whole target, teacher forcing; uses the
             full forward).
         fast: use the last-token fast path when the model supports it.
     """
-    cfg = FitConfig(layer, tuple(layers) if layers is not None else None, float(l1), float(group_l1), steps,
+    lambdas = _as_tuple(group_l1)
+    cfg = FitConfig(layer, tuple(layers) if layers is not None else None, float(l1), lambdas[0], steps,
                     float(lr), n_train, n_valid, None, seed, shots, objective, batch_size, fast)
-    cfg.validate(model.cfg.n_layers)
+    for lam in lambdas:
+        replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
     splits = task if isinstance(task, TaskSplits) else task.split(seed, n_train, n_valid)
     cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed)
     if not len(splits.train):
         raise TaskError("The training split is empty; use n_train ≥ 1.")
     start = time.perf_counter()
     meter = CostMeter()
-    train = _batches(model, splits.train, splits.train, cfg, template)
-    valid = _batches(model, splits.valid, splits.train, cfg, template) if len(splits.valid) else []
     candidates = cfg.candidate_layers(model.cfg.n_layers)
+    show_steps = progress and len(candidates) == 1 and len(lambdas) == 1
     rows, best = [], None
     bar = tqdm(candidates, desc="layers", disable=not progress or len(candidates) == 1)
     for L in bar:
-        runner = LayerRunner(model, train, L, cfg.fast and cfg.objective == "first_token", meter)
-        delta, history = _fit_layer(runner, train, cfg, progress and len(candidates) == 1)
-        fast_used = runner.is_fast
-        train_acc = _scores_on(runner, train, L, delta)[0]
-        if valid:
-            valid_acc, valid_ce = _scores_on(LayerRunner(model, valid, L, cfg.fast, meter), valid, L, delta)
-        else:
-            valid_acc, valid_ce = train_acc, history[-1].smooth
-        n_sel = int((delta.norm(dim=-1) > 0).sum())
-        rows.append({"layer": L, "valid_accuracy": valid_acc, "valid_ce": valid_ce, "train_accuracy": train_acc,
-                     "train_loss": history[-1].loss, "n_selected": n_sel})
-        key = (valid_acc, -valid_ce)
-        if best is None or key > best[0]:
-            best = (key, L, delta, history, train_acc, valid_acc, fast_used)
-        bar.set_postfix(layer=L, valid_acc=f"{valid_acc:.2f}", best=best[1])
-    _, L, delta, history, train_acc, valid_acc, fast_used = best
-    iv = HeadIntervention(
-        {L: delta}, model_name(model), model_fingerprint(model), "last",
-        {"name": splits.train.name, "task": splits.train.name, "data_hash": splits.train.data_hash(),
-         "fit_config": asdict(cfg), "train_accuracy": train_acc, "valid_accuracy": valid_acc},
-    )
+        for fitted in _layer_path(model, splits, L, lambdas, cfg, template, meter, show_steps):
+            rows.append(fitted.row())
+            if best is None or fitted.key() > best.key():
+                best = fitted
+        bar.set_postfix(best_layer=best.layer, valid_acc=f"{best.valid_accuracy:.2f}")
+    chosen = replace(cfg, layer=best.layer, group_l1=best.group_l1)
+    iv = best.intervention(model, splits, chosen)
     return FitResult(
-        intervention=iv, layer=L, history=pd.DataFrame([asdict(r) for r in history]),
-        train_accuracy=train_acc, valid_accuracy=valid_acc, selected_heads=iv.selected_heads(), config=cfg,
-        sweep=pd.DataFrame(rows), splits=splits, seconds=time.perf_counter() - start,
-        forward_equivalents=meter.forward_equivalents(), fast_path=fast_used,
+        intervention=iv, layer=best.layer, history=pd.DataFrame([asdict(r) for r in best.history]),
+        train_accuracy=best.train_accuracy, valid_accuracy=best.valid_accuracy, selected_heads=iv.selected_heads(),
+        config=chosen, sweep=pd.DataFrame(rows), splits=splits, seconds=time.perf_counter() - start,
+        forward_equivalents=meter.forward_equivalents(), fast_path=best.fast_path,
     )
 
 
@@ -197,48 +185,92 @@ def fit_path(
     Returns a DataFrame (``group_l1, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
     """
-    cfg = FitConfig(layer, None, float(l1), 0.0, steps, float(lr), len(splits.train), len(splits.valid),
+    lambdas = tuple(sorted(_as_tuple(group_l1s), reverse=True))
+    cfg = FitConfig(layer, None, float(l1), lambdas[0], steps, float(lr), len(splits.train), len(splits.valid),
                     len(splits.test), splits.seed, shots, "first_token", 32, fast)
-    cfg.validate(model.cfg.n_layers)
-    meter = CostMeter()
-    train = _batches(model, splits.train, splits.train, cfg, template)
-    valid = _batches(model, splits.valid, splits.train, cfg, template)
-    runner = LayerRunner(model, train, layer, fast, meter)
-    valid_runner = LayerRunner(model, valid, layer, fast, meter) if valid else None
+    for lam in lambdas:
+        replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
+    fits = list(tqdm(_layer_path(model, splits, layer, lambdas, cfg, template, CostMeter(), False),
+                     desc="λ path", total=len(lambdas), disable=not progress))
+    ivs = [f.intervention(model, splits, replace(cfg, group_l1=f.group_l1)) for f in fits]
+    return pd.DataFrame([f.row() for f in fits]).drop(columns=["layer"]), ivs
+
+
+@dataclass
+class _Fitted:
+    """One fitted (layer, λ₂) candidate with its scores."""
+
+    layer: int
+    group_l1: float
+    delta: Tensor
+    history: list[StepRecord]
+    train_accuracy: float
+    valid_accuracy: float
+    valid_ce: float
+    fast_path: bool
+
+    def key(self) -> tuple[float, float]:
+        return (self.valid_accuracy, -self.valid_ce)
+
+    def row(self) -> dict[str, Any]:
+        return {"layer": self.layer, "group_l1": self.group_l1, "n_selected": int((self.delta.norm(dim=-1) > 0).sum()),
+                "train_accuracy": self.train_accuracy, "valid_accuracy": self.valid_accuracy,
+                "valid_ce": self.valid_ce, "train_loss": self.history[-1].loss}
+
+    def intervention(self, model: TransformerBridge, splits: TaskSplits, cfg: FitConfig) -> HeadIntervention:
+        return HeadIntervention(
+            {self.layer: self.delta.clone()}, model_name(model), model_fingerprint(model), "last",
+            {"name": splits.train.name, "task": splits.train.name, "data_hash": splits.train.data_hash(),
+             "fit_config": asdict(cfg), "train_accuracy": self.train_accuracy, "valid_accuracy": self.valid_accuracy},
+        )
+
+
+def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps):
+    """Fit each λ₂ (largest first, warm-started) at ``layer``; yield a scored :class:`_Fitted` each."""
+    train = training_batches(model, splits.train, splits.train, cfg, template)
+    valid = training_batches(model, splits.valid, splits.train, cfg, template) if len(splits.valid) else []
+    runner = LayerRunner(model, train, layer, cfg.fast and cfg.objective == "first_token", meter)
+    valid_runner = LayerRunner(model, valid, layer, cfg.fast, meter) if valid else None
     delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
-    rows, ivs = [], []
-    for lam in tqdm(sorted(group_l1s, reverse=True), desc="λ path", disable=not progress):
-        step_cfg = FitConfig(**{**asdict(cfg), "group_l1": float(lam)})
-        delta, _ = _solve(runner, train, step_cfg, delta, None)
+    for lam in sorted(lambdas, reverse=True):
+        delta, history = _fit_layer(runner, train, replace(cfg, group_l1=lam), delta, show_steps)
         train_acc = _scores_on(runner, train, layer, delta)[0]
-        valid_acc, valid_ce = _scores_on(valid_runner, valid, layer, delta) if valid_runner else (train_acc, math.nan)
-        rows.append({"group_l1": lam, "n_selected": int((delta.norm(dim=-1) > 0).sum()),
-                     "train_accuracy": train_acc, "valid_accuracy": valid_acc, "valid_ce": valid_ce})
-        ivs.append(HeadIntervention({layer: delta.clone()}, model_name(model), model_fingerprint(model), "last",
-                                    {"name": splits.train.name, "group_l1": lam, "fit_config": asdict(step_cfg)}))
-    return pd.DataFrame(rows), ivs
+        valid_acc, valid_ce = _scores_on(valid_runner, valid, layer, delta) if valid_runner else (train_acc, history[-1].smooth)
+        yield _Fitted(layer, lam, delta, history, train_acc, valid_acc, valid_ce, runner.is_fast)
+
+
+def _as_tuple(group_l1: float | Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(v) for v in group_l1) if isinstance(group_l1, (list, tuple)) else (float(group_l1),)
+    if not values:
+        raise ValueError("group_l1 must be a number or a non-empty list of numbers.")
+    return values
 
 
 # internals ------------------------------------------------------------------------------------
-def _batches(model: TransformerBridge, task: Task, demos: Task, cfg: FitConfig, template: PromptTemplate) -> list[Batch]:
+def training_batches(model: TransformerBridge, task: Task, demos: Task, cfg: FitConfig, template: PromptTemplate) -> list[Batch]:
+    """Prompts of ``task`` (with ``cfg.shots`` demonstrations from ``demos``) in batches."""
     prompts, targets = k_shot_prompts(task, cfg.shots, demos, cfg.seed, template)
     return list(iter_batches(model.tokenizer, prompts, targets, cfg.batch_size))
 
 
-def _fit_layer(runner: LayerRunner, train: list[Batch], cfg: FitConfig, show: bool) -> tuple[Tensor, list[StepRecord]]:
+def _fit_layer(
+    runner: LayerRunner, train: list[Batch], cfg: FitConfig, init: Tensor, show: bool
+) -> tuple[Tensor, list[StepRecord]]:
     bar = tqdm(total=cfg.steps, desc=f"fit layer {runner.layer}", disable=not show)
 
     def on_step(r: StepRecord) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{r.loss:.3f}", heads=r.n_selected)
 
-    cfg_model = runner.model.cfg
-    delta, history = _solve(runner, train, cfg, torch.zeros(cfg_model.n_heads, cfg_model.d_head), on_step)
+    delta, history = solve_layer(runner, train, cfg, init, on_step)
     bar.close()
     return delta, history
 
 
-def _solve(runner: LayerRunner, train: list[Batch], cfg: FitConfig, init: Tensor, on_step) -> tuple[Tensor, list[StepRecord]]:
+def solve_layer(
+    runner: LayerRunner, train: list[Batch], cfg: FitConfig, init: Tensor, on_step: Callable[[StepRecord], None] | None
+) -> tuple[Tensor, list[StepRecord]]:
+    """Minimise the penalised objective over Δ at ``runner.layer`` from ``init`` (FISTA)."""
     n_rows = sum(len(b) for b in train)
 
     def loss(delta: Tensor, backward: bool) -> Tensor:

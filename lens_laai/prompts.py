@@ -75,15 +75,18 @@ def k_shot_prompts(
     """
     if shots < 0:
         raise TaskError(f"shots must be ≥ 0, got {shots}.")
-    pool = (demos or task).pairs
-    if shots and len(pool) < shots + 1:
-        raise TaskError(f"{shots}-shot prompts need at least {shots + 1} demonstration pairs; got {len(pool)}.")
+    pool = (demos if demos is not None else task).pairs
     rng = random.Random(seed)
     prompts, targets = [], []
     for x, y in task.pairs:
         chosen: list[Pair] = []
         if shots:
             candidates = [p for p in pool if p[0] != x]
+            if len(candidates) < shots:
+                raise TaskError(
+                    f"{shots}-shot prompts need {shots} demonstrations other than the query; the pool "
+                    f"has {len(candidates)}. Use fewer shots or more training pairs."
+                )
             chosen = rng.sample(candidates, shots)
         prompts.append(template.render(x, chosen))
         targets.append(template.target(y))

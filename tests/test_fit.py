@@ -99,3 +99,12 @@ def test_evaluate_table_and_split_from_intervention(tiny, task):
     assert set(ev.table.input) == set(result.splits.test.inputs)
     assert list(ev.table.columns) == ["input", "target", "prediction", "correct", "target_logprob", "target_rank", "prompt"]
     assert ev.accuracy == ev.table.correct.mean()
+
+
+def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
+    result = fit(tiny, task, layer="auto", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4,
+                 progress=False)
+    assert len(result.sweep) == 4 and set(result.sweep.group_l1) == {0.01, 1e3}
+    best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
+    assert (result.layer, result.config.group_l1) == (best.layer, best.group_l1)
+    assert result.intervention.metadata["fit_config"]["group_l1"] == best.group_l1

@@ -1,0 +1,85 @@
+"""Shared plumbing for the benchmark scripts: arguments, task loading, output files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lens_laai import Task, TaskSplits, load_model, load_task
+from lens_laai.io import atomic_write_text
+from lens_laai.testing import tiny_task
+
+TASKS = ["antonym", "synonym", "english-french", "english-german"]
+TINY = "lens-laai-tiny"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help=f"model to load ('{TINY}' for a smoke run)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of FV-format {task}.json files (default: lens_laai's bundled tasks), "
+                        "e.g. ../shared/datasets/function_vectors")
+    p.add_argument("--out-dir", default=None, help="write CSV + markdown (+ PNG) here")
+    p.add_argument("--quick", action="store_true", help="smoke settings (seconds, meaningless numbers)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def get_task(name: str, data_dir: str | None, model_name: str) -> Task:
+    if model_name == TINY:
+        return Task(name, tiny_task().pairs)
+    if data_dir:
+        return Task.from_json(Path(data_dir) / f"{name}.json", name=name)
+    return load_task(name)
+
+
+def nested_splits(task: Task, seed: int, n_train: int, n_valid: int, n_test: int, n_train_max: int) -> TaskSplits:
+    """Test first, then valid, then a train pool: every n shares the seed's test and valid sets."""
+    cut = task.split(seed, 0, 0)  # a seeded shuffle of everything into `test`
+    pairs = cut.test.pairs
+    need = n_test + n_valid + n_train_max
+    if need > len(pairs):
+        n_test = len(pairs) - n_valid - n_train_max
+        if n_test < 1:
+            raise ValueError(f"{task.name}: {len(pairs)} pairs cannot give n_valid={n_valid} and n_train={n_train_max}.")
+    test, valid = pairs[:n_test], pairs[n_test:n_test + n_valid]
+    train = pairs[n_test + n_valid:n_test + n_valid + n_train]
+    return TaskSplits(Task(task.name, train), Task(task.name, valid), Task(task.name, test), seed)
+
+
+def load(args: argparse.Namespace):
+    return load_model(args.model)
+
+
+def write_outputs(out_dir: str | None, stem: str, table: pd.DataFrame, meta: dict[str, Any]) -> None:
+    if not out_dir:
+        return
+    folder = Path(out_dir)
+    atomic_write_text(folder / f"{stem}.csv", table.to_csv(index=False))
+    atomic_write_text(folder / f"{stem}.md", to_markdown(table) + "\n")
+    atomic_write_text(folder / f"{stem}.meta.json", json.dumps(meta, indent=2) + "\n")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub table without needing `tabulate`."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}

@@ -1,0 +1,166 @@
+"""Rule-understanding benchmark: every method on one harness, across training sizes and seeds.
+
+For each task, seed and training size n, the seed fixes one test set (≥ 200 pairs where the data
+allows) and one validation set shared by all n; the first n pairs of the seed's training pool are
+the examples every method may use. Methods: zero-shot and k-shot prompting (k = 5, 10; k ≤ n),
+Function Vectors, mean difference on hook_z, LAAI without the Lasso terms (λ₁ = λ₂ = 0) and LAAI
+(layer and λ₂ chosen on validation). Metric: top-1 accuracy of the target's first token. Cost:
+forward-pass equivalents (one full forward of one zero-shot prompt) and wall seconds of fitting.
+
+    python benchmarks/rule_tasks.py --data-dir ../shared/datasets/function_vectors --out-dir docs/results
+    python benchmarks/rule_tasks.py --model lens-laai-tiny --quick --json
+
+With --json the last line is a JSON list of rows {task, method, n, seed, accuracy,
+forward_equivalents, seconds}. --out-dir writes rule_tasks.csv / .md (mean ± std over seeds) and
+sample_efficiency.png; --resume skips rows already in the CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
+
+from lens_laai import evaluate, fit  # noqa: E402
+from lens_laai.baselines import fit_function_vector, fit_mean_difference, prompting_cost  # noqa: E402
+
+METHODS = ["zero-shot", "5-shot", "10-shot", "function-vector", "mean-difference", "laai-no-lasso", "laai"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--n", default="5,10,20,50", help="training sizes")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-valid", type=int, default=40)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--layers", default="6,9,12,15,18", help="candidate layers for LAAI, mean difference and FV")
+    p.add_argument("--group-l1", default="0.6,0.3,0.1", help="LAAI λ₂ path (best on validation)")
+    p.add_argument("--steps", type=int, default=40, help="LAAI proximal steps per (layer, λ₂)")
+    p.add_argument("--fv-prompts", type=int, default=16, help="shuffled-label prompts for the FV head search")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    model = load(args)
+    sizes, seeds = _ints(args.n), _ints(args.seeds)
+    layers = [l for l in _ints(args.layers) if l < model.cfg.n_layers]
+    if args.quick or args.model == TINY:
+        sizes, seeds, layers, args.steps, args.n_test, args.n_valid, args.fv_prompts = [4, 6], [0], [1], 3, 8, 4, 4
+        args.tasks = args.tasks.split(",")[0]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    csv = Path(args.out_dir) / "rule_tasks_rows.csv" if args.out_dir else None
+    rows = pd.read_csv(csv).to_dict("records") if args.resume and csv and csv.exists() else []
+    done = {(r["task"], r["method"], r["n"], r["seed"]) for r in rows}
+    jobs = [(t, s, n) for t in args.tasks.split(",") for s in seeds for n in sizes]
+    for task_name, seed, n in tqdm(jobs, desc="task × seed × n", disable=args.no_progress):
+        task = get_task(task_name, args.data_dir, args.model)
+        splits = nested_splits(task, seed, n, args.n_valid, args.n_test, max(sizes))
+        for method in methods:
+            if (task_name, method, n, seed) in done:
+                continue
+            row = run_method(method, model, splits, n, layers, args)
+            if row is None:
+                continue
+            rows.append({"task": task_name, "method": method, "n": n, "seed": seed, **row})
+            if csv:
+                write_outputs(args.out_dir, "rule_tasks_rows", pd.DataFrame(rows), {"args": vars(args), "machine": machine()})
+    table = pd.DataFrame(rows)
+    summary = summarise(table)
+    print(to_markdown(summary))
+    if args.out_dir:
+        write_outputs(args.out_dir, "rule_tasks", summary, {"args": vars(args), "machine": machine()})
+        plot(table, Path(args.out_dir) / "sample_efficiency.png")
+    if args.json:
+        keep = ["task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"]
+        print(json.dumps(table[keep].to_dict("records")))
+    return 0
+
+
+def run_method(method: str, model, splits, n: int, layers: list[int], args) -> dict | None:
+    """Fit (if the method fits anything) and score one method; ``None`` when it cannot run at this n."""
+    start = time.perf_counter()
+    progress = False
+    shots = min(10, n - 1) if n > 1 else 0
+    n_test = len(splits.test)
+    if method in ("zero-shot", "5-shot", "10-shot"):
+        k = {"zero-shot": 0, "5-shot": 5, "10-shot": 10}[method]
+        if k > n:
+            return None
+        acc = evaluate(model, splits, shots=k).accuracy
+        return _row(acc, prompting_cost(model, splits, shots=k) * n_test, 0.0, n_test, fit_fe=0.0, extra=f"k={k}")
+    if method == "function-vector":
+        res = fit_function_vector(model, splits, top_k=10, layers=layers, shots=shots, n_prompts=args.fv_prompts,
+                                  progress=progress)
+        iv, extra = res.intervention, f"layer={res.layer} heads={len(res.heads)}"
+        fit_fe = res.forward_equivalents
+    elif method == "mean-difference":
+        res = fit_mean_difference(model, splits, "auto", layers=layers, shots=shots, progress=progress)
+        iv, extra, fit_fe = res.intervention, f"layer={res.layer} alpha={res.alpha} heads={len(res.selected_heads)}", res.forward_equivalents
+    else:
+        lambdas = [0.0] if method == "laai-no-lasso" else [float(x) for x in args.group_l1.split(",")]
+        res = fit(model, splits, "auto", layers=layers, group_l1=lambdas, l1=0.0 if method == "laai-no-lasso" else 1e-3,
+                  steps=args.steps, progress=progress)
+        iv, fit_fe = res.intervention, res.forward_equivalents
+        extra = f"layer={res.layer} group_l1={res.config.group_l1} heads={len(res.selected_heads)}"
+    seconds = time.perf_counter() - start
+    acc = evaluate(model, splits, iv).accuracy
+    return _row(acc, fit_fe + n_test, seconds, n_test, fit_fe=fit_fe, extra=extra)
+
+
+def _row(acc: float, fe: float, seconds: float, n_test: int, fit_fe: float, extra: str) -> dict:
+    return {"accuracy": acc, "forward_equivalents": round(fe, 1), "fit_forward_equivalents": round(fit_fe, 1),
+            "seconds": round(seconds, 2), "n_test": n_test, "detail": extra}
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std accuracy over seeds, one row per (task, n, method), plus mean fitting cost."""
+    if table.empty:
+        return table
+    g = table.groupby(["task", "n", "method"], sort=False)
+    out = g.agg(accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"),
+                fit_forward_equivalents=("fit_forward_equivalents", "mean"), fit_seconds=("seconds", "mean")).reset_index()
+    out["accuracy"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f}" for m, s in zip(out.accuracy_mean, out.accuracy_std)]
+    return out[["task", "n", "method", "accuracy", "seeds", "fit_forward_equivalents", "fit_seconds"]]
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy against n, one panel per task, one line per method (mean ± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(table.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in METHODS:
+            part = table[(table.task == task) & (table.method == method)]
+            if part.empty:
+                continue
+            stats = part.groupby("n").accuracy.agg(["mean", "std"]).fillna(0)
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
+        ax.set(title=task, xlabel="training examples n", ylabel="test accuracy", xscale="log")
+        ax.set_xticks(sorted(table.n.unique()), [str(n) for n in sorted(table.n.unique())])
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

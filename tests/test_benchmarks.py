@@ -1,0 +1,60 @@
+"""Smoke runs of every benchmark script on the tiny model: they run, and their JSON has the promised keys."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_script(name: str, argv: list[str], capsys) -> object:
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+TINY = ["--model", "lens-laai-tiny", "--quick", "--json"]
+
+
+def test_fit_speed_smoke(capsys):
+    out = run_script("fit_speed", ["--model", "lens-laai-tiny", "--quick", "--json"], capsys)
+    for key in ("ratio_zero_shot", "ratio_10_shot", "fast_step_seconds_zero_shot", "naive_step_seconds_zero_shot",
+                "max_abs_loss_diff"):
+        assert key in out
+    assert out["max_abs_loss_diff"] < 1e-4
+
+
+def test_rule_tasks_smoke(capsys, tmp_path):
+    rows = run_script("rule_tasks", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
+    assert {r["method"] for r in rows} >= {"zero-shot", "5-shot", "function-vector", "mean-difference", "laai", "laai-no-lasso"}
+    for row in rows:
+        assert set(row) == {"task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"}
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert (tmp_path / "rule_tasks.md").exists() and (tmp_path / "sample_efficiency.png").exists()
+
+
+def test_composition_smoke(capsys, tmp_path):
+    out = run_script("composition", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
+    methods = [r["method"] for r in out["rows"]]
+    assert any("+" in m for m in methods) and "zero-shot prompt" in methods
+
+
+def test_head_budget_smoke(capsys, tmp_path):
+    out = run_script("head_budget", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
+    counts = [r["n_selected"] for r in out["rows"]]
+    assert counts == sorted(counts), "λ runs largest first, so the head count never falls"
+    assert (tmp_path / "head_budget_tiny-antonym.png").exists() or list(tmp_path.glob("head_budget_*.png"))
+
+
+@pytest.mark.parametrize("name", ["fit_speed", "rule_tasks", "composition", "head_budget"])
+def test_scripts_have_help(name, capsys):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
