@@ -7,7 +7,7 @@ fitted on a few examples with a sparse-group-lasso penalty so that whole heads s
 
 __version__ = "0.1.0"
 
-from .evaluate import EvalResult, evaluate, generate
+from .evaluate import EvalResult, evaluate, evaluate_many, generate
 from .fit import FitConfig, FitResult, fit, fit_path
 from .intervention import HeadIntervention, InterventionError
 from .models import load_model
@@ -16,6 +16,6 @@ from .tasks import Task, TaskError, TaskSplits, bundled_tasks, compose_tasks, lo
 
 __all__ = [
     "EvalResult", "FitConfig", "FitResult", "HeadIntervention", "InterventionError", "PromptTemplate",
-    "Task", "TaskError", "TaskSplits", "__version__", "bundled_tasks", "compose_tasks", "evaluate",
+    "Task", "TaskError", "TaskSplits", "__version__", "bundled_tasks", "compose_tasks", "evaluate", "evaluate_many",
     "fit", "fit_path", "generate", "load_model", "load_task",
 ]

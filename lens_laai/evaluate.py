@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
@@ -20,7 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from .intervention import HeadIntervention, hook_name
+from .fastpath import LayerRunner
+from .intervention import HeadIntervention
 from .prompts import PromptTemplate, encode_prompts, iter_batches, k_shot_prompts
 from .tasks import Task, TaskError, TaskSplits
 
@@ -158,3 +159,59 @@ def generate(
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
     return model.tokenizer.decode(new)
+
+
+def evaluate_many(
+    model: TransformerBridge,
+    task: Task | TaskSplits,
+    interventions: Sequence[HeadIntervention],
+    shots: int = 0,
+    split: str = "test",
+    *,
+    seed: int = 0,
+    n_train: int = 20,
+    n_valid: int = 40,
+    demo_seed: int = 0,
+    batch_size: int = 32,
+    template: PromptTemplate = PromptTemplate(),
+    fast: bool = True,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score many interventions on the same prompts: one row each (``accuracy``, ``mean_target_logprob``).
+
+    Interventions acting at one layer's last token share one prefix pass per batch (the fast
+    path of :mod:`lens_laai.fastpath`), so scoring a λ path or an α grid costs little more than
+    scoring one. Others are scored with :func:`evaluate`.
+    """
+    part, demos = select_split(task, split, None, seed, n_train, n_valid)
+    prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
+    batches = list(iter_batches(model.tokenizer, prompts, targets, batch_size))
+    rows: dict[int, dict[str, Any]] = {}
+    by_layer: dict[int, list[int]] = {}
+    for i, iv in enumerate(interventions):
+        iv.check_model(model)
+        if len(iv.layers) == 1 and iv.positions == "last":
+            by_layer.setdefault(iv.layers[0], []).append(i)
+        else:
+            full = evaluate(model, TaskSplits(demos, Task(part.name, []), part, 0), iv, shots, "test",
+                            demo_seed=demo_seed, batch_size=batch_size, template=template)
+            rows[i] = {"accuracy": full.accuracy, "mean_target_logprob": float(full.table.target_logprob.mean())}
+    for layer, members in tqdm(by_layer.items(), desc="layers", disable=not progress):
+        runner = LayerRunner(model, batches, layer, fast)
+        for i in members:
+            rows[i] = _score_runner(runner, batches, interventions[i])
+    table = pd.DataFrame([rows[i] for i in range(len(interventions))])
+    table.insert(0, "layers", [",".join(map(str, iv.layers)) for iv in interventions])
+    table["n"] = len(part)
+    return table
+
+
+@torch.no_grad()
+def _score_runner(runner: LayerRunner, batches: list, iv: HeadIntervention) -> dict[str, float]:
+    correct, logprob, n = 0, 0.0, 0
+    for b, batch in enumerate(batches):
+        logp = torch.log_softmax(runner.logits(b, iv.fwd_hooks()).float(), dim=-1)
+        correct += int((logp.argmax(-1) == batch.target_ids).sum())
+        logprob += float(logp.gather(1, batch.target_ids[:, None]).sum())
+        n += len(batch)
+    return {"accuracy": correct / n, "mean_target_logprob": logprob / n}

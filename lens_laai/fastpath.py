@@ -28,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .prompts import Batch
 
 _warned: set[str] = set()
+REQUIRED_PARTS = ("layers", "norm", "rotary_emb")  # of the HF backbone, besides ``lm_head``
 
 
 def warn_once(key: str, message: str) -> None:
@@ -67,8 +68,7 @@ class LastTokenCache:
         """Run the one full forward; ``None`` (after a one-time warning) if the path can't be used."""
         hf = getattr(model, "original_model", None)
         backbone = getattr(hf, "model", None)
-        needed = ("layers", "norm", "rotary_emb")
-        if backbone is None or not all(hasattr(backbone, n) for n in needed) or not hasattr(hf, "lm_head"):
+        if backbone is None or not all(hasattr(backbone, n) for n in REQUIRED_PARTS) or not hasattr(hf, "lm_head"):
             warn_once(f"arch:{type(hf).__name__}", f"Fast last-token path unsupported for {type(hf).__name__}; using the full forward.")
             return None
         captured: dict[str, Tensor] = {}

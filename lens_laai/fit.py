@@ -24,15 +24,14 @@ from typing import Any, Callable, Literal, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from .fastpath import CostMeter, LayerRunner
-from .intervention import HeadIntervention, add_at_positions, hook_name
+from .fastpath import CostMeter, LayerRunner, warn_once
+from .intervention import HeadIntervention, delta_hook, hook_name
 from .models import model_fingerprint, model_name
-from .prompts import Batch, PromptTemplate, encode_prompts, iter_batches, k_shot_prompts
+from .prompts import Batch, PromptTemplate, iter_batches, k_shot_prompts
 from .solver import StepRecord, fista
 from .tasks import Task, TaskError, TaskSplits
 
@@ -229,6 +228,9 @@ def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps)
     """Fit each λ₂ (largest first, warm-started) at ``layer``; yield a scored :class:`_Fitted` each."""
     train = training_batches(model, splits.train, splits.train, cfg, template)
     valid = training_batches(model, splits.valid, splits.train, cfg, template) if len(splits.valid) else []
+    if cfg.fast and cfg.objective == "sequence":
+        warn_once("objective:sequence", "objective='sequence' scores tokens after the prompt, which the last-token "
+                  "fast path does not compute; fitting with the full forward.")
     runner = LayerRunner(model, train, layer, cfg.fast and cfg.objective == "first_token", meter)
     valid_runner = LayerRunner(model, valid, layer, cfg.fast, meter) if valid else None
     delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
@@ -279,7 +281,7 @@ def solve_layer(
             if cfg.objective == "sequence":
                 total = total + _sequence_ce(runner, batch, delta, backward) * len(batch)
             else:
-                logits = runner.logits(i, [(hook_name(runner.layer), _hook(delta))], backward)
+                logits = runner.logits(i, [(hook_name(runner.layer), delta_hook(delta))], backward)
                 total = total + F.cross_entropy(logits.float(), batch.target_ids, reduction="sum")
         return total / n_rows
 
@@ -294,10 +296,6 @@ def solve_layer(
             return float(loss(x, backward=False))
 
     return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
-
-
-def _hook(delta: Tensor, positions: Any = "last"):
-    return lambda z, hook: add_at_positions(z, delta, positions)
 
 
 def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:
@@ -315,7 +313,7 @@ def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: boo
     target_lens = torch.tensor([len(t) for t in batch.target_tokens])
     last_prompt = width - target_lens  # index of each row's last prompt token
     runner.meter.add(float(mask.sum()), model.cfg.n_layers, backward)
-    logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), _hook(delta, last_prompt))])
+    logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), delta_hook(delta, last_prompt))])
     total = torch.zeros(())
     for i, tgt in enumerate(batch.target_tokens):
         start = int(last_prompt[i])
@@ -327,7 +325,7 @@ def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: boo
 def _scores_on(runner: LayerRunner, batches: list[Batch], layer: int, delta: Tensor) -> tuple[float, float]:
     correct, ce, n = 0, 0.0, 0
     for i, batch in enumerate(batches):
-        logits = runner.logits(i, [(hook_name(layer), _hook(delta))]).float()
+        logits = runner.logits(i, [(hook_name(layer), delta_hook(delta))]).float()
         correct += int((logits.argmax(-1) == batch.target_ids).sum())
         ce += float(F.cross_entropy(logits, batch.target_ids, reduction="sum"))
         n += len(batch)

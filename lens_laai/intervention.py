@@ -128,7 +128,7 @@ class HeadIntervention:
     def fwd_hooks(self, positions: Positions | Tensor | None = None) -> list[tuple[str, Callable]]:
         """A TransformerLens ``fwd_hooks`` list, for ``model.run_with_hooks`` or ``model.hooks``."""
         where = self.positions if positions is None else positions
-        return [(hook_name(layer), _adder(delta, where)) for layer, delta in self.deltas.items()]
+        return [(hook_name(layer), delta_hook(delta, where)) for layer, delta in self.deltas.items()]
 
     @contextmanager
     def apply(self, model: TransformerBridge, positions: Positions | Tensor | None = None) -> Iterator[TransformerBridge]:
@@ -286,7 +286,9 @@ class HeadIntervention:
         }
 
 
-def _adder(delta: Tensor, positions: Positions | Tensor) -> Callable:
+def delta_hook(delta: Tensor, positions: Positions | Tensor = "last") -> Callable:
+    """A ``hook_z`` hook function adding ``delta`` at ``positions`` (see :func:`add_at_positions`)."""
+
     def hook(z: Tensor, hook: Any) -> Tensor:
         return add_at_positions(z, delta, positions)
 

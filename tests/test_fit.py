@@ -76,8 +76,12 @@ def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
     assert result.layer == best.layer and result.intervention.layers == [result.layer]
 
 
-def test_sequence_objective_runs(tiny, task):
-    result = fit(tiny, task, layer=1, n_train=8, n_valid=4, steps=5, objective="sequence", progress=False)
+def test_sequence_objective_runs_and_says_it_uses_the_full_forward(tiny, task):
+    from lens_laai import fastpath
+
+    fastpath._warned.discard("objective:sequence")
+    with pytest.warns(RuntimeWarning, match="full forward"):
+        result = fit(tiny, task, layer=1, n_train=8, n_valid=4, steps=5, objective="sequence", progress=False)
     assert not result.fast_path and math.isfinite(result.history.loss.iloc[-1])
 
 
@@ -108,3 +112,34 @@ def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
     best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert (result.layer, result.config.group_l1) == (best.layer, best.group_l1)
     assert result.intervention.metadata["fit_config"]["group_l1"] == best.group_l1
+
+
+def test_fast_path_falls_back_and_says_so_once(tiny, task, monkeypatch):
+    from lens_laai import fastpath
+
+    fastpath._warned.clear()
+    monkeypatch.setattr(fastpath.LastTokenCache, "_reproduces_full_forward", lambda self: False)
+    kwargs = dict(layer=1, n_train=8, n_valid=4, steps=3, progress=False)
+    with pytest.warns(RuntimeWarning, match="disagrees with the full forward") as record:
+        result = fit(tiny, task, **kwargs)
+        fit(tiny, task, **kwargs)
+    assert not result.fast_path
+    assert sum("disagrees" in str(w.message) for w in record) == 1
+    fastpath._warned.clear()
+    monkeypatch.setattr(fastpath, "REQUIRED_PARTS", ("layers", "no_such_part"))
+    with pytest.warns(RuntimeWarning, match="unsupported"):
+        assert not fit(tiny, task, **kwargs).fast_path
+
+
+def test_evaluate_many_matches_evaluate(tiny, task):
+    from lens_laai import evaluate_many
+
+    splits = task.split(0, 8, 4)
+    _, ivs = fit_path(tiny, splits, layer=1, group_l1s=[0.0, 0.1], steps=4, progress=False)
+    two_layer = ivs[0] + fit(tiny, splits, layer=2, steps=2, progress=False).intervention
+    table = evaluate_many(tiny, splits, [*ivs, two_layer], shots=2)
+    assert len(table) == 3 and table.layers.tolist() == ["1", "1", "1,2"]
+    for row, iv in zip(table.itertuples(), [*ivs, two_layer]):
+        single = evaluate(tiny, splits, iv, shots=2, seed=0, n_train=8, n_valid=4)
+        assert row.accuracy == single.accuracy
+        assert abs(row.mean_target_logprob - single.table.target_logprob.mean()) < 1e-4

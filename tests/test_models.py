@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lens_laai.models import find_embedded_gguf, freeze, load_model, model_fingerprint
+from lens_laai.models import find_embedded_gguf, load_model, model_fingerprint
 from lens_laai.testing import tiny_model
 
 
@@ -45,7 +45,6 @@ def test_non_model_directory_is_a_clear_error(tmp_path):
 
 def test_local_directory_loads(tmp_path, tiny):
     # A directory saved with save_pretrained is what users with their own checkpoints pass.
-    tiny_model(seed=2).original_model  # noqa: B018 - the bridge rewrote it, so save a fresh HF model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
