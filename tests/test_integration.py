@@ -7,8 +7,9 @@ from lens_laai import HeadIntervention, evaluate, fit, generate, load_model, loa
 
 pytestmark = pytest.mark.integration
 
-# Measured on this machine with seed 0 (see docs/results.md): zero-shot 0.00, intervention ≥ 0.25.
-MARGIN = 0.15
+# Measured on a 2-core CPU, seed 0, layer 9, 40 steps, 100 test pairs: zero-shot 0.00, with the
+# intervention 0.51 (5 of 9 heads). The margin leaves room for thread-count round-off.
+MARGIN = 0.30
 
 
 @pytest.fixture(scope="module")
