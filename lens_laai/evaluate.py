@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from .fastpath import LayerRunner
-from .intervention import HeadIntervention
+from .intervention import HeadIntervention, Intervention
 from .prompts import PromptTemplate, encode_prompts, iter_batches, k_shot_prompts
 from .tasks import Task, TaskError, TaskSplits
 
@@ -42,7 +42,7 @@ class EvalResult:
 
 
 def select_split(
-    task: Task | TaskSplits, split: str, intervention: HeadIntervention | None = None,
+    task: Task | TaskSplits, split: str, intervention: Intervention | None = None,
     seed: int | None = None, n_train: int | None = None, n_valid: int | None = None,
 ) -> tuple[Task, Task]:
     """The evaluated part of ``task`` and the pool that k-shot demonstrations come from.
@@ -72,7 +72,7 @@ def select_split(
 def evaluate(
     model: TransformerBridge,
     task: Task | TaskSplits,
-    intervention: HeadIntervention | None = None,
+    intervention: Intervention | None = None,
     shots: int = 0,
     split: str = "test",
     *,
@@ -125,7 +125,7 @@ def _rows(model: TransformerBridge, logits: Tensor, batch) -> list[dict[str, Any
 def generate(
     model: TransformerBridge,
     prompt: str,
-    intervention: HeadIntervention | None = None,
+    intervention: Intervention | None = None,
     max_new_tokens: int = 10,
     every_token: bool = True,
     use_past_kv_cache: bool = True,

@@ -186,3 +186,14 @@ class LayerRunner:
         self.meter.add(float(batch.attention_mask.sum()), n, backward)
         out = self.model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=fwd_hooks)
         return out[:, -1]
+
+    @torch.no_grad()
+    def scores(self, fwd_hooks: list[tuple[str, Callable]]) -> tuple[float, float]:
+        """Top-1 accuracy and mean cross-entropy of the first target token over all batches."""
+        correct, ce, n = 0, 0.0, 0
+        for i, batch in enumerate(self.batches):
+            logits = self.logits(i, fwd_hooks).float()
+            correct += int((logits.argmax(-1) == batch.target_ids).sum())
+            ce += float(torch.nn.functional.cross_entropy(logits, batch.target_ids, reduction="sum"))
+            n += len(batch)
+        return correct / n, ce / n

@@ -236,8 +236,8 @@ def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps)
     delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
     for lam in sorted(lambdas, reverse=True):
         delta, history = _fit_layer(runner, train, replace(cfg, group_l1=lam), delta, show_steps)
-        train_acc = _scores_on(runner, train, layer, delta)[0]
-        valid_acc, valid_ce = _scores_on(valid_runner, valid, layer, delta) if valid_runner else (train_acc, history[-1].smooth)
+        train_acc = runner.scores(_hooks(layer, delta))[0]
+        valid_acc, valid_ce = valid_runner.scores(_hooks(layer, delta)) if valid_runner else (train_acc, history[-1].smooth)
         yield _Fitted(layer, lam, delta, history, train_acc, valid_acc, valid_ce, runner.is_fast)
 
 
@@ -281,7 +281,7 @@ def solve_layer(
             if cfg.objective == "sequence":
                 total = total + _sequence_ce(runner, batch, delta, backward) * len(batch)
             else:
-                logits = runner.logits(i, [(hook_name(runner.layer), delta_hook(delta))], backward)
+                logits = runner.logits(i, _hooks(runner.layer, delta), backward)
                 total = total + F.cross_entropy(logits.float(), batch.target_ids, reduction="sum")
         return total / n_rows
 
@@ -296,6 +296,10 @@ def solve_layer(
             return float(loss(x, backward=False))
 
     return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
+
+
+def _hooks(layer: int, delta: Tensor) -> list[tuple[str, Callable]]:
+    return [(hook_name(layer), delta_hook(delta))]
 
 
 def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:
@@ -319,14 +323,3 @@ def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: boo
         start = int(last_prompt[i])
         total = total + F.cross_entropy(logits[i, start:start + len(tgt)].float(), torch.tensor(tgt), reduction="mean")
     return total / len(batch.target_tokens)
-
-
-@torch.no_grad()
-def _scores_on(runner: LayerRunner, batches: list[Batch], layer: int, delta: Tensor) -> tuple[float, float]:
-    correct, ce, n = 0, 0.0, 0
-    for i, batch in enumerate(batches):
-        logits = runner.logits(i, [(hook_name(layer), delta_hook(delta))]).float()
-        correct += int((logits.argmax(-1) == batch.target_ids).sum())
-        ce += float(F.cross_entropy(logits, batch.target_ids, reduction="sum"))
-        n += len(batch)
-    return correct / n, ce / n

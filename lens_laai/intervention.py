@@ -20,15 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Protocol, Union
 
 import pandas as pd
 import torch
@@ -36,12 +32,24 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from .io import load_bundle, save_bundle
 from .models import model_fingerprint, model_name
 
 HOOK_TEMPLATE = "blocks.{layer}.attn.hook_z"
+TENSOR_FILE = "deltas.safetensors"
 FORMAT = "lens_laai.HeadIntervention"
 FORMAT_VERSION = 1
 Positions = Union[str, tuple[int, ...]]
+
+
+class Intervention(Protocol):
+    """What evaluation needs of any intervention (heads, residual vectors, baselines)."""
+
+    metadata: dict[str, Any]
+
+    def fwd_hooks(self, positions: "Positions | Tensor | None" = None) -> list[tuple[str, Callable]]: ...
+
+    def check_model(self, model: TransformerBridge) -> None: ...
 
 
 class InterventionError(ValueError):
@@ -98,10 +106,7 @@ class HeadIntervention:
 
     def __post_init__(self) -> None:
         self.deltas = {int(k): v for k, v in sorted(self.deltas.items())}
-        if isinstance(self.positions, list):
-            self.positions = tuple(int(p) for p in self.positions)
-        if isinstance(self.positions, str) and self.positions not in ("last", "all"):
-            raise InterventionError(f"positions must be 'last', 'all' or a tuple of ints, got {self.positions!r}.")
+        self.positions = check_positions(self.positions)
         shape = (self.fingerprint["n_heads"], self.fingerprint["d_head"])
         for layer, delta in self.deltas.items():
             if not 0 <= layer < self.fingerprint["n_layers"]:
@@ -143,13 +148,7 @@ class HeadIntervention:
 
     def check_model(self, model: TransformerBridge) -> None:
         """Raise :class:`InterventionError` unless ``model`` has this intervention's fingerprint."""
-        theirs = model_fingerprint(model)
-        if theirs != self.fingerprint:
-            diff = {k: (self.fingerprint.get(k), theirs.get(k)) for k in theirs if self.fingerprint.get(k) != theirs[k]}
-            raise InterventionError(
-                f"This intervention was made for {self.model_name!r} and does not fit this model "
-                f"(mismatch, ours vs model's: {diff}). Fit it again on this model."
-            )
+        check_fingerprint(self.fingerprint, self.model_name, model)
 
     # reading ----------------------------------------------------------------------------------
     def heads(self) -> pd.DataFrame:
@@ -225,65 +224,72 @@ class HeadIntervention:
     # persistence ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/`` with ``deltas.safetensors`` and ``manifest.json``, atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            tensors = {f"layer.{l}": d.detach().to("cpu", torch.float32).contiguous() for l, d in self.deltas.items()}
-            save_file(tensors, str(tmp / "deltas.safetensors"))
-            manifest = self._manifest(_sha256(tmp / "deltas.safetensors"))
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        tensors = {f"layer.{l}": d.to(torch.float32) for l, d in self.deltas.items()}
+        return save_bundle(Path(path), tensors, self._manifest(), TENSOR_FILE)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: TransformerBridge | None = None) -> "HeadIntervention":
         """Read what :meth:`save` wrote (no pickle); with ``model``, refuse a fingerprint mismatch."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        manifest_path, tensor_path = path / "manifest.json", path / "deltas.safetensors"
-        if not manifest_path.is_file() or not tensor_path.is_file():
-            raise InterventionError(f"{path} is not a saved HeadIntervention (needs manifest.json and deltas.safetensors).")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise InterventionError(f"{manifest_path} is not valid JSON ({err}).") from err
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise InterventionError(f"{path} is not a lens_laai HeadIntervention of format version {FORMAT_VERSION}.")
-        if _sha256(tensor_path) != manifest.get("tensors_sha256"):
-            raise InterventionError(f"{tensor_path} does not match the checksum in its manifest; the save is corrupt.")
-        tensors = load_file(str(tensor_path))
+            tensors, manifest = load_bundle(Path(path), FORMAT, FORMAT_VERSION, TENSOR_FILE)
+        except ValueError as err:
+            raise InterventionError(str(err)) from None
         deltas = {int(name.split(".", 1)[1]): t for name, t in tensors.items()}
-        positions = manifest["positions"]
-        iv = cls(deltas, manifest["model_name"], manifest["fingerprint"],
-                 positions if isinstance(positions, str) else tuple(positions), manifest.get("metadata", {}))
+        iv = cls(deltas, manifest["model_name"], manifest["fingerprint"], positions_from_json(manifest["positions"]),
+                 manifest.get("metadata", {}))
         if model is not None:
             iv.check_model(model)
         return iv
 
-    def _manifest(self, tensors_sha256: str) -> dict[str, Any]:
-        from . import __version__
-        import transformer_lens
-
+    def _manifest(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model_name": self.model_name,
             "fingerprint": self.fingerprint,
             "hook_names": {str(l): hook_name(l) for l in self.layers},
-            "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
+            "positions": positions_to_json(self.positions),
             "selected_heads": [list(h) for h in self.selected_heads()],
             "metadata": self.metadata,
-            "tensors_sha256": tensors_sha256,
-            "lens_laai_version": __version__,
-            "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
+            **versions(),
         }
+
+
+def check_positions(positions: Positions) -> Positions:
+    """Normalise ``positions`` (a list becomes a tuple) or raise :class:`InterventionError`."""
+    if isinstance(positions, list):
+        positions = tuple(int(p) for p in positions)
+    if isinstance(positions, str) and positions not in ("last", "all"):
+        raise InterventionError(f"positions must be 'last', 'all' or a tuple of ints, got {positions!r}.")
+    return positions
+
+
+def positions_to_json(positions: Positions) -> str | list[int]:
+    return positions if isinstance(positions, str) else list(positions)
+
+
+def positions_from_json(value: str | list[int]) -> Positions:
+    return value if isinstance(value, str) else tuple(value)
+
+
+def check_fingerprint(fingerprint: dict[str, int], made_for: str, model: TransformerBridge) -> None:
+    """Raise :class:`InterventionError` unless ``model`` has ``fingerprint``."""
+    theirs = model_fingerprint(model)
+    if theirs != fingerprint:
+        diff = {k: (fingerprint.get(k), v) for k, v in theirs.items() if fingerprint.get(k) != v}
+        raise InterventionError(
+            f"This intervention was made for {made_for!r} and does not fit this model "
+            f"(mismatch, ours vs model's: {diff}). Fit it again on this model."
+        )
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import transformer_lens
+
+    from . import __version__
+
+    return {"lens_laai_version": __version__, "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown")}
 
 
 def delta_hook(delta: Tensor, positions: Positions | Tensor = "last") -> Callable:
@@ -293,20 +299,3 @@ def delta_hook(delta: Tensor, positions: Positions | Tensor = "last") -> Callabl
         return add_at_positions(z, delta, positions)
 
     return hook
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out, never left half-written."""
-    if dst.exists() and not dst.is_dir():
-        raise InterventionError(f"{dst} exists and is not a directory; choose another output path.")
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / "x")
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -1,0 +1,261 @@
+"""Function Vectors (Todd et al., ICLR 2024), adapted to the lens_laai harness.
+
+1. :func:`mean_head_activations`: each head's mean ``hook_z`` at the last token of clean k-shot
+   prompts built from the train split.
+2. :func:`causal_indirect_effect`: on k-shot prompts whose demonstration outputs are permuted
+   among the demonstrations (the mapping is broken), replace one head's ``z`` at the last token
+   by its mean and measure the gain in probability of the target's first token.
+3. :func:`function_vector`: the sum over the top-k heads of their mean outputs mapped into the
+   residual stream through their slice of ``W_O`` (the output bias, if any, is left out).
+4. :func:`fit_function_vector`: add the vector to the hidden state *output* of layer ℓ
+   (``blocks.ℓ.hook_resid_post``) at the last token of zero-shot prompts, ℓ chosen on validation.
+
+Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.LayerRunner`),
+which falls back to full forwards where it is unsupported.
+
+Example:
+    >>> from lens_laai import evaluate
+    >>> from lens_laai.baselines import fit_function_vector
+    >>> from lens_laai.testing import tiny_model, tiny_task
+    >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+    >>> result = fit_function_vector(model, splits, top_k=2, shots=3, n_prompts=4, progress=False)
+    >>> evaluate(model, splits, result.intervention).n
+    12
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from itertools import product
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from ..fastpath import CostMeter
+from ..intervention import hook_name
+from ..models import model_fingerprint, model_name
+from ..prompts import Batch, PromptTemplate, iter_batches, k_shot_prompts, make_batch
+from ..tasks import Task, TaskError, TaskSplits
+from .residual import ResidualIntervention
+from .prompting import check_shots, count_forward, runner_for, runner_scores, settle, unit_meter
+
+def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` checked against the model (default: all layers), sorted and de-duplicated."""
+    n = model.cfg.n_layers
+    chosen = list(range(n)) if layers is None else sorted({int(l) for l in layers})
+    if not chosen or any(not 0 <= l < n for l in chosen):
+        raise ValueError(f"layers must be a non-empty list within 0..{n - 1}, got {layers!r}.")
+    return chosen
+
+
+@torch.no_grad()
+def last_token_z(model: TransformerBridge, batches: list[Batch], layers: Sequence[int]) -> Float[Tensor, "prompt layer head d_head"]:
+    """``hook_z`` at the last token of every prompt, for ``layers`` (one forward per batch)."""
+    grabbed: dict[int, list[Tensor]] = {l: [] for l in layers}
+
+    def grab(layer: int) -> Callable:
+        return lambda z, hook: grabbed[layer].append(z[:, -1].detach().clone())
+
+    for batch in batches:
+        with model.hooks(fwd_hooks=[(hook_name(l), grab(l)) for l in layers]):
+            model(batch.input_ids, attention_mask=batch.attention_mask)
+    return torch.stack([torch.cat(grabbed[l]) for l in layers], dim=1)
+
+
+def mean_head_activations(
+    model: TransformerBridge, prompts_batches: list[Batch], layers: Sequence[int] | None = None
+) -> Float[Tensor, "layer head d_head"]:
+    """Mean ``hook_z`` at the last token over the prompts; layers not in ``layers`` are NaN.
+
+    Example: ``mean_head_activations(model, batches, layers=[6, 7])[6, 2]`` is head 6.2's mean.
+    """
+    layers = candidate_layers(model, layers)
+    cfg = model.cfg
+    out = torch.full((cfg.n_layers, cfg.n_heads, cfg.d_head), float("nan"))
+    out[layers] = last_token_z(model, prompts_batches, layers).float().mean(0)
+    return out
+
+
+def shuffled_label_batch(
+    model: TransformerBridge, task: Task, n_prompts: int, shots: int, seed: int, template: PromptTemplate = PromptTemplate()
+) -> Batch:
+    """``n_prompts`` k-shot prompts from ``task`` whose demo outputs are deranged among the demos."""
+    if shots < 2 or shots > len(task) - 1:
+        raise TaskError(f"Shuffled-label prompts need 2 ≤ shots ≤ {len(task) - 1} (train pairs - 1), got {shots}.")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n_prompts:
+        order += rng.sample(range(len(task)), len(task))
+    prompts, targets = [], []
+    for i in order[:n_prompts]:
+        x, y = task.pairs[i]
+        demos = rng.sample([p for p in task.pairs if p[0] != x], shots)
+        perm = list(range(shots))
+        while any(a == b for a, b in enumerate(perm)):
+            rng.shuffle(perm)
+        prompts.append(template.render(x, [(demos[j][0], demos[perm[j]][1]) for j in range(shots)]))
+        targets.append(template.target(y))
+    return make_batch(model.tokenizer, prompts, targets)
+
+
+@torch.no_grad()
+def causal_indirect_effect(
+    model: TransformerBridge,
+    splits: TaskSplits,
+    mean_acts: Float[Tensor, "layer head d_head"],
+    n_prompts: int = 16,
+    shots: int = 10,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    *,
+    template: PromptTemplate = PromptTemplate(),
+    meter: CostMeter | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Columns ``layer, head, cie``: mean gain in P(target's first token) from patching the head's mean.
+
+    All prompts go through one (last-token) forward per (layer, head). ``df.attrs`` holds
+    ``forward_passes`` (batched passes run) and ``forward_equivalents`` (zero-shot units; also
+    charged to ``meter`` if given).
+    """
+    layers = candidate_layers(model, layers)
+    missing = [l for l in layers if not torch.isfinite(mean_acts[l]).all()]
+    if missing:
+        raise ValueError(f"mean_acts has no values for layers {missing}; compute it with layers including them.")
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts must be ≥ 1, got {n_prompts}.")
+    own = unit_meter(model, splits.train, template)
+    batch = shuffled_label_batch(model, splits.train, n_prompts, shots, seed, template)
+    runner = runner_for(model, [batch], layers[0])
+    base = _target_probs(runner.logits(0, []), batch)
+    rows = []
+    for layer, head in tqdm(list(product(layers, range(model.cfg.n_heads))), desc="CIE", disable=not progress):
+        probs = _target_probs(runner.logits(0, [(hook_name(layer), _patcher(head, mean_acts[layer, head]))]), batch)
+        rows.append({"layer": layer, "head": head, "cie": float((probs - base).mean())})
+    settle(own, runner)
+    table = pd.DataFrame(rows, columns=["layer", "head", "cie"])
+    table.attrs.update(forward_passes=len(rows) + 2, forward_equivalents=own.forward_equivalents(), fast_path=runner.is_fast)
+    if meter is not None:
+        meter.token_layers += own.token_layers
+    return table
+
+
+def head_outputs(model: TransformerBridge, layer: int, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... head d_model"]:
+    """Each head's contribution to the attention output: ``z_h @ W_O[h]`` (no bias)."""
+    w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model], layout handled by the bridge
+    return torch.einsum("...hd,hdm->...hm", z.to(w_o.dtype), w_o)
+
+
+def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
+    """The ``top_k`` (layer, head) pairs with the largest CIE (ties: lower layer, then head)."""
+    if not 1 <= top_k <= len(cie):
+        raise ValueError(f"top_k must be within 1..{len(cie)} (the heads scored), got {top_k}.")
+    ranked = cie.sort_values(["cie", "layer", "head"], ascending=[False, True, True], kind="mergesort")
+    return [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top_k).itertuples(index=False)]
+
+
+@torch.no_grad()
+def function_vector(
+    model: TransformerBridge, mean_acts: Float[Tensor, "layer head d_head"], cie: pd.DataFrame, top_k: int = 10
+) -> Float[Tensor, " d_model"]:
+    """Sum over the ``top_k`` heads by CIE of each head's mean output in the residual stream."""
+    vector = torch.zeros(model.cfg.d_model)
+    for layer, head in top_heads(cie, top_k):
+        vector += head_outputs(model, layer, mean_acts[layer])[head].float().cpu()
+    return vector
+
+
+@dataclass
+class FunctionVectorResult:
+    """The best function-vector intervention, its add-layer sweep and what it cost."""
+
+    intervention: ResidualIntervention
+    layer: int
+    scale: float
+    valid_accuracy: float
+    heads: list[tuple[int, int]]
+    sweep: pd.DataFrame
+    cie: pd.DataFrame
+    mean_acts: Tensor
+    seconds: float
+    forward_equivalents: float
+    fast_path: bool
+
+
+def fit_function_vector(
+    model: TransformerBridge,
+    splits: TaskSplits,
+    top_k: int = 10,
+    layers: Sequence[int] | None = None,
+    *,
+    shots: int = 10,
+    cie_layers: Sequence[int] | None = None,
+    n_prompts: int = 16,
+    scales: Sequence[float] = (1.0,),
+    seed: int = 0,
+    template: PromptTemplate = PromptTemplate(),
+    batch_size: int = 32,
+    progress: bool = True,
+) -> FunctionVectorResult:
+    """Mean activations, CIE, the vector, then the add-layer (from ``layers``, default all) on validation.
+
+    ``cie_layers`` restricts the heads scored (default all layers). The sweep scores zero-shot
+    validation prompts with ``scale × vector`` at their last token for every layer and scale
+    (default ``(1.0,)``, the paper's unscaled vector); ties go to the lower cross-entropy.
+    """
+    start = time.perf_counter()
+    check_shots(splits, shots)
+    if not scales or any(not isinstance(a, (int, float)) or a <= 0 for a in scales):
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}.")
+    if not len(splits.valid):
+        raise TaskError("fit_function_vector picks its layer on the validation split, which is empty; use n_valid ≥ 1.")
+    add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
+    meter = unit_meter(model, splits.train, template)
+    clean = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size))
+    mean_acts = mean_head_activations(model, clean, cie_layers)
+    count_forward(meter, clean, model.cfg.n_layers)
+    cie = causal_indirect_effect(model, splits, mean_acts, n_prompts, shots, seed, cie_layers,
+                                 template=template, meter=meter, progress=progress)
+    vector = function_vector(model, mean_acts, cie, top_k)
+    valid = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size))
+    runner = runner_for(model, valid, add_layers[0])
+    fp, name = model_fingerprint(model), model_name(model)
+    rows, best = [], None
+    for layer in tqdm(add_layers, desc="FV layers", disable=not progress):
+        for scale in scales:
+            acc, ce = runner_scores(runner, ResidualIntervention(float(scale) * vector, layer, name, fp).fwd_hooks())
+            rows.append({"layer": layer, "scale": float(scale), "valid_accuracy": acc, "valid_ce": ce})
+            if best is None or (acc, -ce) > best[0]:
+                best = ((acc, -ce), layer, float(scale))
+    settle(meter, runner)
+    (valid_acc, _), layer, scale = best
+    heads = top_heads(cie, top_k)
+    config = {"method": "function_vector", "seed": splits.seed, "n_train": len(splits.train), "n_valid": len(splits.valid),
+              "n_test": len(splits.test), "shots": shots, "top_k": top_k, "n_prompts": n_prompts, "prompt_seed": seed,
+              "scales": [float(a) for a in scales], "layers": add_layers, "cie_layers": cie_layers}
+    metadata: dict[str, Any] = {"name": splits.train.name, "task": splits.train.name, "data_hash": splits.train.data_hash(),
+                                "fit_config": config, "heads": [list(h) for h in heads], "scale": scale, "valid_accuracy": valid_acc}
+    return FunctionVectorResult(
+        ResidualIntervention(scale * vector, layer, name, fp, "last", metadata), layer, scale, valid_acc, heads, pd.DataFrame(rows),
+        cie, mean_acts, time.perf_counter() - start, meter.forward_equivalents(), bool(cie.attrs["fast_path"] and runner.is_fast),
+    )
+
+
+def _patcher(head: int, value: Tensor) -> Callable:
+    def hook(z: Tensor, hook: Any) -> Tensor:
+        out = z.clone()
+        out[:, -1, head] = value.to(z.dtype)
+        return out
+
+    return hook
+
+
+def _target_probs(logits: Float[Tensor, "batch vocab"], batch: Batch) -> Float[Tensor, " batch"]:
+    return torch.softmax(logits.float(), dim=-1).gather(1, batch.target_ids[:, None])[:, 0]
