@@ -3,11 +3,11 @@
 Measures, on one model and one batch of training prompts at a middle layer: median seconds per
 optimisation step (one FISTA step: gradient at the extrapolated point plus the sufficient-decrease
 check) for the full-forward path and the last-token fast path, on zero-shot and on 10-shot
-prompts; the extra peak memory (RSS) of each; the largest difference between the two loss
-trajectories; and a whole layer sweep on both paths. Prints a table and the ratios; with
+prompts; the extra peak memory (RSS growth, each timing in a fresh process) of each; the largest
+difference between the two loss trajectories; and a whole layer sweep on both paths. Prints a table and the ratios; with
 ``--json`` the last line is one JSON object.
 
-    python benchmarks/fit_speed.py                     # embedded SmolLM2-135M, ~10 minutes on 2 cores
+    python benchmarks/fit_speed.py                     # embedded SmolLM2-135M, ~12 minutes on 2 cores
     python benchmarks/fit_speed.py --model lens-laai-tiny --quick --json   # smoke test (seconds)
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 
 from lens_laai import FitConfig, fit, load_model, load_task
+from lens_laai.cli import _sweep_layers
 from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.fit import solve_layer, training_batches
 from lens_laai.prompts import PromptTemplate
@@ -37,34 +39,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=20, help="training prompts per step")
     p.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--layer", type=int, default=None, help="intervened layer (default: n_layers // 2)")
-    p.add_argument("--sweep-steps", type=int, default=2, help="steps per layer in the layer-sweep timing")
+    p.add_argument("--sweep-steps", type=int, default=10, help="steps per layer in the layer-sweep timing")
     p.add_argument("--quick", action="store_true", help="smoke settings: 2 steps, small batch, no sweep")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sweep-layers", default="default",
+                   help="layers of the sweep timing: 'all', 'default' (the CLI's default sweep) or a comma list")
     p.add_argument("--out", default=None, help="also write the table as markdown here")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._worker:
+        return worker(args)
     if args.quick:
         args.steps, args.batch, args.sweep_steps = 2, min(args.batch, 12), 0
 
-    model = load_model(args.model)
-    task = tiny_task() if args.model == "lens-laai-tiny" else load_task(args.task)
-    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
-    splits = task.split(0, args.batch, min(10, len(task) - args.batch - 1))
     rows, losses = [], {}
     for shots in (0, 10):
         for path in ("naive", "fast"):
-            row, history = time_steps(model, splits, layer, shots, path == "fast", args.steps)
+            row, history = in_fresh_process(sys.argv[1:] if argv is None else argv, {"shots": shots, "fast": path == "fast"})
             rows.append({"prompts": f"{shots}-shot", "path": path, **row})
-            losses[(shots, path)] = history
+            losses[(shots, path)] = pd.Series(history)
+    layer = int(rows[0]["layer"])
+    model, splits = setup(args)
     table = pd.DataFrame(rows)
     diff = max(float((losses[(s, "fast")] - losses[(s, "naive")]).abs().max()) for s in (0, 10))
     result = summarise(table, diff, layer, args)
     if args.sweep_steps:
-        result.update(time_sweep(model, splits, args.sweep_steps))
+        result.update(time_sweep(model, splits, args.sweep_steps, _sweep_layers(args.sweep_layers, model.cfg.n_layers)))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\nratio (naive / fast seconds per step): zero-shot {result['ratio_zero_shot']:.1f}x, "
           f"10-shot {result['ratio_10_shot']:.1f}x; max |loss difference| {diff:.2e}")
     if args.sweep_steps:
-        print(f"layer sweep ({model.cfg.n_layers} layers x {args.sweep_steps} steps): naive "
+        print(f"layer sweep ({result['sweep_layers']} layers x {args.sweep_steps} steps): naive "
               f"{result['sweep_seconds_naive']:.1f}s, fast {result['sweep_seconds_fast']:.1f}s "
               f"({result['ratio_sweep']:.1f}x)")
     if args.out:
@@ -74,10 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def setup(args):
+    model = load_model(args.model)
+    task = tiny_task() if args.model == "lens-laai-tiny" else load_task(args.task)
+    return model, task.split(0, args.batch, min(10, len(task) - args.batch - 1))
+
+
+def in_fresh_process(argv: list[str], spec: dict) -> tuple[dict, list[float]]:
+    """Run one timing in a new interpreter, so its peak memory is its own."""
+    cmd = [sys.executable, __file__, *argv, "--_worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing worker failed ({spec}):\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return out["row"], out["history"]
+
+
+def worker(args) -> int:
+    spec = json.loads(args._worker)
+    model, splits = setup(args)
+    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
+    row, history = time_steps(model, splits, layer, spec["shots"], spec["fast"], args.steps)
+    print(json.dumps({"row": row, "history": history.tolist()}))
+    return 0
+
+
 def time_steps(model, splits, layer: int, shots: int, fast: bool, steps: int) -> tuple[dict, pd.Series]:
     """Median seconds per FISTA step, setup seconds, extra peak RSS and the loss trajectory."""
     cfg = FitConfig(layer=layer, shots=shots, steps=steps + 1, batch_size=len(splits.train), fast=fast)
     train = training_batches(model, splits.train, splits.train, cfg, PromptTemplate())
+    with torch.no_grad():  # warm-up: one-off buffers of a first forward are not the method's memory
+        model(train[0].input_ids[:1], attention_mask=train[0].attention_mask[:1])
     rss0 = _reset_peak_rss()
     t0 = time.perf_counter()
     runner = LayerRunner(model, train, layer, fast, CostMeter())
@@ -96,11 +128,11 @@ def time_steps(model, splits, layer: int, shots: int, fast: bool, steps: int) ->
     )
 
 
-def time_sweep(model, splits, steps: int) -> dict:
-    out = {}
+def time_sweep(model, splits, steps: int, layers: list[int] | None) -> dict:
+    out = {"sweep_layers": len(layers) if layers else model.cfg.n_layers, "sweep_steps": steps}
     for path in ("naive", "fast"):
         t0 = time.perf_counter()
-        result = fit(model, splits, "auto", steps=steps, fast=path == "fast", progress=False)
+        result = fit(model, splits, "auto", layers=layers, steps=steps, fast=path == "fast", progress=False)
         out[f"sweep_seconds_{path}"] = time.perf_counter() - t0
         out[f"sweep_forward_equivalents_{path}"] = result.forward_equivalents
     out["ratio_sweep"] = out["sweep_seconds_naive"] / out["sweep_seconds_fast"]
