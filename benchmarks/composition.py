@@ -33,28 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-l1", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--n-valid", type=int, default=30, help="composed validation pairs (weight choice)")
+    p.add_argument("--n-test", type=int, default=300, help="cap on composed (and single-task) test pairs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     start = time.perf_counter()
     model = load(args)
     layers = [int(x) for x in args.layers.split(",")]
     if args.quick or args.model == TINY:
-        layers, args.steps, args.n_train, args.n_valid = [l for l in layers if l < model.cfg.n_layers][:2] or [1], 3, 6, 4
+        layers, args.steps, args.n_train, args.n_valid, args.n_test = [l for l in layers if l < model.cfg.n_layers][:2] or [1], 3, 6, 4, 8
     first, second = get_task(args.first, args.data_dir, args.model), get_task(args.second, args.data_dir, args.model)
     if args.model == TINY:  # the tiny model's vocabulary: compose the tiny task with itself reversed
         second = Task("reverse", [(b, a) for a, b in first.pairs])
     composed_all = compose_tasks(first, second)
     fits = {}
     for task in (first, second):
-        splits = task.split(args.seed, args.n_train, min(40, len(task) - args.n_train - 1))
+        n_valid = min(40, len(task) - args.n_train - 2)
+        splits = task.split(args.seed, args.n_train, n_valid, min(args.n_test, len(task) - args.n_train - n_valid))
         fits[task.name] = fit(model, splits, "auto", layers=layers, group_l1=args.group_l1, steps=args.steps,
                               progress=not args.no_progress)
     composed = _held_out(composed_all, first, fits[first.name].splits.train, args)
     iv_a, iv_b = fits[first.name].intervention, fits[second.name].intervention
-    valid, test = composed.split(args.seed, 0, args.n_valid).valid, composed.split(args.seed, 0, args.n_valid).test
+    cut = composed.split(args.seed, 0, args.n_valid, min(args.n_test, len(composed) - args.n_valid))
+    valid, test = cut.valid, cut.test
     weights = max(itertools.product((0.5, 1.0, 1.5, 2.0), repeat=2),
                   key=lambda w: evaluate(model, valid, w[0] * iv_a + w[1] * iv_b, split="all").accuracy)
-    demos = composed.split(args.seed, 0, args.n_valid).valid
+    demos = valid
     rows = [
         ("zero-shot prompt", evaluate(model, test, split="all").accuracy),
         (f"Δ_{first.name} alone", evaluate(model, test, iv_a, split="all").accuracy),
