@@ -96,10 +96,10 @@ def evaluate(
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     rows: list[dict[str, Any]] = []
     batches = list(iter_batches(model.tokenizer, prompts, targets, batch_size))
+    if intervention is not None:
+        intervention.check_model(model)
+    hooks = intervention.fwd_hooks() if intervention is not None else []
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
-        hooks = intervention.fwd_hooks() if intervention is not None else []
-        if intervention is not None:
-            intervention.check_model(model)
         with torch.no_grad():
             logits = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)[:, -1]
         rows.extend(_rows(model, logits, batch))
