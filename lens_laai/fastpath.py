@@ -94,7 +94,17 @@ class LastTokenCache:
         return built
 
     def logits(self, fwd_hooks: list[tuple[str, Callable]] = ()) -> Float[Tensor, "batch vocab"]:
-        """Last-token logits with ``fwd_hooks`` active (e.g. an intervention's ``hook_z`` adder)."""
+        """Last-token logits with ``fwd_hooks`` active (e.g. an intervention's ``hook_z`` adder).
+
+        Hooks below block ``layer`` would never fire here (that computation is cached), so they
+        are refused rather than silently ignored.
+        """
+        for name, _ in fwd_hooks:
+            if _block_index(name) < self.layer:
+                raise ValueError(
+                    f"Hook {name!r} acts below block {self.layer}, which the last-token cache does not "
+                    "recompute; build the cache at a lower layer or use the full forward."
+                )
         hf = self.model.original_model
         backbone = hf.model
         h = self.resid
@@ -113,6 +123,14 @@ class LastTokenCache:
             fast = self.logits()
         scale = self.full_logits.abs().max().clamp(min=1.0)
         return bool(((fast - self.full_logits).abs().max() / scale) < 1e-4)
+
+
+def _block_index(hook_name: str) -> float:
+    """The block a hook name belongs to: -1 for embeddings, +inf for the final norm / unembedding."""
+    parts = hook_name.split(".")
+    if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1])
+    return -1 if parts[0] in ("embed", "hook_embed", "pos_embed", "hook_pos_embed") else float("inf")
 
 
 def _prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:

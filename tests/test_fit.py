@@ -143,3 +143,15 @@ def test_evaluate_many_matches_evaluate(tiny, task):
         single = evaluate(tiny, splits, iv, shots=2, seed=0, n_train=8, n_valid=4)
         assert row.accuracy == single.accuracy
         assert abs(row.mean_target_logprob - single.table.target_logprob.mean()) < 1e-4
+
+
+def test_last_token_cache_refuses_hooks_it_cannot_honour(tiny, task):
+    from lens_laai.fastpath import LastTokenCache
+
+    prompts, targets = k_shot_prompts(task, shots=0)
+    cache = LastTokenCache.build(tiny, make_batch(tiny.tokenizer, prompts[:4], targets[:4]), layer=1)
+    with pytest.raises(ValueError, match="acts below block 1"):
+        cache.logits([("blocks.0.attn.hook_z", lambda z, hook: z)])
+    with pytest.raises(ValueError, match="acts below block 1"):
+        cache.logits([("hook_embed", lambda x, hook: x)])
+    assert cache.logits([("blocks.2.hook_resid_post", lambda x, hook: x)]).shape == (4, len(tiny.tokenizer))
