@@ -170,5 +170,8 @@ def test_prompting_baseline_and_cost(tiny, splits):
     assert zero.n == few.n == len(splits.test)
     assert zero.accuracy == evaluate(tiny, splits, shots=0).accuracy
     assert prompting_cost(tiny, splits, 0) == 1.0 and prompting_cost(tiny, splits, 3) > 2.0
+    assert prompting_baseline(tiny, splits, 8).n == len(splits.test)  # test queries may use all 8 train pairs
+    with pytest.raises(TaskError, match="shots ≤ 8"):
+        prompting_baseline(tiny, splits, 9)
     with pytest.raises(TaskError, match="shots ≤ 7"):
-        prompting_baseline(tiny, splits, 8)
+        prompting_baseline(tiny, splits, 8, split="train")  # a train query is never its own demonstration

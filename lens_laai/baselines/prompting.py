@@ -26,15 +26,20 @@ from ..prompts import Batch, PromptTemplate, iter_batches, k_shot_prompts
 from ..tasks import Task, TaskError, TaskSplits
 
 
-def check_shots(splits: TaskSplits, shots: int) -> None:
-    """Raise :class:`TaskError` unless ``shots`` demonstrations can be drawn from the train split."""
+def check_shots(splits: TaskSplits, shots: int, split: str = "train") -> None:
+    """Raise :class:`TaskError` unless ``shots`` demonstrations can be drawn from the train split.
+
+    Queries from the train split never see themselves, so they need ``shots ≤ n_train - 1``;
+    queries from another split may use all ``n_train`` pairs.
+    """
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise TaskError(f"shots must be an integer ≥ 0, got {shots!r}.")
     n = len(splits.train)
-    if shots and shots > n - 1:
+    limit = n - 1 if split == "train" else n
+    if shots and shots > limit:
         raise TaskError(
             f"{shots}-shot prompts draw demonstrations from the train split, which has {n} pairs "
-            f"(a query is never its own demonstration): use shots ≤ {max(n - 1, 0)} or a larger n_train."
+            f"(a query is never its own demonstration): use shots ≤ {max(limit, 0)} or a larger n_train."
         )
 
 
@@ -49,7 +54,7 @@ def prompting_baseline(
     batch_size: int = 32,
 ) -> EvalResult:
     """Accuracy of plain k-shot prompting (demonstrations from the train split) on ``split``."""
-    check_shots(splits, shots)
+    check_shots(splits, shots, split)
     return evaluate(model, splits, shots=shots, split=split, demo_seed=demo_seed, template=template, batch_size=batch_size)
 
 
@@ -66,7 +71,7 @@ def prompting_cost(
 
     Multiply by the split size for the total; no fitting cost is involved.
     """
-    check_shots(splits, shots)
+    check_shots(splits, shots, split)
     part, demos = select_split(splits, split)
     meter = unit_meter(model, part, template, demos)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
