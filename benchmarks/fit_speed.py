@@ -3,11 +3,12 @@
 Measures, on one model and one batch of training prompts at a middle layer: median seconds per
 optimisation step (one FISTA step: gradient at the extrapolated point plus the sufficient-decrease
 check) for the full-forward path and the last-token fast path, on zero-shot and on 10-shot
-prompts; the extra peak memory (RSS growth, each timing in a fresh process) of each; the largest
-difference between the two loss trajectories; and a whole layer sweep on both paths. Prints a table and the ratios; with
-``--json`` the last line is one JSON object.
+prompts; the extra peak memory (RSS growth) of each; the largest difference between the two loss
+trajectories; and a whole layer sweep on both paths. Each timing runs in a fresh process, ``--repeats``
+times, interleaved across configurations; the table reports medians over repeats and the step-time
+spread. Prints the table and the ratios; with ``--json`` the last line is one JSON object.
 
-    python benchmarks/fit_speed.py                     # embedded SmolLM2-135M, ~12 minutes on 2 cores
+    python benchmarks/fit_speed.py                     # embedded SmolLM2-135M, ~8 minutes on 2 cores
     python benchmarks/fit_speed.py --model lens-laai-tiny --quick --json   # smoke test (seconds)
 """
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--layer", type=int, default=None, help="intervened layer (default: n_layers // 2)")
     p.add_argument("--sweep-steps", type=int, default=10, help="steps per layer in the layer-sweep timing")
-    p.add_argument("--quick", action="store_true", help="smoke settings: 2 steps, small batch, no sweep")
+    p.add_argument("--repeats", type=int, default=3, help="fresh-process timings per configuration (median reported)")
+    p.add_argument("--quick", action="store_true", help="smoke settings: 2 steps, small batch, no sweep, 1 repeat")
     p.add_argument("--json", action="store_true")
     p.add_argument("--sweep-layers", default="default",
                    help="layers of the sweep timing: 'all', 'default' (the CLI's default sweep) or a comma list")
@@ -50,17 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         return worker(args)
     if args.quick:
-        args.steps, args.batch, args.sweep_steps = 2, min(args.batch, 12), 0
+        args.steps, args.batch, args.sweep_steps, args.repeats = 2, min(args.batch, 12), 0, 1
 
-    rows, losses = [], {}
-    for shots in (0, 10):
-        for path in ("naive", "fast"):
-            row, history = in_fresh_process(sys.argv[1:] if argv is None else argv, {"shots": shots, "fast": path == "fast"})
-            rows.append({"prompts": f"{shots}-shot", "path": path, **row})
-            losses[(shots, path)] = pd.Series(history)
-    layer = int(rows[0]["layer"])
+    runs, losses = [], {}
+    for repeat in range(args.repeats):  # interleaved, so drift on a shared machine hits both paths alike
+        for shots in (0, 10):
+            for path in ("naive", "fast"):
+                row, history = in_fresh_process(sys.argv[1:] if argv is None else argv, {"shots": shots, "fast": path == "fast"})
+                runs.append({"prompts": f"{shots}-shot", "path": path, "repeat": repeat, **row})
+                losses[(shots, path)] = pd.Series(history)
+    layer = int(runs[0]["layer"])
     model, splits = setup(args)
-    table = pd.DataFrame(rows)
+    table = combine(pd.DataFrame(runs))
     diff = max(float((losses[(s, "fast")] - losses[(s, "naive")]).abs().max()) for s in (0, 10))
     result = summarise(table, diff, layer, args)
     if args.sweep_steps:
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def combine(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (prompts, path): medians over repeats, with the spread of the step time."""
+    keys = ["prompts", "path"]
+    table = runs.groupby(keys, sort=False).median(numeric_only=True).reset_index()
+    spread = runs.groupby(keys, sort=False).step_seconds.agg(["min", "max"]).reset_index()
+    table = table.merge(spread.rename(columns={"min": "step_seconds_min", "max": "step_seconds_max"}), on=keys)
+    table["fast_path_used"] = runs.groupby(keys, sort=False).fast_path_used.all().values
+    table["repeats"] = runs.groupby(keys, sort=False).size().values
+    return table.drop(columns=["repeat"])
 
 
 def setup(args):
@@ -141,11 +155,13 @@ def time_sweep(model, splits, steps: int, layers: list[int] | None) -> dict:
 
 def summarise(table: pd.DataFrame, diff: float, layer: int, args) -> dict:
     get = lambda shots, path, col: float(table[(table.prompts == f"{shots}-shot") & (table.path == path)][col].iloc[0])
-    res = {"model": args.model, "layer": layer, "batch": args.batch, "timed_steps": args.steps, "max_abs_loss_diff": diff}
+    res = {"model": args.model, "layer": layer, "batch": args.batch, "timed_steps": args.steps, "repeats": args.repeats,
+           "max_abs_loss_diff": diff}
     for shots, name in ((0, "zero_shot"), (10, "10_shot")):
         res[f"naive_step_seconds_{name}"] = get(shots, "naive", "step_seconds")
         res[f"fast_step_seconds_{name}"] = get(shots, "fast", "step_seconds")
         res[f"ratio_{name}"] = res[f"naive_step_seconds_{name}"] / res[f"fast_step_seconds_{name}"]
+        res[f"ratio_{name}_worst"] = get(shots, "naive", "step_seconds_min") / get(shots, "fast", "step_seconds_max")
         for path in ("naive", "fast"):
             mem = table[(table.prompts == f"{shots}-shot") & (table.path == path)]["extra_peak_mib"].iloc[0]
             res[f"{path}_extra_peak_mib_{name}"] = None if mem is None or pd.isna(mem) else float(mem)

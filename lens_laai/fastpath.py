@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from jaxtyping import Bool, Float
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from .intervention import hook_name
+from .kernels import LlamaLastToken, ZHook, last_token_cross_entropy, rotary_tables, unembed, unwrap
 from .prompts import Batch
 
 _warned: set[str] = set()
@@ -62,6 +65,8 @@ class LastTokenCache:
     position_ids: Tensor
     full_logits: Float[Tensor, "batch vocab"]
     model: TransformerBridge
+    kernel: LlamaLastToken | None = None
+    rotary: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def build(cls, model: TransformerBridge, batch: Batch, layer: int, check: bool = True) -> "LastTokenCache | None":
@@ -91,6 +96,7 @@ class LastTokenCache:
         if check and not built._reproduces_full_forward():
             warn_once(f"check:{type(hf).__name__}", "Fast last-token path disagrees with the full forward on this model; using the full forward.")
             return None
+        built._attach_kernel(check)
         return built
 
     def logits(self, fwd_hooks: list[tuple[str, Callable]] = ()) -> Float[Tensor, "batch vocab"]:
@@ -99,12 +105,46 @@ class LastTokenCache:
         Hooks below block ``layer`` would never fire here (that computation is cached), so they
         are refused rather than silently ignored.
         """
+        z_hooks = self._kernel_hooks(fwd_hooks)
+        if z_hooks is None:
+            return self._bridged_logits(fwd_hooks)
+        return unembed(self._kernel_hidden(z_hooks), *self._unembedding())
+
+    def cross_entropy(self, fwd_hooks: list[tuple[str, Callable]], targets: Int[Tensor, " batch"]) -> Float[Tensor, " batch"]:
+        """Per-row cross-entropy of the last-token logits against ``targets`` (fused on the kernel path)."""
+        z_hooks = self._kernel_hooks(fwd_hooks)
+        if z_hooks is None:
+            return F.cross_entropy(self._bridged_logits(fwd_hooks).float(), targets, reduction="none")
+        return last_token_cross_entropy(self._kernel_hidden(z_hooks), *self._unembedding(), targets)
+
+    def _kernel_hooks(self, fwd_hooks: list[tuple[str, Callable]]) -> dict[int, list[ZHook]] | None:
+        """Validate ``fwd_hooks``; ``{layer: [fn]}`` if the kernel can run them all, else ``None``."""
         for name, _ in fwd_hooks:
             if _block_index(name) < self.layer:
                 raise ValueError(
                     f"Hook {name!r} acts below block {self.layer}, which the last-token cache does not "
                     "recompute; build the cache at a lower layer or use the full forward."
                 )
+        if self.kernel is None:
+            return None
+        z_hooks: dict[int, list[ZHook]] = {}
+        for name, fn in fwd_hooks:
+            layer = _block_index(name)
+            if layer == float("inf") or name != hook_name(int(layer)):
+                return None
+            point = self.model.hook_dict.get(name)
+            z_hooks.setdefault(int(layer), []).append(lambda z, fn=fn, point=point: _call_hook(fn, z, point))
+        return z_hooks
+
+    def _kernel_hidden(self, z_hooks: dict[int, list[ZHook]]) -> Float[Tensor, "batch d_model"]:
+        assert self.kernel is not None and self.rotary is not None
+        return self.kernel.hidden(self.resid, self.rotary, self.prefix.keys, self.prefix.values, self.key_mask, z_hooks)
+
+    def _unembedding(self) -> tuple[Tensor, Tensor | None]:
+        head = unwrap(self.model.original_model.lm_head)
+        return head.weight, head.bias
+
+    def _bridged_logits(self, fwd_hooks: list[tuple[str, Callable]]) -> Float[Tensor, "batch vocab"]:
         hf = self.model.original_model
         backbone = hf.model
         h = self.resid
@@ -118,11 +158,33 @@ class LastTokenCache:
                 h = out[0] if isinstance(out, tuple) else out
             return hf.lm_head(backbone.norm(h))[:, -1]
 
+    def _attach_kernel(self, check: bool) -> None:
+        """Use the plain-tensor kernel if the architecture has one and it matches the bridge's blocks."""
+        hf = self.model.original_model
+        kernel = LlamaLastToken.for_model(hf, self.layer)
+        if kernel is None:
+            return
+        with torch.no_grad():
+            self.rotary = rotary_tables(*(t.detach() for t in hf.model.rotary_emb(self.resid, self.position_ids)))
+            self.kernel = kernel
+            if check and not _close(self.logits(), self.full_logits):
+                self.kernel = None
+                warn_once(f"kernel:{type(hf).__name__}", "The plain-tensor last-token kernel disagrees with the "
+                          "full forward on this model; using the bridge's blocks (same results, slower).")
+
     def _reproduces_full_forward(self) -> bool:
         with torch.no_grad():
-            fast = self.logits()
-        scale = self.full_logits.abs().max().clamp(min=1.0)
-        return bool(((fast - self.full_logits).abs().max() / scale) < 1e-4)
+            return _close(self._bridged_logits([]), self.full_logits)
+
+
+def _close(fast: Tensor, full: Tensor) -> bool:
+    scale = full.abs().max().clamp(min=1.0)
+    return bool(((fast - full).abs().max() / scale) < 1e-4)
+
+
+def _call_hook(fn: Callable, z: Tensor, point: Any) -> Tensor:
+    out = fn(z, hook=point)
+    return z if out is None else out
 
 
 def _block_index(hook_name: str) -> float:
@@ -204,6 +266,14 @@ class LayerRunner:
         self.meter.add(float(batch.attention_mask.sum()), n, backward)
         out = self.model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=fwd_hooks)
         return out[:, -1]
+
+    def cross_entropy(self, index: int, fwd_hooks: list[tuple[str, Callable]], backward: bool = False) -> Tensor:
+        """Summed cross-entropy of batch ``index``'s first target tokens (the fitting loss)."""
+        batch, cache = self.batches[index], self.caches[index]
+        if cache is not None:
+            self.meter.add(len(batch), self.model.cfg.n_layers - self.layer, backward)
+            return cache.cross_entropy(fwd_hooks, batch.target_ids).sum()
+        return F.cross_entropy(self.logits(index, fwd_hooks, backward).float(), batch.target_ids, reduction="sum")
 
     @torch.no_grad()
     def scores(self, fwd_hooks: list[tuple[str, Callable]]) -> tuple[float, float]:

@@ -281,8 +281,7 @@ def solve_layer(
             if cfg.objective == "sequence":
                 total = total + _sequence_ce(runner, batch, delta, backward) * len(batch)
             else:
-                logits = runner.logits(i, _hooks(runner.layer, delta), backward)
-                total = total + F.cross_entropy(logits.float(), batch.target_ids, reduction="sum")
+                total = total + runner.cross_entropy(i, _hooks(runner.layer, delta), backward)
         return total / n_rows
 
     def smooth_and_grad(y: Tensor) -> tuple[float, Tensor]:
