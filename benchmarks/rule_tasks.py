@@ -12,7 +12,8 @@ forward-pass equivalents (one full forward of one zero-shot prompt) and wall sec
 
 With --json the last line is a JSON list of rows {task, method, n, seed, accuracy,
 forward_equivalents, seconds}. --out-dir writes rule_tasks.csv / .md (mean ± std over seeds) and
-sample_efficiency.png; --resume skips rows already in the CSV.
+sample_efficiency.png, plus rule_tasks_n{n}.md (method × task) per n; --resume skips rows already
+in the CSV; --summarise-only rebuilds those files from the rows CSV without running anything.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="LAAI proximal steps per (layer, λ₂)")
     p.add_argument("--fv-prompts", type=int, default=16, help="shuffled-label prompts for the FV head search")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="rebuild the tables and figure in --out-dir from its rows CSV; run nothing")
     args = p.parse_args(argv)
+    if args.summarise_only:
+        return summarise_only(p, args)
     model = load(args)
     sizes, seeds = _ints(args.n), _ints(args.seeds)
     layers = [l for l in _ints(args.layers) if l < model.cfg.n_layers]
@@ -74,16 +79,31 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"task": task_name, "method": method, "n": n, "seed": seed, **row})
             if csv:
                 write_outputs(args.out_dir, "rule_tasks_rows", pd.DataFrame(rows), {"args": vars(args), "machine": machine()})
-    table = pd.DataFrame(rows)
+    report(pd.DataFrame(rows), args)
+    return 0
+
+
+def summarise_only(p, args) -> int:
+    csv = Path(args.out_dir or ".") / "rule_tasks_rows.csv"
+    if not args.out_dir or not csv.exists():
+        p.error(f"--summarise-only needs --out-dir with a rule_tasks_rows.csv in it (looked for {csv}).")
+    report(pd.read_csv(csv), args)
+    return 0
+
+
+def report(table: pd.DataFrame, args) -> None:
+    """Print the summary; with --out-dir write it, the method × task table per n, and the figure."""
     summary = summarise(table)
     print(to_markdown(summary))
-    if args.out_dir:
-        write_outputs(args.out_dir, "rule_tasks", summary, {"args": vars(args), "machine": machine()})
+    if args.out_dir and not table.empty:
+        meta = {"args": vars(args), "machine": machine()}
+        write_outputs(args.out_dir, "rule_tasks", summary, meta)
+        for n in sorted(table.n.unique()):
+            write_outputs(args.out_dir, f"rule_tasks_n{n}", by_method_and_task(table[table.n == n]), meta)
         plot(table, Path(args.out_dir) / "sample_efficiency.png")
     if args.json:
         keep = ["task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"]
         print(json.dumps(table[keep].to_dict("records")))
-    return 0
 
 
 def run_method(method: str, model, splits, n: int, layers: list[int], args) -> dict | None:
@@ -131,6 +151,17 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                 fit_forward_equivalents=("fit_forward_equivalents", "mean"), fit_seconds=("seconds", "mean")).reset_index()
     out["accuracy"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f}" for m, s in zip(out.accuracy_mean, out.accuracy_std)]
     return out[["task", "n", "method", "accuracy", "seeds", "fit_forward_equivalents", "fit_seconds"]]
+
+
+def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, one column per task: "mean ± std (seeds)" accuracy, plus mean fit cost."""
+    cells = table.groupby(["method", "task"], sort=False).accuracy.agg(["mean", "std", "count"]).reset_index()
+    cells["text"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f} ({c})" for m, s, c in zip(cells["mean"], cells["std"], cells["count"])]
+    wide = cells.pivot(index="method", columns="task", values="text")
+    wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))]
+    cost = table.groupby("method").fit_forward_equivalents.mean().round().astype(int)
+    wide["mean fit forward-equivalents"] = cost.reindex(wide.index).values
+    return wide.reset_index()
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:

@@ -35,6 +35,13 @@ def test_rule_tasks_smoke(capsys, tmp_path):
         assert set(row) == {"task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"}
         assert 0.0 <= row["accuracy"] <= 1.0
     assert (tmp_path / "rule_tasks.md").exists() and (tmp_path / "sample_efficiency.png").exists()
+    for name in ("rule_tasks.md", "rule_tasks_n4.md", "sample_efficiency.png"):
+        (tmp_path / name).unlink()
+    again = run_script("rule_tasks", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
+    assert again == rows, "--summarise-only rebuilds from the rows CSV, running nothing"
+    assert "| laai |" in (tmp_path / "rule_tasks_n4.md").read_text() and (tmp_path / "sample_efficiency.png").exists()
+    with pytest.raises(SystemExit):
+        run_script("rule_tasks", ["--summarise-only", "--out-dir", str(tmp_path / "empty")], capsys)
 
 
 def test_composition_smoke(capsys, tmp_path):
