@@ -11,7 +11,10 @@ The path needs a Hugging Face decoder with ``model.layers``, ``model.norm``,
 ``model.rotary_emb`` and ``lm_head`` (Llama, Mistral, Qwen2, SmolLM, …). On build it checks
 that it reproduces the full forward's last-token logits; if not, or if the architecture lacks
 those parts, :meth:`LastTokenCache.build` returns ``None`` with a one-time warning and callers
-use the full forward.
+use the full forward. For Llama-family models a step runs on :mod:`lens_laai.kernels` (plain
+tensor ops, fused cross-entropy) whenever every hook is a ``hook_z`` hook; that kernel is checked
+against the full forward and against the bridge's blocks under a random ``hook_z`` edit, and is
+dropped with a warning if either disagrees.
 """
 
 from __future__ import annotations
@@ -167,10 +170,19 @@ class LastTokenCache:
         with torch.no_grad():
             self.rotary = rotary_tables(*(t.detach() for t in hf.model.rotary_emb(self.resid, self.position_ids)))
             self.kernel = kernel
-            if check and not _close(self.logits(), self.full_logits):
+            if check and not self._kernel_matches_bridge():
                 self.kernel = None
                 warn_once(f"kernel:{type(hf).__name__}", "The plain-tensor last-token kernel disagrees with the "
                           "full forward on this model; using the bridge's blocks (same results, slower).")
+
+    def _kernel_matches_bridge(self) -> bool:
+        """Kernel vs full forward at Δ = 0, and kernel vs the bridge's blocks under a random ``hook_z`` edit."""
+        if not _close(self.logits(), self.full_logits):
+            return False
+        cfg = self.model.cfg
+        noise = torch.randn(cfg.n_heads, cfg.d_head, generator=torch.Generator().manual_seed(0)).to(self.resid)
+        probe = [(hook_name(self.layer), lambda z, hook: z + noise)]
+        return _close(self.logits(probe), self._bridged_logits(probe))
 
     def _reproduces_full_forward(self) -> bool:
         with torch.no_grad():

@@ -90,3 +90,13 @@ def test_kernel_declines_architectures_it_does_not_know(tiny):
 
     assert LlamaLastToken.for_model(Model(), 0) is None
     assert LlamaLastToken.for_model(tiny.original_model, 1) is not None
+
+
+def test_kernel_that_mishandles_hook_z_is_caught_by_the_probe(tiny, task, monkeypatch):
+    fastpath._warned.clear()
+    monkeypatch.setattr(fastpath, "_call_hook", lambda fn, z, point: z)  # hooks silently ignored
+    with pytest.warns(RuntimeWarning, match="kernel disagrees"):
+        cache, batch = _cache(tiny, task)
+    assert cache.kernel is None
+    delta = torch.ones(tiny.cfg.n_heads, tiny.cfg.d_head)
+    assert not torch.allclose(cache.logits([(hook_name(1), delta_hook(delta))]), cache.full_logits, atol=1e-3)
