@@ -178,10 +178,11 @@ def last_token_cross_entropy(
 ) -> Float[Tensor, " batch"]:
     """Per-row cross-entropy of ``unembed(h)`` against ``targets``, differentiable in ``h`` only.
 
-    With a gradient wanted (and float32 weights) the forward pass also computes the gradient in
-    the same sweep over ``weight``, chunk by chunk; otherwise this is the plain computation.
+    With a gradient wanted (float32 weights, on CPU, where reading ``weight`` twice is what costs)
+    the forward pass also computes the gradient in the same sweep over ``weight``, chunk by chunk;
+    otherwise this is the plain computation.
     """
-    fused = torch.is_grad_enabled() and h.requires_grad and weight.dtype == torch.float32
+    fused = torch.is_grad_enabled() and h.requires_grad and weight.dtype == torch.float32 and h.device.type == "cpu"
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     if not (fused and frozen):
         return F.cross_entropy(unembed(h, weight, bias).float(), targets, reduction="none")
