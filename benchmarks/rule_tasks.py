@@ -158,7 +158,7 @@ def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
     cells = table.groupby(["method", "task"], sort=False).accuracy.agg(["mean", "std", "count"]).reset_index()
     cells["text"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f} ({c})" for m, s, c in zip(cells["mean"], cells["std"], cells["count"])]
     wide = cells.pivot(index="method", columns="task", values="text")
-    wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))]
+    wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))].fillna("–")
     cost = table.groupby("method").fit_forward_equivalents.mean().round().astype(int)
     wide["mean fit forward-equivalents"] = cost.reindex(wide.index).values
     return wide.reset_index()
