@@ -182,6 +182,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
         ax.set(title=task, xlabel="training examples n", ylabel="test accuracy", xscale="log")
         ax.set_xticks(sorted(table.n.unique()), [str(n) for n in sorted(table.n.unique())])
+        ax.minorticks_off()
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
