@@ -20,7 +20,7 @@ dropped with a warning if either disagrees.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -70,6 +70,7 @@ class LastTokenCache:
     model: TransformerBridge
     kernel: LlamaLastToken | None = None
     rotary: tuple[Tensor, Tensor] | None = None
+    hook_points: dict[str, Any] = field(default_factory=dict)  # the model's ``hook_dict`` is rebuilt per access
 
     @classmethod
     def build(cls, model: TransformerBridge, batch: Batch, layer: int, check: bool = True) -> "LastTokenCache | None":
@@ -135,7 +136,9 @@ class LastTokenCache:
             layer = _block_index(name)
             if layer == float("inf") or name != hook_name(int(layer)):
                 return None
-            point = self.model.hook_dict.get(name)
+            if name not in self.hook_points:
+                self.hook_points[name] = self.model.hook_dict.get(name)
+            point = self.hook_points[name]
             z_hooks.setdefault(int(layer), []).append(lambda z, fn=fn, point=point: _call_hook(fn, z, point))
         return z_hooks
 
