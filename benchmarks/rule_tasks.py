@@ -3,9 +3,11 @@
 For each task, seed and training size n, the seed fixes one test set (≥ 200 pairs where the data
 allows) and one validation set shared by all n; the first n pairs of the seed's training pool are
 the examples every method may use. Methods: zero-shot and k-shot prompting (k = 5, 10; k ≤ n),
-Function Vectors, mean difference on hook_z, LAAI without the Lasso terms (λ₁ = λ₂ = 0) and LAAI
-(layer and λ₂ chosen on validation). Metric: top-1 accuracy of the target's first token. Cost:
-forward-pass equivalents (one full forward of one zero-shot prompt) and wall seconds of fitting.
+Function Vectors (the paper's unscaled vector, and "scaled": its scale chosen on validation from
+1, 2, 4, 8, as mean difference chooses its α), mean difference on hook_z, LAAI without the Lasso
+terms (λ₁ = λ₂ = 0) and LAAI (layer and λ₂ chosen on validation). Metric: top-1 accuracy of the
+target's first token. Cost: forward-pass equivalents (one full forward of one zero-shot prompt) and
+wall seconds of fitting.
 
     python benchmarks/rule_tasks.py --data-dir ../shared/datasets/function_vectors --out-dir docs/results
     python benchmarks/rule_tasks.py --model lens-laai-tiny --quick --json
@@ -32,7 +34,9 @@ from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser,
 from lens_laai import evaluate, fit  # noqa: E402
 from lens_laai.baselines import fit_function_vector, fit_mean_difference, prompting_cost  # noqa: E402
 
-METHODS = ["zero-shot", "5-shot", "10-shot", "function-vector", "mean-difference", "laai-no-lasso", "laai"]
+METHODS = ["zero-shot", "5-shot", "10-shot", "function-vector", "function-vector-scaled", "mean-difference",
+           "laai-no-lasso", "laai"]
+FV_SCALES = {"function-vector": (1.0,), "function-vector-scaled": (1.0, 2.0, 4.0, 8.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +122,10 @@ def run_method(method: str, model, splits, n: int, layers: list[int], args) -> d
             return None
         acc = evaluate(model, splits, shots=k).accuracy
         return _row(acc, prompting_cost(model, splits, shots=k) * n_test, 0.0, n_test, fit_fe=0.0, extra=f"k={k}")
-    if method == "function-vector":
+    if method in FV_SCALES:
         res = fit_function_vector(model, splits, top_k=10, layers=layers, shots=shots, n_prompts=args.fv_prompts,
-                                  progress=progress)
-        iv, extra = res.intervention, f"layer={res.layer} heads={len(res.heads)}"
+                                  scales=FV_SCALES[method], progress=progress)
+        iv, extra = res.intervention, f"layer={res.layer} scale={res.scale:g} heads={len(res.heads)}"
         fit_fe = res.forward_equivalents
     elif method == "mean-difference":
         res = fit_mean_difference(model, splits, "auto", layers=layers, shots=shots, progress=progress)
@@ -154,13 +158,18 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per method, one column per task: "mean ± std (seeds)" accuracy, plus mean fit cost."""
+    """One row per method, one column per task: "mean ± std (seeds)" accuracy, plus mean fit cost.
+
+    The cost columns average over every row of the method; rows without seconds (blank) are skipped.
+    """
     cells = table.groupby(["method", "task"], sort=False).accuracy.agg(["mean", "std", "count"]).reset_index()
     cells["text"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f} ({c})" for m, s, c in zip(cells["mean"], cells["std"], cells["count"])]
     wide = cells.pivot(index="method", columns="task", values="text")
     wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))].fillna("–")
     cost = table.groupby("method").fit_forward_equivalents.mean().round().astype(int)
     wide["mean fit forward-equivalents"] = cost.reindex(wide.index).values
+    seconds = table.groupby("method").seconds.mean().round(1)
+    wide["mean fit seconds"] = seconds.reindex(wide.index).values
     return wide.reset_index()
 
 

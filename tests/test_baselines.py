@@ -141,6 +141,8 @@ def test_fit_function_vector_end_to_end(tiny, splits):
     assert len(result.sweep) == 6 and len(result.heads) == 3 and result.fast_path and result.scale in (1.0, 3.0)
     unscaled = function_vector(tiny, result.mean_acts, result.cie, top_k=3)
     assert torch.allclose(result.intervention.vector, result.scale * unscaled)
+    assert result.valid_accuracy == result.sweep.valid_accuracy.max(), "the scale is chosen on validation"
+    assert result.valid_accuracy >= result.sweep[result.sweep.scale == 1.0].valid_accuracy.max()
     assert result.forward_equivalents > 0 and result.seconds > 0
     scored = evaluate(tiny, splits, result.intervention)
     assert scored.n == len(splits.test) and 0.0 <= scored.accuracy <= 1.0

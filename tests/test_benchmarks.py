@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
@@ -30,7 +31,8 @@ def test_fit_speed_smoke(capsys):
 
 def test_rule_tasks_smoke(capsys, tmp_path):
     rows = run_script("rule_tasks", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
-    assert {r["method"] for r in rows} >= {"zero-shot", "5-shot", "function-vector", "mean-difference", "laai", "laai-no-lasso"}
+    assert {r["method"] for r in rows} >= {"zero-shot", "5-shot", "function-vector", "function-vector-scaled", "mean-difference",
+                                            "laai", "laai-no-lasso"}
     for row in rows:
         assert set(row) == {"task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"}
         assert 0.0 <= row["accuracy"] <= 1.0
@@ -42,6 +44,24 @@ def test_rule_tasks_smoke(capsys, tmp_path):
     assert "| laai |" in (tmp_path / "rule_tasks_n4.md").read_text() and (tmp_path / "sample_efficiency.png").exists()
     with pytest.raises(SystemExit):
         run_script("rule_tasks", ["--summarise-only", "--out-dir", str(tmp_path / "empty")], capsys)
+
+
+def test_method_by_task_table_averages_seeds_and_skips_blank_seconds():
+    spec = importlib.util.spec_from_file_location("rule_tasks", BENCH / "rule_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = pd.DataFrame([
+        {"task": "antonym", "method": "laai", "n": 5, "seed": 0, "accuracy": 0.2, "fit_forward_equivalents": 100.0, "seconds": 10.0},
+        {"task": "antonym", "method": "laai", "n": 5, "seed": 1, "accuracy": 0.4, "fit_forward_equivalents": 300.0, "seconds": float("nan")},
+        {"task": "synonym", "method": "laai", "n": 5, "seed": 0, "accuracy": 0.1, "fit_forward_equivalents": 200.0, "seconds": 30.0},
+        {"task": "antonym", "method": "zero-shot", "n": 5, "seed": 0, "accuracy": 0.0, "fit_forward_equivalents": 0.0, "seconds": 0.0},
+    ])
+    wide = module.by_method_and_task(rows).set_index("method")
+    assert list(wide.index) == ["zero-shot", "laai"], "rows follow METHODS order"
+    assert wide.loc["laai", "antonym"] == "0.300 ± 0.141 (2)"
+    assert wide.loc["zero-shot", "synonym"] == "–", "a cell not run is a dash, not a zero"
+    assert wide.loc["laai", "mean fit forward-equivalents"] == 200
+    assert wide.loc["laai", "mean fit seconds"] == 20.0, "a blank seconds row is left out of the mean"
 
 
 def test_composition_smoke(capsys, tmp_path):
