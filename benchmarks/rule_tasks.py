@@ -168,7 +168,7 @@ def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
     wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))].fillna("–")
     cost = table.groupby("method").fit_forward_equivalents.mean().round().astype(int)
     wide["mean fit forward-equivalents"] = cost.reindex(wide.index).values
-    seconds = table.groupby("method").seconds.mean().round(1)
+    seconds = table.groupby("method").seconds.mean().round().astype("Int64")
     wide["mean fit seconds"] = seconds.reindex(wide.index).values
     return wide.reset_index()
 
