@@ -10,10 +10,15 @@ import pytest
 BENCH = Path(__file__).parents[1] / "benchmarks"
 
 
-def run_script(name: str, argv: list[str], capsys) -> object:
+def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, argv: list[str], capsys) -> object:
+    module = load_script(name)
     assert module.main(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -47,9 +52,7 @@ def test_rule_tasks_smoke(capsys, tmp_path):
 
 
 def test_method_by_task_table_averages_seeds_and_skips_blank_seconds():
-    spec = importlib.util.spec_from_file_location("rule_tasks", BENCH / "rule_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("rule_tasks")
     rows = pd.DataFrame([
         {"task": "antonym", "method": "laai", "n": 5, "seed": 0, "accuracy": 0.2, "fit_forward_equivalents": 100.0, "seconds": 10.0},
         {"task": "antonym", "method": "laai", "n": 5, "seed": 1, "accuracy": 0.4, "fit_forward_equivalents": 300.0, "seconds": float("nan")},
