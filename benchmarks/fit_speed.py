@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from lens_laai import FitConfig, fit, load_model, load_task
-from lens_laai.cli import _sweep_layers
+from lens_laai.fit import parse_layers
 from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.fit import solve_layer, training_batches
 from lens_laai.prompts import PromptTemplate
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     diff = max(float((losses[(s, "fast")] - losses[(s, "naive")]).abs().max()) for s in (0, 10))
     result = summarise(table, diff, layer, args)
     if args.sweep_steps:
-        result.update(time_sweep(model, splits, args.sweep_steps, _sweep_layers(args.sweep_layers, model.cfg.n_layers)))
+        result.update(time_sweep(model, splits, args.sweep_steps, parse_layers(args.sweep_layers, model.cfg.n_layers)))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\nratio (naive / fast seconds per step): zero-shot {result['ratio_zero_shot']:.1f}x, "
           f"10-shot {result['ratio_10_shot']:.1f}x; max |loss difference| {diff:.2e}")

@@ -7,15 +7,18 @@ fitted on a few examples with a sparse-group-lasso penalty so that whole heads s
 
 __version__ = "0.1.0"
 
+from .errors import FitError, InterventionError, LensLaaiError, ModelError, SaveError, TaskError
 from .evaluate import EvalResult, evaluate, evaluate_many, generate
-from .fit import FitConfig, FitResult, fit, fit_path
-from .intervention import HeadIntervention, InterventionError
+from .fit import FitConfig, FitResult, default_layers, fit, fit_path
+from .intervention import HeadIntervention
 from .models import load_model
 from .prompts import PromptTemplate
-from .tasks import Task, TaskError, TaskSplits, bundled_tasks, compose_tasks, load_task
+from .protocol import Intervention, load_intervention
+from .tasks import Task, TaskSplits, bundled_tasks, compose_tasks, load_task
 
 __all__ = [
-    "EvalResult", "FitConfig", "FitResult", "HeadIntervention", "InterventionError", "PromptTemplate",
-    "Task", "TaskError", "TaskSplits", "__version__", "bundled_tasks", "compose_tasks", "evaluate", "evaluate_many",
-    "fit", "fit_path", "generate", "load_model", "load_task",
+    "EvalResult", "FitConfig", "FitError", "FitResult", "HeadIntervention", "Intervention", "InterventionError",
+    "LensLaaiError", "ModelError", "PromptTemplate", "SaveError", "Task", "TaskError", "TaskSplits", "__version__",
+    "bundled_tasks", "compose_tasks", "default_layers", "evaluate", "evaluate_many", "fit", "fit_path", "generate",
+    "load_intervention", "load_model", "load_task",
 ]

@@ -11,25 +11,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
 import pandas as pd
 
+from .errors import LensLaaiError
 from .fit import FitConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input prints ``lens-laai CMD: error: ...`` (and ``{"error": ...}`` with --json), exit 2."""
     args = _parser().parse_args(argv)
-    from .intervention import InterventionError
-    from .tasks import TaskError
-
+    original = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
-    except (TaskError, InterventionError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"lens-laai {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except LensLaaiError as err:
+        return _fail(args, str(err), 2)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; nothing was saved", 130)
+    finally:
+        warnings.formatwarning = original
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"lens-laai {args.command}: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "command": args.command}))
+    return code
+
+
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    return f"lens-laai: warning: {message}\n"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit an intervention on a task and report held-out accuracy")
     _task_args(f)
+    f.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
     f.add_argument("--layer", default="auto", help="layer index, or 'auto' to pick on validation (default)")
     f.add_argument("--layers", default="default",
                    help="layers the auto sweep tries: comma list, 'all', or 'default' (every 3rd layer in the middle 70%%)")
@@ -50,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=FitConfig.steps)
     f.add_argument("--lr", type=float, default=FitConfig.lr)
     f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
-    f.add_argument("--out", required=True, help="directory to save the intervention in")
+    _out_args(f)
     f.set_defaults(func=_fit)
 
     e = sub.add_parser("eval", help="accuracy of the model, with or without an intervention")
@@ -58,15 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--intervention", default=None, help="a saved intervention directory")
     e.add_argument("--shots", type=int, default=0)
     e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
+    e.add_argument("--seed", type=int, default=None,
+                   help="split seed (default 0; with --intervention, read from it: a different value is an error)")
     e.add_argument("--n-train", type=int, default=None)
     e.add_argument("--n-valid", type=int, default=None)
+    e.add_argument("--strict", action="store_true", help="refuse a model whose weights differ from the fitted one's")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser("compose", help="weighted sum of saved interventions")
     c.add_argument("interventions", nargs="+", help="saved intervention directories")
     c.add_argument("--weights", default=None, help="comma list, one per intervention (default: all 1)")
-    c.add_argument("--out", required=True)
     c.add_argument("--json", action="store_true")
+    _out_args(c)
     c.set_defaults(func=_compose)
     return p
 
@@ -75,9 +96,14 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="bundled task name (antonym, synonym, english-french, english-german)")
     p.add_argument("--task-file", default=None, help="a Function Vectors-format JSON file; overrides --task")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a hub name or a local dir")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to save the intervention in (new, or one of our saves)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing directory that is not a lens_laai save (nothing in it is deleted)")
 
 
 def _load_task(args: argparse.Namespace):
@@ -90,36 +116,29 @@ def _load_task(args: argparse.Namespace):
     return load_task(args.task)
 
 
-def _sweep_layers(spec: str, n_layers: int) -> list[int] | None:
-    if spec == "all":
-        return None
-    if spec == "default":
-        lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
-        return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layers must be 'all', 'default' or a comma list of integers, got {spec!r}.") from None
-
-
 def _fit(args: argparse.Namespace) -> int:
+    from .baselines._common import check_shots
     from .evaluate import evaluate
-    from .fit import fit
+    from .fit import fit, parse_layers
+    from .io import check_save_path
     from .models import load_model
 
     start = time.perf_counter()
     task = _load_task(args)
-    model = load_model(args.model)
     layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
     splits = task.split(args.seed, args.n_train, args.n_valid, args.n_test)
-    result = fit(model, splits, layer, layers=_sweep_layers(args.layers, model.cfg.n_layers), l1=args.l1,
-                 group_l1=_floats(args.group_l1, "--group-l1"), steps=args.steps, lr=args.lr, seed=args.seed, progress=not args.no_progress)
-    result.intervention.save(args.out)
+    if not args.no_baselines:
+        check_shots(splits, 5, "test")
+    check_save_path(args.out, force=args.force)
+    model = load_model(args.model)
+    result = fit(model, splits, layer, layers=parse_layers(args.layers, model.cfg.n_layers), l1=args.l1,
+                 group_l1=_floats(args.group_l1, "--group-l1"), steps=args.steps, lr=args.lr, progress=not args.no_progress)
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
     zero = few = None
     if not args.no_baselines:
         zero = evaluate(model, splits, shots=0, progress=not args.no_progress).accuracy
         few = evaluate(model, splits, shots=5, progress=not args.no_progress).accuracy
+    result.intervention.save(args.out, force=args.force)
     summary = {
         "task": task.name, "model": args.model, "layer": result.layer,
         "selected_heads": [list(h) for h in result.selected_heads],
@@ -153,13 +172,15 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .intervention import HeadIntervention
     from .models import load_model
+    from .protocol import load_intervention
 
     task = _load_task(args)
+    if args.intervention is None and args.strict:
+        raise LensLaaiError("--strict checks an intervention against the model; give --intervention too.")
     model = load_model(args.model)
-    iv = HeadIntervention.load(args.intervention, model=model) if args.intervention else None
-    result = evaluate(model, task, iv, shots=args.shots, split=args.split, seed=args.seed if iv is None else None,
+    iv = load_intervention(args.intervention, model, strict=args.strict) if args.intervention else None
+    result = evaluate(model, task, iv, shots=args.shots, split=args.split, seed=args.seed,
                       n_train=args.n_train, n_valid=args.n_valid, progress=not args.no_progress)
     out = {"task": task.name, "accuracy": result.accuracy, "n": result.n, "shots": args.shots,
            "intervention": args.intervention, "split": args.split, "seconds": round(result.seconds, 2)}
@@ -172,20 +193,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compose(args: argparse.Namespace) -> int:
-    from .intervention import HeadIntervention
+    from .io import check_save_path
+    from .protocol import load_intervention
 
-    ivs = [HeadIntervention.load(p) for p in args.interventions]
-    weights = [1.0] * len(ivs) if args.weights is None else [_float(w, "--weights") for w in args.weights.split(",")]
-    if len(weights) != len(ivs):
-        raise ValueError(f"--weights has {len(weights)} values for {len(ivs)} interventions; give one each.")
+    weights = [1.0] * len(args.interventions) if args.weights is None else [_float(w, "--weights") for w in args.weights.split(",")]
+    if len(weights) != len(args.interventions):
+        raise LensLaaiError(f"--weights has {len(weights)} values for {len(args.interventions)} interventions; give one each.")
+    check_save_path(args.out, force=args.force)
+    ivs = [load_intervention(p) for p in args.interventions]
     total = weights[0] * ivs[0]
     for w, iv in zip(weights[1:], ivs[1:]):
         total = total + w * iv
-    total.metadata = {"name": "+".join(iv.metadata.get("name", "?") for iv in ivs), "composed_from": list(args.interventions),
-                      "weights": weights}
-    total.save(args.out)
-    out = {"out": args.out, "layers": total.layers, "selected_heads": [list(h) for h in total.selected_heads()]}
-    print(json.dumps(out) if args.json else f"saved {args.out}: layers {total.layers}, {len(out['selected_heads'])} heads")
+    total.metadata.update(composed_from=list(args.interventions), weights=weights)
+    total.save(args.out, force=args.force)
+    heads = [list(h) for h in total.selected_heads()] if hasattr(total, "selected_heads") else []
+    out = {"out": args.out, "layers": total.layers, "selected_heads": heads}
+    print(json.dumps(out) if args.json else f"saved {args.out}: layers {total.layers}, {len(heads)} heads")
     return 0
 
 
@@ -193,19 +216,24 @@ def _int(text: str, flag: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{flag} must be an integer or 'auto', got {text!r}.") from None
+        raise LensLaaiError(f"{flag} must be an integer or 'auto', got {text!r}.") from None
 
 
 def _floats(text: str, flag: str) -> float | list[float]:
     values = [_float(v, flag) for v in text.split(",") if v.strip()]
+    if not values:
+        raise LensLaaiError(f"{flag} needs at least one number, got {text!r}.")
     return values[0] if len(values) == 1 else values
 
 
 def _float(text: str, flag: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValueError(f"{flag} must be numbers, got {text!r}.") from None
+        raise LensLaaiError(f"{flag} must be numbers, got {text!r}.") from None
+    if not math.isfinite(value):
+        raise LensLaaiError(f"{flag} must be finite numbers, got {text!r}.")
+    return value
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .intervention import hook_name
 from .kernels import LlamaLastToken, ZHook, last_token_cross_entropy, rotary_tables, unembed, unwrap
 from .prompts import Batch
+from .scoring import score_logits
 
 _warned: set[str] = set()
 REQUIRED_PARTS = ("layers", "norm", "rotary_emb")  # of the HF backbone, besides ``lm_head``
@@ -246,6 +247,11 @@ class CostMeter:
         self.prompt_token_layers += float(batch.attention_mask.sum()) * n_layers
         self.prompts += len(batch)
 
+    def merge(self, other: "CostMeter") -> None:
+        """Charge ``other``'s compute to this meter (in this meter's unit) and zero ``other``'s count."""
+        self.token_layers += other.token_layers
+        other.token_layers = 0.0
+
     def forward_equivalents(self) -> float:
         per_prompt = self.prompt_token_layers / max(self.prompts, 1)
         return self.token_layers / per_prompt if per_prompt else 0.0
@@ -295,8 +301,8 @@ class LayerRunner:
         """Top-1 accuracy and mean cross-entropy of the first target token over all batches."""
         correct, ce, n = 0, 0.0, 0
         for i, batch in enumerate(self.batches):
-            logits = self.logits(i, fwd_hooks).float()
-            correct += int((logits.argmax(-1) == batch.target_ids).sum())
-            ce += float(torch.nn.functional.cross_entropy(logits, batch.target_ids, reduction="sum"))
+            s = score_logits(self.logits(i, fwd_hooks), batch.target_ids)
+            correct += int(s.correct.sum())
+            ce += float(s.cross_entropy.sum())
             n += len(batch)
         return correct / n, ce / n

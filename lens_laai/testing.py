@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .models import freeze
+from .bridge import freeze
 from .tasks import Task
 
 TINY_PAIRS: list[tuple[str, str]] = [

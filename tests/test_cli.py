@@ -46,7 +46,7 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
      (["fit", "--task", "antonym", "--layer", "9", "--out", "x", *TINY], "out of range"),
      (["fit", "--task", "antonym", "--layer", "two", "--out", "x", *TINY], "--layer must be an integer"),
      (["fit", "--task", "antonym", "--group-l1", "nan", "--out", "x", *TINY], "finite"),
-     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved HeadIntervention")],
+     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved intervention")],
 )
 def test_bad_inputs_exit_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2

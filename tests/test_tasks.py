@@ -35,7 +35,7 @@ def test_loader_reads_function_vectors_format(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [("", "not valid"), ("[]", "non-empty"), ('{"input": "a"}', "non-empty JSON list"),
-     ('[{"input": "a"}]', "needs both"), ('[{"input": "a", "output": ""}]', "non-empty input")],
+     ('[{"input": "a"}]', "needs both"), ('[{"input": "a", "output": ""}]', "non-empty strings")],
 )
 def test_bad_task_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -40,11 +40,12 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from ..fastpath import CostMeter
 from ..intervention import hook_name
-from ..models import model_fingerprint, model_name
-from ..prompts import Batch, PromptTemplate, iter_batches, k_shot_prompts, make_batch
+from ..bridge import model_fingerprint, model_name
+from ..provenance import fit_metadata
+from ..prompts import Batch, PromptTemplate, k_shot_prompts, model_batches, make_batch
 from ..tasks import Task, TaskError, TaskSplits
 from .residual import ResidualIntervention
-from .prompting import check_shots, count_forward, runner_for, runner_scores, settle, unit_meter
+from ._common import check_shots, count_forward, runner_for, unit_meter
 
 def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
     """``layers`` checked against the model (default: all layers), sorted and de-duplicated."""
@@ -102,7 +103,7 @@ def shuffled_label_batch(
             rng.shuffle(perm)
         prompts.append(template.render(x, [(demos[j][0], demos[perm[j]][1]) for j in range(shots)]))
         targets.append(template.target(y))
-    return make_batch(model.tokenizer, prompts, targets)
+    return make_batch(model.tokenizer, prompts, targets, template.prepend_bos, model.cfg.n_ctx)
 
 
 @torch.no_grad()
@@ -139,11 +140,11 @@ def causal_indirect_effect(
     for layer, head in tqdm(list(product(layers, range(model.cfg.n_heads))), desc="CIE", disable=not progress):
         probs = _target_probs(runner.logits(0, [(hook_name(layer), _patcher(head, mean_acts[layer, head]))]), batch)
         rows.append({"layer": layer, "head": head, "cie": float((probs - base).mean())})
-    settle(own, runner)
+    own.merge(runner.meter)
     table = pd.DataFrame(rows, columns=["layer", "head", "cie"])
     table.attrs.update(forward_passes=len(rows) + 2, forward_equivalents=own.forward_equivalents(), fast_path=runner.is_fast)
     if meter is not None:
-        meter.token_layers += own.token_layers
+        meter.merge(own)
     return table
 
 
@@ -218,30 +219,29 @@ def fit_function_vector(
         raise TaskError("fit_function_vector picks its layer on the validation split, which is empty; use n_valid ≥ 1.")
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
-    clean = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size))
+    clean = model_batches(model, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size, template)
     mean_acts = mean_head_activations(model, clean, cie_layers)
     count_forward(meter, clean, model.cfg.n_layers)
     cie = causal_indirect_effect(model, splits, mean_acts, n_prompts, shots, seed, cie_layers,
                                  template=template, meter=meter, progress=progress)
     vector = function_vector(model, mean_acts, cie, top_k)
-    valid = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size))
+    valid = model_batches(model, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size, template)
     runner = runner_for(model, valid, add_layers[0])
     fp, name = model_fingerprint(model), model_name(model)
     rows, best = [], None
     for layer in tqdm(add_layers, desc="FV layers", disable=not progress):
         for scale in scales:
-            acc, ce = runner_scores(runner, ResidualIntervention(float(scale) * vector, layer, name, fp).fwd_hooks())
+            acc, ce = runner.scores(ResidualIntervention(float(scale) * vector, layer, name, fp).fwd_hooks())
             rows.append({"layer": layer, "scale": float(scale), "valid_accuracy": acc, "valid_ce": ce})
             if best is None or (acc, -ce) > best[0]:
                 best = ((acc, -ce), layer, float(scale))
-    settle(meter, runner)
+    meter.merge(runner.meter)
     (valid_acc, _), layer, scale = best
     heads = top_heads(cie, top_k)
     config = {"method": "function_vector", "seed": splits.seed, "n_train": len(splits.train), "n_valid": len(splits.valid),
               "n_test": len(splits.test), "shots": shots, "top_k": top_k, "n_prompts": n_prompts, "prompt_seed": seed,
               "scales": [float(a) for a in scales], "layers": add_layers, "cie_layers": cie_layers}
-    metadata: dict[str, Any] = {"name": splits.train.name, "task": splits.train.name, "data_hash": splits.train.data_hash(),
-                                "fit_config": config, "heads": [list(h) for h in heads], "scale": scale, "valid_accuracy": valid_acc}
+    metadata = fit_metadata(splits, None, template, config, heads=[list(h) for h in heads], scale=scale, valid_accuracy=valid_acc)
     return FunctionVectorResult(
         ResidualIntervention(scale * vector, layer, name, fp, "last", metadata), layer, scale, valid_acc, heads, pd.DataFrame(rows),
         cie, mean_acts, time.perf_counter() - start, meter.forward_equivalents(), bool(cie.attrs["fast_path"] and runner.is_fast),

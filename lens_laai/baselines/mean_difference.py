@@ -38,11 +38,12 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from ..intervention import HeadIntervention
-from ..models import model_fingerprint, model_name
-from ..prompts import PromptTemplate, iter_batches, k_shot_prompts
+from ..bridge import model_fingerprint, model_name
+from ..provenance import fit_metadata
+from ..prompts import PromptTemplate, k_shot_prompts, model_batches
 from ..tasks import TaskError, TaskSplits
 from .function_vectors import candidate_layers, last_token_z
-from .prompting import check_shots, count_forward, runner_for, runner_scores, settle, unit_meter
+from ._common import check_shots, count_forward, runner_for, unit_meter
 
 SelectBy = Literal["norm", "separation"]
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -130,10 +131,10 @@ def fit_mean_difference(
     meter = unit_meter(model, splits.train, template)
     per_shots = {}
     for k in (0, shots):
-        batches = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.train, k, splits.train, seed, template), batch_size))
+        batches = model_batches(model, *k_shot_prompts(splits.train, k, splits.train, seed, template), batch_size, template)
         per_shots[k] = last_token_z(model, batches, todo)
         count_forward(meter, batches, model.cfg.n_layers)
-    valid = list(iter_batches(model.tokenizer, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size))
+    valid = model_batches(model, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size, template)
     runner = runner_for(model, valid, todo[0])
     fp, name = model_fingerprint(model), model_name(model)
     score_rows, rows, best = [], [], None
@@ -144,17 +145,16 @@ def fit_mean_difference(
                         "selected": bool(mask[h])} for h in range(n_heads)]
         for alpha in alphas:
             delta = float(alpha) * diff * mask[:, None]
-            acc, ce = runner_scores(runner, HeadIntervention({L: delta}, name, fp).fwd_hooks())
+            acc, ce = runner.scores(HeadIntervention({L: delta}, name, fp).fwd_hooks())
             rows.append({"layer": L, "alpha": float(alpha), "valid_accuracy": acc, "valid_ce": ce, "n_selected": top_k})
             if best is None or (acc, -ce) > best[0]:
                 best = ((acc, -ce), L, float(alpha), delta)
-    settle(meter, runner)
+    meter.merge(runner.meter)
     (valid_acc, _), L, alpha, delta = best
     config = {"method": "mean_difference", "seed": splits.seed, "n_train": len(splits.train),
               "n_valid": len(splits.valid), "n_test": len(splits.test), "shots": shots, "top_k": top_k,
               "select_by": select_by, "alphas": [float(a) for a in alphas], "layers": todo, "prompt_seed": seed}
-    metadata: dict[str, Any] = {"name": splits.train.name, "task": splits.train.name, "data_hash": splits.train.data_hash(),
-                                "fit_config": config, "alpha": alpha, "valid_accuracy": valid_acc}
+    metadata = fit_metadata(splits, None, template, config, alpha=alpha, valid_accuracy=valid_acc)
     iv = HeadIntervention({L: delta}, name, fp, "last", metadata)
     return MeanDifferenceResult(
         iv, L, alpha, valid_acc, iv.selected_heads(), pd.DataFrame(rows), pd.DataFrame(score_rows),
