@@ -21,6 +21,7 @@ import pandas as pd
 
 from .errors import LensLaaiError
 from .fit import FitConfig
+from .opinion_cli import add_survey_args, eval_survey, fill_task_defaults, fit_survey, is_survey
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit an intervention on a task and report held-out accuracy")
     _task_args(f)
+    add_survey_args(f, fit=True)
     f.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
     f.add_argument("--layer", default="auto", help="layer index, or 'auto' to pick on validation (default)")
     f.add_argument("--layers", default="default",
@@ -62,17 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-train", type=int, default=FitConfig.n_train)
     f.add_argument("--n-valid", type=int, default=FitConfig.n_valid)
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
-    f.add_argument("--l1", type=float, default=FitConfig.l1)
-    f.add_argument("--group-l1", default=str(FitConfig.group_l1),
-                   help="λ₂; a comma list is a path (warm starts) and the best value on validation is kept")
-    f.add_argument("--steps", type=int, default=FitConfig.steps)
-    f.add_argument("--lr", type=float, default=FitConfig.lr)
+    f.add_argument("--l1", type=float, default=None, help=f"λ₁ (default {FitConfig.l1} for tasks, 1e-4 for surveys)")
+    f.add_argument("--group-l1", default=None,
+                   help=f"λ₂ (default {FitConfig.group_l1} for tasks, the path 0.02,0.005 for surveys); a comma list "
+                        "is a path (warm starts) and the best value on validation is kept")
+    f.add_argument("--steps", type=int, default=None, help=f"default {FitConfig.steps} for tasks, 20 for surveys")
+    f.add_argument("--lr", type=float, default=None, help=f"default {FitConfig.lr}")
     f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
     _out_args(f)
     f.set_defaults(func=_fit)
 
     e = sub.add_parser("eval", help="accuracy of the model, with or without an intervention")
     _task_args(e)
+    add_survey_args(e, fit=False)
     e.add_argument("--intervention", default=None, help="a saved intervention directory")
     e.add_argument("--shots", type=int, default=0)
     e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
@@ -89,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _out_args(c)
     c.set_defaults(func=_compose)
+
+    from .cli_analysis import add_parsers
+
+    add_parsers(sub, _task_args)
     return p
 
 
@@ -96,6 +104,10 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="bundled task name (antonym, synonym, english-french, english-german)")
     p.add_argument("--task-file", default=None, help="a Function Vectors-format JSON file; overrides --task")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a hub name or a local dir")
+    p.add_argument("--device", default=None,
+                   help="where the model runs: cpu, cuda, cuda:N (default: the CPU for the embedded model)")
+    p.add_argument("--dtype", default=None,
+                   help="model weights: float32 (default), bfloat16 / bf16, float16 / fp16; Δ is always fitted in float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--no-progress", action="store_true")
 
@@ -106,13 +118,20 @@ def _out_args(p: argparse.ArgumentParser) -> None:
                    help="write into an existing directory that is not a lens_laai save (nothing in it is deleted)")
 
 
+def model_from_args(args: argparse.Namespace):
+    """The model ``--model`` names, placed and cast by ``--device`` / ``--dtype`` (every command that loads one)."""
+    from .models import load_model
+
+    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
 def _load_task(args: argparse.Namespace):
     from .tasks import Task, TaskError, load_task
 
     if args.task_file:
         return Task.from_json(args.task_file, name=args.task or None)
     if not args.task:
-        raise TaskError("Give --task NAME or --task-file PATH.")
+        raise TaskError("Give --task NAME or --task-file PATH (or --survey / --survey-dir for a survey).")
     return load_task(args.task)
 
 
@@ -121,8 +140,12 @@ def _fit(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .fit import fit, parse_layers
     from .io import check_save_path
-    from .models import load_model
+    from .models import check_placement
 
+    check_placement(args.device, args.dtype)  # a bad --device / --dtype is refused before any work
+    if is_survey(args):
+        return fit_survey(args)
+    fill_task_defaults(args)
     start = time.perf_counter()
     task = _load_task(args)
     layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
@@ -130,7 +153,7 @@ def _fit(args: argparse.Namespace) -> int:
     if not args.no_baselines:
         check_shots(splits, 5, "test")
     check_save_path(args.out, force=args.force)
-    model = load_model(args.model)
+    model = model_from_args(args)
     result = fit(model, splits, layer, layers=parse_layers(args.layers, model.cfg.n_layers), l1=args.l1,
                  group_l1=_floats(args.group_l1, "--group-l1"), steps=args.steps, lr=args.lr, progress=not args.no_progress)
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
@@ -140,7 +163,8 @@ def _fit(args: argparse.Namespace) -> int:
         few = evaluate(model, splits, shots=5, progress=not args.no_progress).accuracy
     result.intervention.save(args.out, force=args.force)
     summary = {
-        "task": task.name, "model": args.model, "layer": result.layer,
+        "task": task.name, "model": args.model, "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "layer": result.layer,
         "selected_heads": [list(h) for h in result.selected_heads],
         "n_heads_total": model.cfg.n_heads, "train_accuracy": result.train_accuracy,
         "valid_accuracy": result.valid_accuracy, "test_accuracy": test.accuracy, "n_test": test.n,
@@ -172,13 +196,14 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    from .models import load_model
     from .protocol import load_intervention
 
+    if is_survey(args):
+        return eval_survey(args)
     task = _load_task(args)
     if args.intervention is None and args.strict:
         raise LensLaaiError("--strict checks an intervention against the model; give --intervention too.")
-    model = load_model(args.model)
+    model = model_from_args(args)
     iv = load_intervention(args.intervention, model, strict=args.strict) if args.intervention else None
     result = evaluate(model, task, iv, shots=args.shots, split=args.split, seed=args.seed,
                       n_train=args.n_train, n_valid=args.n_valid, progress=not args.no_progress)

@@ -92,7 +92,7 @@ def resolve_template(template: PromptTemplate | None, interventions: Sequence[In
 def evaluate(
     model: TransformerBridge,
     task: Task | TaskSplits,
-    intervention: Intervention | None = None,
+    intervention: Intervention | Sequence[Intervention] | None = None,
     shots: int = 0,
     split: str = "test",
     *,
@@ -107,11 +107,12 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model`` (with ``intervention`` applied, if given) on one split of ``task``.
 
+    ``intervention`` may be a list (e.g. ``[iv, ablation]``): their hooks act together, in order.
     k-shot demonstrations are drawn from the train split. Returns accuracy and a table with
     ``input, target, prediction, correct, target_logprob, target_rank, prompt``.
     """
     start = time.perf_counter()
-    ivs = [intervention] if intervention is not None else []
+    ivs = list(intervention) if isinstance(intervention, (list, tuple)) else [intervention] if intervention is not None else []
     for iv in ivs:
         iv.check_model(model, strict)
     part, demos = select_split(task, split, ivs, seed, n_train, n_valid)
@@ -120,7 +121,7 @@ def evaluate(
     template = resolve_template(template, ivs)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     batches = model_batches(model, prompts, targets, batch_size, template)
-    hooks = intervention.fwd_hooks() if intervention is not None else []
+    hooks = [hook for iv in ivs for hook in iv.fwd_hooks()]
     rows: list[dict[str, Any]] = []
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         with torch.no_grad():

@@ -31,7 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from .bridge import model_fingerprint, model_name
 from .errors import FitError, TaskError
-from .fastpath import CostMeter, LayerRunner, warn_once
+from .fastpath import CostMeter, LayerRunner, block_device, warn_once
 from .intervention import HeadIntervention, delta_hook, hook_name
 from .prompts import Batch, PromptTemplate, k_shot_prompts, left_pad, model_batches, pad_id
 from .provenance import fit_metadata
@@ -299,7 +299,9 @@ class _Fitted:
                      template: PromptTemplate) -> HeadIntervention:
         metadata = fit_metadata(splits, source, template, asdict(cfg), train_accuracy=self.train_accuracy,
                                 valid_accuracy=self.valid_accuracy)
-        return HeadIntervention({self.layer: self.delta.clone()}, model_name(model), model_fingerprint(model), "last", metadata)
+        # Δ leaves the fit as plain data (CPU, float32), exactly as a saved one loads; hooks move and cast it.
+        delta = self.delta.detach().to("cpu", torch.float32).clone()
+        return HeadIntervention({self.layer: delta}, model_name(model), model_fingerprint(model), "last", metadata)
 
 
 def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps):
@@ -311,7 +313,8 @@ def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps)
                   "fast path does not compute; fitting with the full forward.")
     runner = LayerRunner(model, train, layer, cfg.fast and cfg.objective == "first_token", meter)
     valid_runner = LayerRunner(model, valid, layer, cfg.fast, meter) if valid else None
-    delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
+    # Δ is optimised in float32 on the intervened block's device, whatever the model's dtype; the hook casts it.
+    delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head, device=block_device(model, layer), dtype=torch.float32)
     for lam in sorted(lambdas, reverse=True):
         delta, history = _fit_layer(runner, train, replace(cfg, group_l1=lam), delta, show_steps)
         train_acc, train_ce = runner.scores(_hooks(layer, delta))
@@ -352,14 +355,16 @@ def solve_layer(
 ) -> tuple[Tensor, list[StepRecord]]:
     """Minimise the penalised objective over Δ at ``runner.layer`` from ``init`` (FISTA)."""
     n_rows = sum(len(b) for b in train)
+    init = init.to(device=runner.delta_device, dtype=torch.float32)
 
     def loss(delta: Tensor, backward: bool) -> Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=delta.device)
         for i, batch in enumerate(train):
             if cfg.objective == "sequence":
-                total = total + _sequence_ce(runner, batch, delta, backward) * len(batch)
+                part = _sequence_ce(runner, batch, delta, backward) * len(batch)
             else:
-                total = total + runner.cross_entropy(i, _hooks(runner.layer, delta), backward)
+                part = runner.cross_entropy(i, _hooks(runner.layer, delta), backward)
+            total = total + part.to(total.device)  # the loss may come off another device than Δ's
         return total / n_rows
 
     def smooth_and_grad(y: Tensor) -> tuple[float, Tensor]:
@@ -385,13 +390,15 @@ def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: boo
     rows = [ids[ids_mask.bool()].tolist() + tgt[:-1] for ids, ids_mask, tgt in
             zip(batch.input_ids, batch.attention_mask, batch.target_tokens)]
     ids, mask = left_pad(rows, pad_id(model.tokenizer))
+    ids, mask = ids.to(batch.input_ids.device), mask.to(batch.input_ids.device)
     width = ids.shape[1]
     target_lens = torch.tensor([len(t) for t in batch.target_tokens])
     last_prompt = width - target_lens  # index of each row's last prompt token
     runner.meter.add(float(mask.sum()), model.cfg.n_layers, backward)
     logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), delta_hook(delta, last_prompt))])
-    total = torch.zeros(())
+    total = torch.zeros((), device=logits.device)
     for i, tgt in enumerate(batch.target_tokens):
         start = int(last_prompt[i])
-        total = total + F.cross_entropy(logits[i, start:start + len(tgt)].float(), torch.tensor(tgt), reduction="mean")
+        total = total + F.cross_entropy(logits[i, start:start + len(tgt)].float(), torch.tensor(tgt, device=logits.device),
+                                        reduction="mean")
     return total / len(batch.target_tokens)

@@ -36,7 +36,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .bridge import head_output_weights, model_fingerprint, model_name
 from .errors import InterventionError
 from .positions import Positions, check_positions, positions_from_json
-from .protocol import Hook, InterventionBase, Where, adder_hook, check_tensor
+from .protocol import Hook, InterventionBase, Where, adder_hook, by_layer, check_tensor
 
 HOOK_TEMPLATE = "blocks.{layer}.attn.hook_z"
 
@@ -170,11 +170,5 @@ class HeadIntervention(InterventionBase):
 
     @classmethod
     def _from_saved(cls, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> "HeadIntervention":
-        deltas: dict[int, Tensor] = {}
-        for name, tensor in tensors.items():
-            prefix, _, index = name.partition(".")
-            if prefix != "layer" or not index.isdigit() or str(int(index)) != index or int(index) in deltas:
-                raise InterventionError(f"tensor name {name!r} is not 'layer.N' for a distinct layer N.")
-            deltas[int(index)] = tensor
-        return cls(deltas, manifest["model_name"], manifest["fingerprint"], positions_from_json(manifest.get("positions")),
+        return cls(by_layer(tensors), manifest["model_name"], manifest["fingerprint"], positions_from_json(manifest.get("positions")),
                    manifest["metadata"])

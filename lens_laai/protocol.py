@@ -33,7 +33,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from .bridge import SHAPE_KEYS, check_fingerprint
 from .errors import InterventionError
 from .io import load_bundle, save_bundle
-from .positions import LastTokenTracker, Positions, add_at_positions, check_positions, positions_from_json, positions_to_json
+from .positions import LastTokenTracker, Positions, add_at_positions, check_positions, positions_to_json
 
 Hook = tuple[str, Callable[..., Any]]
 Where = Positions | Tensor | LastTokenTracker
@@ -225,7 +225,7 @@ def load_intervention(path: str | os.PathLike, model: TransformerBridge | None =
     """Load any saved intervention (head, residual, ablation), whichever kind the manifest names."""
     import json
 
-    from . import baselines  # noqa: F401  (registers ResidualIntervention)
+    from . import ablation, baselines  # noqa: F401  (register HeadAblation, ResidualIntervention)
 
     manifest_path = Path(path) / "manifest.json"
     try:
@@ -237,6 +237,17 @@ def load_intervention(path: str | os.PathLike, model: TransformerBridge | None =
         known = ", ".join(sorted(InterventionBase.registry))
         raise InterventionError(f"{path} is not a saved intervention (no readable manifest.json naming one of: {known}).")
     return kind.load(path, model, strict)
+
+
+def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
+    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01")."""
+    out: dict[int, Tensor] = {}
+    for name, tensor in tensors.items():
+        prefix, _, index = name.partition(".")
+        if prefix != "layer" or not index.isdigit() or str(int(index)) != index or int(index) in out:
+            raise InterventionError(f"tensor name {name!r} is not 'layer.N' for a distinct layer N.")
+        out[int(index)] = tensor
+    return out
 
 
 def check_tensor(name: str, tensor: Any, shape: tuple[int, ...]) -> Tensor:

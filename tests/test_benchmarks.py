@@ -80,7 +80,7 @@ def test_head_budget_smoke(capsys, tmp_path):
     assert (tmp_path / "head_budget_tiny-antonym.png").exists() or list(tmp_path.glob("head_budget_*.png"))
 
 
-@pytest.mark.parametrize("name", ["fit_speed", "rule_tasks", "composition", "head_budget"])
+@pytest.mark.parametrize("name", ["fit_speed", "rule_tasks", "composition", "head_budget", "opinions"])
 def test_scripts_have_help(name, capsys):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -88,3 +88,22 @@ def test_scripts_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_heads_vs_ablation_smoke(capsys, tmp_path):
+    out = run_script("heads_vs_ablation", [*TINY, "--no-progress", "--tasks", "antonym", "--out-dir", str(tmp_path)], capsys)
+    assert {r["score"] for r in out["summary"]} >= {"dla", "act_patch", "attr_patch", "zero_logprob_drop"}
+    assert {"percentile", "attr_vs_act_rho"} <= set(out["control"][0])
+    assert (tmp_path / "heads_vs_ablation_antonym.png").exists() and (tmp_path / "heads_vs_ablation_summary.md").exists()
+
+
+def test_opinions_smoke(capsys, tmp_path):
+    out = run_script("opinions", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
+    rows = out["rows"]
+    assert {r["method"] for r in rows} == {"plain", "persona", "few_shot", "laai", "laai_no_lasso"}
+    assert {(r["group"], r["seed"]) for r in rows} == {(g, s) for g in ("PARTY=Red", "PARTY=Blue") for s in (0, 1)}
+    for row in rows:
+        assert row["n_questions"] == 4 and 0 < row["representativeness"] <= 1 and row["kl"] >= 0 and 0 <= row["tv"] <= 1
+        assert (row["layer"] is None) == (row["method"] in ("plain", "persona", "few_shot"))
+    assert all(r["group_l1"] == 0 for r in rows if r["method"] == "laai_no_lasso")
+    assert (tmp_path / "opinions.png").exists() and "| laai |" in (tmp_path / "opinions.md").read_text()

@@ -18,3 +18,39 @@ def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
 
     monkeypatch.setattr(lens_laai, "load_task", lambda name: tiny_task())
     exec(compile(source, str(NOTEBOOK), "exec"), {"__name__": "notebook"})
+
+
+def test_heads_notebook_runs_on_tiny_model(monkeypatch):
+    notebook = NOTEBOOK.parent / "heads_vs_ablation.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 50" in source
+    source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 50", "STEPS = 3")
+              .replace("n_train=20, n_valid=40", "n_train=8, n_valid=4").replace("n_prompts=16, shots=5, patching_prompts=4, n_random=20",
+                                                                          "n_prompts=6, shots=2, patching_prompts=4, n_random=4")
+              .replace('layer="auto"', "layer=1").replace("group_l1=0.3", "group_l1=0.01").replace('"Q: early\\nA:"', '"Q: hot\\nA:"'))
+    import lens_laai
+
+    monkeypatch.setattr(lens_laai, "load_task", lambda name: tiny_task())
+    exec(compile(source, str(notebook), "exec"), {"__name__": "notebook"})
+
+
+def test_opinion_notebook_runs_on_tiny_model(tmp_path):
+    from lens_laai.survey import toy_survey
+
+    notebook = NOTEBOOK.parent / "opinion_dynamics.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    defaults = ['MODEL = "smollm2-135m"', 'SURVEY = "gss-spending"', 'GROUP = "POLVIEWS=Extremely conservative"',
+                "N_TRAIN, N_VALID = 8, 4", "LAYERS, STEPS = [7, 13, 19], 12"]
+    assert all(d in source for d in defaults)
+    toy = tmp_path / "toy.json"  # the tiny model's 512-token context cannot hold GSS few-shot prompts
+    toy.write_text(json.dumps(toy_survey().to_json()))
+    tiny = ['MODEL = "lens-laai-tiny"', f'SURVEY = "{toy}"', 'GROUP = "PARTY=Red"', "N_TRAIN, N_VALID = 3, 1",
+            "LAYERS, STEPS = [1, 2], 3"]
+    for old, new in zip(defaults, tiny):
+        source = source.replace(old, new)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    exec(compile(source, str(notebook), "exec"), {"__name__": "notebook"})

@@ -80,7 +80,7 @@ def mean_head_activations(
     layers = candidate_layers(model, layers)
     cfg = model.cfg
     out = torch.full((cfg.n_layers, cfg.n_heads, cfg.d_head), float("nan"))
-    out[layers] = last_token_z(model, prompts_batches, layers).float().mean(0)
+    out[layers] = last_token_z(model, prompts_batches, layers).float().mean(0).cpu()
     return out
 
 
@@ -151,7 +151,7 @@ def causal_indirect_effect(
 def head_outputs(model: TransformerBridge, layer: int, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... head d_model"]:
     """Each head's contribution to the attention output: ``z_h @ W_O[h]`` (no bias)."""
     w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model], layout handled by the bridge
-    return torch.einsum("...hd,hdm->...hm", z.to(w_o.dtype), w_o)
+    return torch.einsum("...hd,hdm->...hm", z.to(dtype=w_o.dtype, device=w_o.device), w_o)
 
 
 def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
@@ -251,11 +251,11 @@ def fit_function_vector(
 def _patcher(head: int, value: Tensor) -> Callable:
     def hook(z: Tensor, hook: Any) -> Tensor:
         out = z.clone()
-        out[:, -1, head] = value.to(z.dtype)
+        out[:, -1, head] = value.to(dtype=z.dtype, device=z.device)
         return out
 
     return hook
 
 
 def _target_probs(logits: Float[Tensor, "batch vocab"], batch: Batch) -> Float[Tensor, " batch"]:
-    return torch.softmax(logits.float(), dim=-1).gather(1, batch.target_ids[:, None])[:, 0]
+    return torch.softmax(logits.float(), dim=-1).gather(1, batch.target_ids[:, None].to(logits.device))[:, 0]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import pandas as pd
 import torch
@@ -144,7 +144,7 @@ def fit_mean_difference(
         score_rows += [{"layer": L, "head": h, "norm": float(norm[h]), "separation": float(sep[h]),
                         "selected": bool(mask[h])} for h in range(n_heads)]
         for alpha in alphas:
-            delta = float(alpha) * diff * mask[:, None]
+            delta = float(alpha) * diff.float().cpu() * mask[:, None]
             acc, ce = runner.scores(HeadIntervention({L: delta}, name, fp).fwd_hooks())
             rows.append({"layer": L, "alpha": float(alpha), "valid_accuracy": acc, "valid_ce": ce, "n_selected": top_k})
             if best is None or (acc, -ce) > best[0]:

@@ -1,0 +1,144 @@
+"""Opinion dynamics: can a sparse head intervention make the model answer survey questions like a group?
+
+For every seed's split of the survey's questions (train / validation / test) and every group, scores
+on the held-out questions: prompting with the plain question, with a persona ("Answer the following
+question as if ..."), few-shot with the group's majority answers to the training questions, LAAI
+(layer and λ₂ chosen on the validation questions' KL) and LAAI without the Lasso terms (λ₁ = λ₂ = 0,
+at the layer LAAI chose). Metrics: mean KL(target ‖ model), mean total variation, and OpinionQA's
+representativeness 1 − mean W₁/range. Writes rows, per-question distributions, a markdown table and
+a figure (target vs plain vs persona vs intervened distributions) with --out-dir.
+
+    python benchmarks/opinions.py --out-dir docs/results
+    python benchmarks/opinions.py --model lens-laai-tiny --quick --json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import TINY, load, machine, parser, to_markdown, write_outputs  # noqa: E402
+
+from lens_laai.fit import parse_layers  # noqa: E402
+from lens_laai.io import atomic_write_text  # noqa: E402
+from lens_laai.opinion import fit_opinion  # noqa: E402
+from lens_laai.opinion_eval import distributions, few_shot_demos, plot_distributions  # noqa: E402
+from lens_laai.opinion_metrics import summarise  # noqa: E402
+from lens_laai.survey import load_survey, toy_survey  # noqa: E402
+
+GROUPS = ["POLVIEWS=Extremely liberal", "POLVIEWS=Moderate", "POLVIEWS=Extremely conservative",
+          "PARTYID=Strong Democrat", "PARTYID=Independent", "PARTYID=Strong Republican"]
+METHODS = ["plain", "persona", "few_shot", "laai_no_lasso", "laai"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--survey", default="gss-spending", help="bundled survey name, survey JSON file or OpinionQA directory")
+    p.add_argument("--groups", default=",".join(GROUPS), help="comma list of ATTRIBUTE=VALUE groups")
+    p.add_argument("--seeds", default="0,1,2", help="question-split seeds")
+    p.add_argument("--n-train-questions", type=int, default=8)
+    p.add_argument("--n-valid-questions", type=int, default=4)
+    p.add_argument("--layers", default="7,13,19", help="candidate layers (comma list, 'default' or 'all')")
+    p.add_argument("--group-l1", default="0.02,0.005", help="λ₂ path, largest first")
+    p.add_argument("--l1", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=12, help="proximal steps per (layer, λ₂)")
+    p.add_argument("--figure-groups", default="POLVIEWS=Extremely liberal,POLVIEWS=Extremely conservative")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    model = load(args)
+    survey = load_survey(args.survey)
+    if args.quick or args.model == TINY:  # the tiny model's context cannot hold the GSS few-shot prompts
+        survey = toy_survey()
+        args.groups = args.figure_groups = "PARTY=Red,PARTY=Blue"
+        args.seeds, args.n_train_questions, args.n_valid_questions, args.layers, args.steps = "0,1", 3, 1, "1", 3
+    groups = [survey.group(g).name for g in args.groups.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    layers = parse_layers(args.layers, model.cfg.n_layers)
+    lambdas = [float(x) for x in args.group_l1.split(",")]
+    progress = not args.no_progress
+    every = {g: {m: distributions(model, survey, survey.group(g), list(survey.questions), m) for m in ("plain", "persona")}
+             for g in tqdm(groups, desc="prompting baselines", disable=not progress)}
+    rows, questions = [], []
+    for seed in seeds:
+        splits = survey.split(seed, args.n_train_questions, args.n_valid_questions)
+        runners: dict = {}  # every group of this split has the same prompts: build each layer's cache once
+        for g in tqdm(groups, desc=f"seed {seed}", disable=not progress):
+            grp = survey.group(g)
+            tables = {m: every[g][m][every[g][m]["key"].isin(splits.test)] for m in ("plain", "persona")}
+            demos = few_shot_demos(survey, grp, splits.train, None, seed)
+            tables["few_shot"] = distributions(model, survey, grp, splits.test, "few_shot", demos=demos)
+            fitted = fit_opinion(model, survey, g, "auto", splits=splits, layers=layers, l1=args.l1, group_l1=lambdas,
+                                 steps=args.steps, progress=False, runners=runners)
+            plain_fit = fit_opinion(model, survey, g, fitted.layer, splits=splits, l1=0.0, group_l1=0.0,
+                                    steps=args.steps, progress=False, runners=runners)
+            info = {}
+            for name, result in (("laai", fitted), ("laai_no_lasso", plain_fit)):
+                tables[name] = distributions(model, survey, grp, splits.test, "plain", result.intervention)
+                info[name] = {"layer": result.layer, "group_l1": result.group_l1, "n_selected": len(result.selected_heads),
+                              "fit_seconds": round(result.seconds, 1)}
+            for method in METHODS:
+                table = tables[method].assign(group=g, seed=seed, method=method)
+                questions.append(table)
+                row = summarise(table).iloc[0].to_dict()
+                rows.append({"group": g, "seed": seed, **row, **info.get(method, {})})
+    rows = pd.DataFrame(rows)
+    per_question = pd.concat(questions, ignore_index=True)
+    wide = {metric: by_method_and_group(rows, metric) for metric in ("representativeness", "kl", "tv")}
+    meta = {"survey": survey.name, "survey_hash": survey.data_hash(), "groups": groups, "seeds": seeds, "layers": layers,
+            "args": vars(args), "machine": machine(), "seconds": round(time.perf_counter() - start, 1)}
+    for metric, table in wide.items():
+        print(f"\n{metric} on held-out questions (mean ± std over {len(seeds)} seeds):")
+        print(to_markdown(table))
+    print(f"\n{meta['seconds']:.0f}s")
+    if args.out_dir:
+        write_outputs(args.out_dir, "opinions_rows", rows, meta)
+        atomic_write_text(Path(args.out_dir) / "opinions_questions.csv", per_question.to_csv(index=False))
+        atomic_write_text(Path(args.out_dir) / "opinions.md", "\n\n".join(
+            f"{metric}, held-out questions, mean ± std over seeds (n seeds):\n\n{to_markdown(t)}" for metric, t in wide.items()) + "\n")
+        figure(per_question, survey, [survey.group(g).name for g in args.figure_groups.split(",")], seeds[0],
+               Path(args.out_dir) / "opinions.png")
+    if args.json:
+        records = rows.astype(object).where(rows.notna(), None).to_dict("records")
+        print(json.dumps({"rows": records, "seconds": meta["seconds"]}))
+    return 0
+
+
+def by_method_and_group(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Methods × groups, each cell 'mean ± std (seeds)' of ``metric``, plus the mean over groups."""
+    out = []
+    for method in [m for m in METHODS if m in set(rows["method"])]:
+        part = rows[rows["method"] == method]
+        cells = {"method": method}
+        for group, sub in part.groupby("group", sort=False):
+            cells[group] = f"{sub[metric].mean():.3f} ± {sub[metric].std(ddof=1) if len(sub) > 1 else 0:.3f} ({len(sub)})"
+        per_seed = part.groupby("seed")[metric].mean()
+        cells["all groups"] = f"{per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f}"
+        out.append(cells)
+    return pd.DataFrame(out)
+
+
+def figure(per_question: pd.DataFrame, survey, groups: list[str], seed: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = per_question[(per_question["seed"] == seed) & per_question["group"].isin(groups)]
+    keys = list(dict.fromkeys(part["key"]))[:3]
+    fig, grid = plt.subplots(len(groups), len(keys), figsize=(4.3 * len(keys), 3.0 * len(groups)), squeeze=False)
+    for row, group in zip(grid, groups):
+        plot_distributions(part[part["group"] == group], survey, keys, ["plain", "persona", "few_shot", "laai"],
+                           title=group, axes=list(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
