@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--n-prompts", type=int, default=16)
-    p.add_argument("--patching-prompts", type=int, default=8)
+    p.add_argument("--patching-prompts", type=int, default=4)
     args = p.parse_args(argv)
     start = time.perf_counter()
     model = load(args)

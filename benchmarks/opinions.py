@@ -5,8 +5,12 @@ on the held-out questions: prompting with the plain question, with a persona ("A
 question as if ..."), few-shot with the group's majority answers to the training questions, LAAI
 (layer and λ₂ chosen on the validation questions' KL) and LAAI without the Lasso terms (λ₁ = λ₂ = 0,
 at the layer LAAI chose). Metrics: mean KL(target ‖ model), mean total variation, and OpinionQA's
-representativeness 1 − mean W₁/range. Writes rows, per-question distributions, a markdown table and
-a figure (target vs plain vs persona vs intervened distributions) with --out-dir.
+representativeness 1 − mean W₁/range. A reference row without any model, ``group_mean``, answers every
+held-out question with the group's mean answer distribution over the training questions; ``spread`` is
+the standard deviation over held-out questions of the expected answer (ordinal value) under each method
+(``target`` row: the group's own), i.e. how much the answers depend on the question at all. Writes
+rows, per-question distributions, markdown tables and a figure (target vs plain vs persona vs
+intervened distributions) with --out-dir.
 
     python benchmarks/opinions.py --out-dir docs/results
     python benchmarks/opinions.py --model lens-laai-tiny --quick --json
@@ -34,7 +38,7 @@ from lens_laai.survey import load_survey, toy_survey  # noqa: E402
 
 GROUPS = ["POLVIEWS=Extremely liberal", "POLVIEWS=Moderate", "POLVIEWS=Extremely conservative",
           "PARTYID=Strong Democrat", "PARTYID=Independent", "PARTYID=Strong Republican"]
-METHODS = ["plain", "persona", "few_shot", "laai_no_lasso", "laai"]
+METHODS = ["plain", "persona", "few_shot", "group_mean", "laai_no_lasso", "laai"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train-questions", type=int, default=8)
     p.add_argument("--n-valid-questions", type=int, default=4)
     p.add_argument("--layers", default="7,13,19", help="candidate layers (comma list, 'default' or 'all')")
-    p.add_argument("--group-l1", default="0.02,0.005", help="λ₂ path, largest first")
+    p.add_argument("--group-l1", default="0.05,0.01", help="λ₂ path, largest first")
     p.add_argument("--l1", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=12, help="proximal steps per (layer, λ₂)")
+    p.add_argument("--steps", type=int, default=10, help="proximal steps per (layer, λ₂)")
     p.add_argument("--figure-groups", default="POLVIEWS=Extremely liberal,POLVIEWS=Extremely conservative")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             tables = {m: every[g][m][every[g][m]["key"].isin(splits.test)] for m in ("plain", "persona")}
             demos = few_shot_demos(survey, grp, splits.train, None, seed)
             tables["few_shot"] = distributions(model, survey, grp, splits.test, "few_shot", demos=demos)
+            tables["group_mean"] = group_mean(survey, grp, splits)
             fitted = fit_opinion(model, survey, g, "auto", splits=splits, layers=layers, l1=args.l1, group_l1=lambdas,
                                  steps=args.steps, progress=False, runners=runners)
             plain_fit = fit_opinion(model, survey, g, fitted.layer, splits=splits, l1=0.0, group_l1=0.0,
@@ -86,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                 table = tables[method].assign(group=g, seed=seed, method=method)
                 questions.append(table)
                 row = summarise(table).iloc[0].to_dict()
-                rows.append({"group": g, "seed": seed, **row, **info.get(method, {})})
+                rows.append({"group": g, "seed": seed, **row, **spread(table, survey), **info.get(method, {})})
     rows = pd.DataFrame(rows)
     per_question = pd.concat(questions, ignore_index=True)
-    wide = {metric: by_method_and_group(rows, metric) for metric in ("representativeness", "kl", "tv")}
+    wide = {metric: by_method_and_group(rows, metric) for metric in ("representativeness", "kl", "tv", "spread")}
+    target = rows[rows["method"] == "plain"].assign(method="target", spread=lambda t: t["target_spread"])
+    wide["spread"] = pd.concat([by_method_and_group(target, "spread", ["target"]), wide["spread"]], ignore_index=True)
     meta = {"survey": survey.name, "survey_hash": survey.data_hash(), "groups": groups, "seeds": seeds, "layers": layers,
             "args": vars(args), "machine": machine(), "seconds": round(time.perf_counter() - start, 1)}
     for metric, table in wide.items():
@@ -109,10 +116,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def by_method_and_group(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+def group_mean(survey, group, splits) -> pd.DataFrame:
+    """The no-model reference: each held-out question gets the group's mean distribution over the training
+    questions with the same options (uniform if there is none)."""
+    import numpy as np
+
+    from lens_laai.opinion_metrics import question_metrics
+
+    rows = []
+    for key in [k for k in splits.test if k in group.answers]:
+        q, answers = survey.questions[key], group.answers[key]
+        same = [group.answers[k].distribution for k in splits.train
+                if k in group.answers and survey.questions[k].options == q.options]
+        prior = np.mean(same, axis=0) if same else np.full(len(q.options), 1 / len(q.options))
+        rows.append({"key": key, "question": q.text, "n_respondents": answers.n, "target": answers.distribution.round(6).tolist(),
+                     "model": prior.round(6).tolist(), **question_metrics(answers.distribution, prior, q.ordinal),
+                     "refusal_target": answers.refusal_share, "refusal_model": float("nan")})
+    return pd.DataFrame(rows)
+
+
+def spread(table: pd.DataFrame, survey) -> dict[str, float]:
+    """Std over questions of the expected ordinal answer, for the method and for the group (target)."""
+    import numpy as np
+
+    ordinal = [np.asarray(survey.questions[k].ordinal) for k in table["key"]]
+    model = [float(np.dot(o, d)) for o, d in zip(ordinal, table["model"])]
+    target = [float(np.dot(o, d)) for o, d in zip(ordinal, table["target"])]
+    return {"spread": float(np.std(model, ddof=1)), "target_spread": float(np.std(target, ddof=1))}
+
+
+def by_method_and_group(rows: pd.DataFrame, metric: str, methods: list[str] | None = None) -> pd.DataFrame:
     """Methods × groups, each cell 'mean ± std (seeds)' of ``metric``, plus the mean over groups."""
     out = []
-    for method in [m for m in METHODS if m in set(rows["method"])]:
+    for method in [m for m in (methods or METHODS) if m in set(rows["method"])]:
         part = rows[rows["method"] == method]
         cells = {"method": method}
         for group, sub in part.groupby("group", sort=False):

@@ -80,7 +80,7 @@ def head_table(
     methods: Sequence[str] = METHODS,
     n_prompts: int = 16,
     shots: int = 5,
-    patching_prompts: int = 8,
+    patching_prompts: int = 4,
     n_random: int = 20,
     seed: int = 0,
     template: PromptTemplate | None = None,

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
     f.add_argument("--l1", type=float, default=None, help=f"λ₁ (default {FitConfig.l1} for tasks, 1e-4 for surveys)")
     f.add_argument("--group-l1", default=None,
-                   help=f"λ₂ (default {FitConfig.group_l1} for tasks, the path 0.02,0.005 for surveys); a comma list "
+                   help=f"λ₂ (default {FitConfig.group_l1} for tasks, the path 0.05,0.01 for surveys); a comma list "
                         "is a path (warm starts) and the best value on validation is kept")
     f.add_argument("--steps", type=int, default=None, help=f"default {FitConfig.steps} for tasks, 20 for surveys")
     f.add_argument("--lr", type=float, default=None, help=f"default {FitConfig.lr}")

@@ -25,7 +25,7 @@ def add_parsers(sub: Any, task_args: Any) -> None:
         p.add_argument("--layers", default="all", help="layers to score: 'all' (default), 'default' or a comma list")
         p.add_argument("--n-prompts", type=int, default=16, help="held-out queries used (default 16)")
         p.add_argument("--shots", type=int, default=5, help="demonstrations per k-shot prompt (default 5)")
-        p.add_argument("--patching-prompts", type=int, default=8, help="prompts for activation patching (default 8)")
+        p.add_argument("--patching-prompts", type=int, default=4, help="prompts for activation patching (default 4; its cost grows with it)")
         p.add_argument("--n-random", type=int, default=20, help="random head sets in the ablation control (default 20)")
         p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
         p.add_argument("--seed", type=int, default=0)

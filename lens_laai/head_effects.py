@@ -31,7 +31,6 @@ from .fastpath import CostMeter, LayerRunner
 from .intervention import HeadIntervention
 from .kernels import unwrap
 from .prompts import Batch
-from .scoring import score_logits
 
 Scores = Float[Tensor, "n_layers n_heads"]
 
@@ -114,31 +113,69 @@ def logit_lens(model: TransformerBridge, iv: HeadIntervention, batches: Sequence
 
 # activation and attribution patching -------------------------------------------------------------
 class _MaskedModel:
-    """The bridge as TransformerLens' patching functions call it: a fixed attention mask, and a start at the patched layer.
+    """The bridge as TransformerLens' patching functions call it, run from the patched layer up.
 
     ``generic_activation_patch`` runs ``model.run_with_hooks(tokens, fwd_hooks=...)`` once per head.
-    Passing the mask lets left-padded prompts of different lengths share one batch; starting at
-    the patched layer from the cached corrupted residual (``start_at_layer``, exact) skips the
-    layers below it, which a patch there cannot change; ``logits_to_keep=1`` unembeds only the
-    last position, the one the metric reads.
+    This stand-in runs the corrupted prompts (left-padded, with their attention mask) once while
+    recording what every block was called with, and answers each patched run by replaying the
+    blocks from the patched layer up on those recorded inputs, unembedding only the last
+    position, the one the metric reads. A patch at layer L cannot change anything below L, so
+    this is exact (tests compare it with a hand-made full-forward patch); it costs (n − L)/n of a
+    forward. Architectures whose blocks cannot be replayed use the full forward, with a warning.
     """
 
     def __init__(self, model: TransformerBridge, tokens: Tensor, mask: Tensor, meter: CostMeter) -> None:
-        self.model, self.mask, self.cfg, self.meter = model, mask, model.cfg, meter
-        with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre"))
-        self.resid = {l: cache[f"blocks.{l}.hook_resid_pre"] for l in range(model.cfg.n_layers)}
+        self.model, self.tokens, self.mask, self.cfg, self.meter = model, tokens, mask, model.cfg, meter
+        self.calls = _record_blocks(model, tokens, mask)
+        self.softcap = getattr(getattr(model.original_model, "config", None), "final_logit_softcapping", None)
         meter.add(float(mask.sum()), model.cfg.n_layers, backward=False)
 
+    @torch.no_grad()
     def run_with_hooks(self, tokens: Tensor, fwd_hooks: Sequence[tuple[str, Callable]] = (), **kwargs: Any) -> Tensor:
         start = min((_layer_of(name) for name, _ in fwd_hooks), default=0)
+        if self.calls is None:
+            self.meter.add(float(self.mask.sum()), self.cfg.n_layers, backward=False)
+            return self.model.run_with_hooks(tokens, attention_mask=self.mask, fwd_hooks=list(fwd_hooks), **kwargs)
         self.meter.add(float(self.mask.sum()), self.cfg.n_layers - start, backward=False)
+        hidden = self.calls[start][0]
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+            for layer in range(start, self.cfg.n_layers):
+                out = self.model.blocks[layer](hidden, **self.calls[layer][1])
+                hidden = out[0] if isinstance(out, tuple) else out
+            logits = self.model.unembed(self.model.ln_final(hidden[:, -1:]))
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+
+
+def _record_blocks(model: TransformerBridge, tokens: Tensor, mask: Tensor) -> dict[int, tuple[Tensor, dict[str, Any]]] | None:
+    """Each block's hidden-state input and other arguments in one full forward (caches dropped), or ``None``."""
+    from .fastpath import _bind, _is_cache, _Unsupported, warn_once
+
+    calls: dict[int, Any] = {}
+
+    def record(index: int, module: Any, args: tuple, kwargs: dict) -> None:
+        try:
+            hidden, named = _bind(module, args, kwargs)
+        except _Unsupported as err:
+            calls[index] = err
+            return
+        named = {k: (None if _is_cache(v) else v) for k, v in named.items()}
+        if "use_cache" in named:
+            named["use_cache"] = False
+        calls[index] = (hidden.detach(), named)
+
+    handles = [model.blocks[i].register_forward_pre_hook(lambda m, a, k, i=i: record(i, m, a, k), with_kwargs=True)
+               for i in range(model.cfg.n_layers)]
+    try:
         with torch.no_grad():
-            if start == 0:
-                return self.model.run_with_hooks(tokens, attention_mask=self.mask, fwd_hooks=list(fwd_hooks),
-                                                 logits_to_keep=1, **kwargs)
-            return self.model.run_with_hooks(self.resid[start], start_at_layer=start, attention_mask=self.mask,
-                                             fwd_hooks=list(fwd_hooks), logits_to_keep=1, **kwargs)
+            model(tokens, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != model.cfg.n_layers or any(not isinstance(c, tuple) for c in calls.values()):
+        warn_once(f"replay:{type(model.original_model).__name__}", "Activation patching cannot replay this model's "
+                  "blocks; every patched run is a full forward (same numbers, slower).")
+        return None
+    return calls
 
 
 def _layer_of(hook: str) -> int:
@@ -202,14 +239,10 @@ def attribution_patching(model: TransformerBridge, pairs: Sequence[tuple[Tensor,
 
 
 # ablation and necessity --------------------------------------------------------------------------
-@torch.no_grad()
 def runner_scores(runner: LayerRunner, hooks: list) -> tuple[float, float]:
     """Accuracy and mean target log-prob over the runner's batches under ``hooks``."""
-    correct, logprob, n = 0, 0.0, 0
-    for i, batch in enumerate(runner.batches):
-        s = score_logits(runner.logits(i, hooks), batch.target_ids)
-        correct, logprob, n = correct + int(s.correct.sum()), logprob + float(s.target_logprob.sum()), n + len(batch)
-    return correct / n, logprob / n
+    accuracy, cross_entropy = runner.scores(hooks)
+    return accuracy, -cross_entropy
 
 
 def ablation_effects(runner: LayerRunner, model: TransformerBridge, layers: Sequence[int],

@@ -43,7 +43,7 @@ from .opinion_prompts import OpinionPrompt, QuestionBatch, answer_distribution, 
 from .solver import fista
 from .survey import Group, Survey, SurveyQuestion, SurveySplits
 
-DEFAULT_GROUP_L1 = (0.02, 0.005)
+DEFAULT_GROUP_L1 = (0.05, 0.01)
 DEFAULT_L1 = 1e-4
 
 

@@ -317,3 +317,32 @@ def test_device_check_says_plainly_when_there_is_no_gpu(capsys):
     assert module.main(["--quick"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["cuda"] is False and "no CUDA device" in out["status"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_head_analysis_runs_and_its_patching_replay_is_exact(models, arch, task):
+    from lens_laai.analysis import head_table
+
+    model = model_for(models, arch)
+    iv = fit(model, task, **{**FIT, "steps": 2}).intervention
+    fastpath._warned.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        analysis = head_table(model, task, iv, n_prompts=4, shots=2, patching_prompts=3, n_random=2,
+                              methods=("dla", "act_patch", "attr_patch", "ablation"), progress=False)
+    assert not no_fallback_warnings(record)
+    assert analysis.scores["act_patch"].shape == (model.cfg.n_layers, model.cfg.n_heads)
+    for name in ("dla", "act_patch", "attr_patch", "zero_logprob_drop"):
+        assert torch.isfinite(analysis.scores[name]).all(), name
+    assert not any(p.requires_grad for p in model.parameters())
+
+    from lens_laai.fastpath import CostMeter
+    from lens_laai.head_effects import _MaskedModel
+
+    batch = padded_batch(model, task)
+    replay = _MaskedModel(model, batch.input_ids, batch.attention_mask, CostMeter())
+    assert replay.calls is not None, "blocks replayed, not the full-forward fallback"
+    hook = [(hook_name(1), lambda z, hook: z + 0.5)]
+    full = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hook)[:, -1]
+    fast = replay.run_with_hooks(batch.input_ids, hook)[:, -1]
+    assert torch.allclose(fast, full, atol=1e-4 * max(1.0, float(full.abs().max())))

@@ -100,10 +100,11 @@ def test_heads_vs_ablation_smoke(capsys, tmp_path):
 def test_opinions_smoke(capsys, tmp_path):
     out = run_script("opinions", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
     rows = out["rows"]
-    assert {r["method"] for r in rows} == {"plain", "persona", "few_shot", "laai", "laai_no_lasso"}
+    assert {r["method"] for r in rows} == {"plain", "persona", "few_shot", "group_mean", "laai", "laai_no_lasso"}
     assert {(r["group"], r["seed"]) for r in rows} == {(g, s) for g in ("PARTY=Red", "PARTY=Blue") for s in (0, 1)}
     for row in rows:
         assert row["n_questions"] == 4 and 0 < row["representativeness"] <= 1 and row["kl"] >= 0 and 0 <= row["tv"] <= 1
-        assert (row["layer"] is None) == (row["method"] in ("plain", "persona", "few_shot"))
+        assert (row["layer"] is None) == (row["method"] in ("plain", "persona", "few_shot", "group_mean"))
+        assert row["spread"] >= 0 and row["target_spread"] > 0
     assert all(r["group_l1"] == 0 for r in rows if r["method"] == "laai_no_lasso")
     assert (tmp_path / "opinions.png").exists() and "| laai |" in (tmp_path / "opinions.md").read_text()

@@ -42,7 +42,7 @@ def test_opinion_notebook_runs_on_tiny_model(tmp_path):
     cells = json.loads(notebook.read_text())["cells"]
     source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     defaults = ['MODEL = "smollm2-135m"', 'SURVEY = "gss-spending"', 'GROUP = "POLVIEWS=Extremely conservative"',
-                "N_TRAIN, N_VALID = 8, 4", "LAYERS, STEPS = [7, 13, 19], 12"]
+                "N_TRAIN, N_VALID = 8, 4", "LAYERS, STEPS = [7, 13, 19], 10"]
     assert all(d in source for d in defaults)
     toy = tmp_path / "toy.json"  # the tiny model's 512-token context cannot hold GSS few-shot prompts
     toy.write_text(json.dumps(toy_survey().to_json()))

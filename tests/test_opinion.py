@@ -31,7 +31,7 @@ def splits(survey):
 
 @pytest.fixture(scope="module")
 def fitted(tiny, survey, splits):
-    return fit_opinion(tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.02, 0.005), progress=False)
+    return fit_opinion(tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.05, 0.01), progress=False)
 
 
 def test_prompt_format_is_the_issue_s():
@@ -101,7 +101,7 @@ def test_fit_lowers_the_training_divergence_and_records_the_split(tiny, survey, 
     assert record["group"] == "PARTY=Red" and record["hash"] == survey.data_hash()
     assert (record["train"], record["valid"], record["test"]) == (list(splits.train), list(splits.valid), list(splits.test))
     assert iv.metadata["opinion_prompt"] == OpinionPrompt().to_json()
-    assert set(fitted.sweep["group_l1"]) == {0.02, 0.005} and fitted.fast_path
+    assert set(fitted.sweep["group_l1"]) == {0.05, 0.01} and fitted.fast_path
 
 
 def test_large_group_penalty_switches_every_head_off_exactly(tiny, survey, splits):
@@ -111,7 +111,7 @@ def test_large_group_penalty_switches_every_head_off_exactly(tiny, survey, split
 
 def test_same_seed_same_delta_and_shared_runners_change_nothing(tiny, survey, splits, fitted):
     runners = {}
-    again = fit_opinion(tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.02, 0.005), progress=False,
+    again = fit_opinion(tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.05, 0.01), progress=False,
                         runners=runners)
     assert torch.equal(again.intervention.deltas[1], fitted.intervention.deltas[1])
     blue = fit_opinion(tiny, survey, "PARTY=Blue", 1, splits=splits, steps=8, progress=False, runners=runners)
