@@ -55,7 +55,8 @@ class HeadAblation(InterventionBase):
         kind: ``"zero"``, ``"mean"`` or ``"resample"``.
         values: ``{layer: [n_reference, n_heads, d_head]}`` reference outputs (empty for zero;
             one row, the mean, for mean ablation).
-        seed: the seed of the resampling draws (each forward call draws one reference per row).
+        seed: the seed of the resampling draws (each forward call draws one reference per row; every
+            ``fwd_hooks()`` / ``apply()`` starts the draws again from this seed, so results repeat).
     """
 
     FORMAT: ClassVar[str] = "lens_laai.HeadAblation"
@@ -87,7 +88,6 @@ class HeadAblation(InterventionBase):
             raise InterventionError("An ablation needs at least one (layer, head).")
         self.heads = sorted(set(heads))
         self._check_values()
-        self._generator = torch.Generator().manual_seed(self.seed)
 
     def _check_values(self) -> None:
         if self.kind == "zero":
@@ -142,13 +142,14 @@ class HeadAblation(InterventionBase):
 
     # protocol ---------------------------------------------------------------------------------
     def _hooks(self, where: Where) -> list[Hook]:
-        return [(hook_name(layer), self._hook(layer, where)) for layer in self.layers]
+        generator = torch.Generator().manual_seed(self.seed)  # each hook set replays the same draws
+        return [(hook_name(layer), self._hook(layer, where, generator)) for layer in self.layers]
 
-    def _hook(self, layer: int, where: Where) -> Callable[..., Tensor]:
+    def _hook(self, layer: int, where: Where, generator: torch.Generator) -> Callable[..., Tensor]:
         heads = [h for l, h in self.heads if l == layer]
 
         def hook(z: Tensor, hook: Any) -> Tensor:
-            replacement = self._replacement(layer, heads, z)
+            replacement = self._replacement(layer, heads, z, generator)
             positions = where.index(z) if isinstance(where, LastTokenTracker) else where
             out = z.clone()
             rows = torch.arange(z.shape[0], device=z.device)
@@ -159,13 +160,16 @@ class HeadAblation(InterventionBase):
                 out[:, :, heads] = replacement[:, None]
             else:
                 index = [-1] if positions == "last" else list(positions)
+                outside = [p for p in index if not -z.shape[1] <= p < z.shape[1]]
+                if outside:
+                    raise InterventionError(f"Positions {outside} are outside this sequence of {z.shape[1]} tokens.")
                 for p in index:
                     out[:, p, heads] = replacement
             return out
 
         return hook
 
-    def _replacement(self, layer: int, heads: list[int], z: Tensor) -> Tensor:
+    def _replacement(self, layer: int, heads: list[int], z: Tensor, generator: torch.Generator) -> Tensor:
         """``[batch, len(heads), d_head]`` values written over the heads."""
         batch = z.shape[0]
         if self.kind == "zero":
@@ -173,7 +177,7 @@ class HeadAblation(InterventionBase):
         bank = self.values[layer][:, heads].to(dtype=z.dtype, device=z.device)
         if self.kind == "mean":
             return bank[0].expand(batch, -1, -1)
-        draw = torch.randint(bank.shape[0], (batch,), generator=self._generator).to(z.device)
+        draw = torch.randint(bank.shape[0], (batch,), generator=generator).to(z.device)
         return bank[draw]
 
     def __mul__(self, scale: Any) -> Any:

@@ -9,8 +9,9 @@ It returns a :class:`HeadAnalysis`: one row per (layer, head), the same scores a
 Jaccard overlap with each method's top-k), a random-head ablation control, the logit lens of each
 selected head, and the cost of each column in forward-pass equivalents (``docs/analysis.md``).
 
-All prompts come from the intervention's held-out test split (never a pair it was fitted on);
-k-shot demonstrations from its training split.
+The scored prompts are built from the intervention's held-out test queries (never a pair it was
+fitted on), with k-shot demonstrations from its training split; the reference prompts for mean
+ablation and FV's mean activations are k-shot prompts of the training queries.
 
 Example:
     >>> from lens_laai import fit
@@ -160,7 +161,7 @@ class _AnalysisData:
         queries = test.subset(list(range(min(n_prompts, len(test)))))
         clean_text, corrupt_text, targets = _deranged_prompts(queries.pairs, train.pairs, shots, seed, template)
         tok = model.tokenizer
-        kept = [i for i in range(len(targets)) if _length(tok, clean_text[i], template) == _length(tok, corrupt_text[i], template)]
+        kept = [i for i in range(len(targets)) if _length(tok, clean_text[i]) == _length(tok, corrupt_text[i])]
         if not kept:
             raise TaskError("No clean/corrupted prompt pair tokenises to equal lengths; patching needs aligned pairs.")
         clean = make_batch(tok, [clean_text[i] for i in kept], [targets[i] for i in kept], template.prepend_bos, model.cfg.n_ctx)
@@ -184,7 +185,11 @@ def _deranged_prompts(queries: Sequence[Pair], pool: Sequence[Pair], shots: int,
     rng = random.Random(seed)
     clean, corrupt, targets = [], [], []
     for x, y in queries:
-        demos = rng.sample([p for p in pool if p[0] != x], shots)
+        candidates = [p for p in pool if p[0] != x]
+        if len(candidates) < shots:
+            raise TaskError(f"{shots}-shot prompts need {shots} demonstrations other than the query {x!r}; the training "
+                            f"split has {len(candidates)}. Use fewer shots.")
+        demos = rng.sample(candidates, shots)
         perm = list(range(shots))
         while any(i == j for i, j in enumerate(perm)):
             rng.shuffle(perm)
@@ -194,7 +199,7 @@ def _deranged_prompts(queries: Sequence[Pair], pool: Sequence[Pair], shots: int,
     return clean, corrupt, targets
 
 
-def _length(tokenizer: Any, text: str, template: PromptTemplate) -> int:
+def _length(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -266,7 +271,8 @@ class _Run:
         return out
 
     def necessity(self, meter: CostMeter) -> dict[str, Tensor]:
-        runner = LayerRunner(self.model, self.data.zero, min(self.iv.layers), True, _unit_meter(self.model, self.data.zero))
+        fast = self.iv.positions == "last"  # the prefix cache recomputes the last token only
+        runner = LayerRunner(self.model, self.data.zero, min(self.iv.layers), fast, _unit_meter(self.model, self.data.zero))
         out = fx.necessity(runner, self.model, self.iv)
         meter.merge(runner.meter)
         return out

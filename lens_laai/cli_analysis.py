@@ -88,6 +88,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
+    _check_folder(out)
     check_report_path(out, args.force)
     model, task, iv, analysis = _analyse(args)
     figures = {"Layer × head scores": figure_png(heatmaps(analysis.scores))}
@@ -118,15 +119,29 @@ def _path_figure(model: Any, task: Any, iv: Any, fit_path: Any, draw: Any, args:
     config = iv.metadata.get("fit_config", {})
     lam = float(config.get("group_l1", 0.3)) or 0.3
     splits = task if isinstance(task, TaskSplits) else held_out(task, records_of([iv.metadata]))
+    from .prompts import PromptTemplate
+
+    template = PromptTemplate.from_json(iv.metadata["template"]) if "template" in iv.metadata else None
     table, ivs = fit_path(model, splits, iv.layers[0], [lam * f for f in (8, 4, 2, 1, 0.5, 0.25, 0.0)],
-                          l1=float(config.get("l1", 0.0)), steps=int(config.get("steps", 30)), progress=not args.no_progress)
+                          l1=float(config.get("l1", 0.0)), steps=int(config.get("steps", 30)), lr=float(config.get("lr", 1.0)),
+                          shots=int(config.get("shots", 0)), template=template, progress=not args.no_progress)
     return draw(table, ivs)
 
 
 def _check_file(path: Path, force: bool) -> None:
+    _check_folder(path)
     if path.is_dir():
         raise SaveError(f"{path} is a directory; give the path of a .csv file.")
     if path.exists() and not force:
         raise SaveError(f"{path} exists; refusing to overwrite it. Choose a new path, or pass --force.")
 
 
+def _check_folder(path: Path) -> None:
+    """Refuse before the analysis runs, not after, when the output's folder cannot be written."""
+    import os
+
+    folder = path.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise SaveError(f"Cannot write into {folder}; choose another --out.")

@@ -67,6 +67,11 @@ def select_split(
         splits = task
     elif split == "all":
         return task, task
+    elif not records and (legacy := _legacy_split(interventions)) is not None:
+        given = {"seed": seed, "n_train": n_train, "n_valid": n_valid}
+        if any(v is not None and v != legacy[k] for k, v in given.items()):
+            raise TaskError(f"{given} disagree with the split this intervention records in its fit_config ({legacy}); drop them.")
+        splits = held_out(task, [], legacy["seed"], legacy["n_train"], legacy["n_valid"], legacy["n_test"])
     else:
         splits = held_out(task, records, seed, n_train, n_valid)
     if split == "all":
@@ -75,6 +80,17 @@ def select_split(
     if split == "test":
         check_unseen(part, records)
     return part, splits.train
+
+
+def _legacy_split(interventions: Sequence[Intervention]) -> dict[str, Any] | None:
+    """The split recorded by saves made before data records existed (``fit_config`` only), if all agree."""
+    configs = [iv.metadata.get("fit_config") for iv in interventions]
+    found = [{k: c.get(k) for k in ("seed", "n_train", "n_valid", "n_test")} for c in configs if isinstance(c, dict) and "seed" in c]
+    if not found:
+        return None
+    if any(f != found[0] for f in found):
+        raise TaskError("These interventions record different splits in their fit_config; pass explicit TaskSplits.")
+    return found[0]
 
 
 def resolve_template(template: PromptTemplate | None, interventions: Sequence[Intervention]) -> PromptTemplate:
@@ -167,6 +183,8 @@ def evaluate_many(
     for iv in interventions:
         iv.check_model(model)
     part, demos = select_split(task, split, interventions, seed, n_train, n_valid)
+    if not len(part):
+        raise TaskError(f"The {split!r} split is empty; choose another split or a larger task.")
     template = resolve_template(template, interventions)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     batches = model_batches(model, prompts, targets, batch_size, template)
@@ -208,7 +226,9 @@ def generate(
 
     ``delta_at="prompt"`` (default) adds Δ at the last prompt token only, as in training; every
     later token sees it through the attention cache. ``"every_token"`` also adds it at each
-    generated token. Cached and uncached generation compute the same thing in both modes.
+    generated token. An intervention (or ablation) whose ``positions`` are ``"all"`` acts at every
+    prompt and generated token; explicit positions index the left-padded prompt. Cached and
+    uncached generation compute the same thing in every case.
     ``temperature=0`` is greedy; otherwise sample, optionally restricted by ``top_k`` / ``top_p``,
     reproducibly with ``seed``. Each row stops at the tokenizer's EOS.
     """
@@ -217,6 +237,10 @@ def generate(
     if intervention is not None:
         intervention.check_model(model, strict)
     ids, mask = encode_prompts(model.tokenizer, texts, prepend_bos, model.cfg.n_ctx, max_new_tokens)
+    if intervention is not None and isinstance(intervention.positions, tuple) and (
+            min(intervention.positions) < 0 or max(intervention.positions) >= ids.shape[1]):
+        raise TaskError(f"generate needs an intervention's explicit positions inside the (left-padded) prompt, "
+                        f"0..{ids.shape[1] - 1}; got {intervention.positions}. Use positions='last' or 'all'.")
     device = model.cfg.device
     ids, mask = (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
     generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
@@ -265,6 +289,10 @@ def _generation_hooks(iv: Intervention | None, delta_at: DeltaAt, cached: bool, 
                       prompt_len: int, length: int) -> list:
     if iv is None:
         return []
+    if iv.positions == "all":
+        return iv.fwd_hooks("all")  # under a cache each step sees only its new token: every position once
+    if iv.positions != "last":
+        return iv.fwd_hooks(iv.positions) if first or not cached else []
     if cached:
         return iv.fwd_hooks("last") if first or delta_at == "every_token" else []
     if delta_at == "every_token":

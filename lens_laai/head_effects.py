@@ -225,7 +225,9 @@ def attribution_patching(model: TransformerBridge, pairs: Sequence[tuple[Tensor,
     was = embedding.requires_grad
     try:
         embedding.requires_grad_(True)
+        device = model.cfg.device
         for clean_ids, corrupt_ids, target in pairs:
+            clean_ids, corrupt_ids = clean_ids.to(device), corrupt_ids.to(device)
             result = attribution_patch(model, clean_ids[None], corrupt_ids[None],
                                        lambda logits, t=target: torch.log_softmax(logits[0, -1].float(), -1)[t])
             for node, score in result.node_scores.items():

@@ -114,14 +114,13 @@ def add_at_positions(
 class LastTokenTracker:
     """Watches a model's forward calls and knows each row's last real token for ``"last"``.
 
-    The bridge is given ``attention_mask`` explicitly, or builds one itself when it pads a batch
-    of strings; either way this tracker sees the same mask (it recomputes the bridge's padding of
-    a list of strings with the model's own tokenizer).
+    The bridge is either given ``attention_mask`` explicitly, which this tracker records, or a
+    batch of strings, which it pads on the tokenizer's side; for right padding the tracker
+    rebuilds that padding's mask with the model's own tokenizer.
     """
 
     def __init__(self, model: Any, attention_mask: Tensor | None = None) -> None:
         self.model = model
-        self.fixed = attention_mask
         self.mask: Tensor | None = attention_mask
 
     def index(self, z: Tensor) -> Positions | Tensor:
@@ -137,9 +136,6 @@ class LastTokenTracker:
     @contextmanager
     def watching(self) -> Iterator["LastTokenTracker"]:
         """Record the mask of every forward call of the model inside the block."""
-        if self.fixed is not None:
-            yield self
-            return
         handle = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
         try:
             yield self

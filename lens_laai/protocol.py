@@ -147,6 +147,9 @@ class InterventionBase:
         return self * -1.0
 
     def _combine(self: T, other: Any, sign: float, op: str) -> T:
+        if isinstance(other, InterventionBase) and type(other) is not type(self):
+            raise InterventionError(f"Cannot combine a {type(self).__name__} with a {type(other).__name__}; "
+                                    "apply them together instead (evaluate(model, task, [a, b]) or nested apply()).")
         if type(other) is not type(self):
             return NotImplemented
         for what, ours, theirs in (("models", self._shapes(), other._shapes()), ("positions", self.positions, other.positions)):

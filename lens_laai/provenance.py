@@ -4,8 +4,9 @@ A fit writes one :class:`DataRecord` into ``intervention.metadata["data"]``: the
 content hash, the seed and split sizes, a hash of each split, and a short hash of every pair the
 fit saw (training and validation). Algebra keeps the records of every operand. Evaluation then
 
-* reproduces the held-out split from a record and checks the split hashes, so a task file that
-  changed since the fit (one pair added reshuffles everything) is refused instead of re-split;
+* reproduces the held-out split from a record and checks the split hashes, so a task file of the
+  same name that changed since the fit (one pair added reshuffles everything) is refused instead
+  of re-split; another task (a transfer test) is split by the settings given, or 0 / 20 / 40;
 * refuses ``seed`` / ``n_train`` / ``n_valid`` that disagree with the record rather than ignoring
   them;
 * and, whatever the split came from, refuses to score a "test" pair that any operand saw while
@@ -98,12 +99,14 @@ def records_of(metadata_list: Iterable[dict[str, Any]]) -> list[DataRecord]:
 
 
 def held_out(task: Task, records: Sequence[DataRecord], seed: int | None = None, n_train: int | None = None,
-             n_valid: int | None = None) -> TaskSplits:
+             n_valid: int | None = None, n_test: int | None = None) -> TaskSplits:
     """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them."""
     asked = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)) if v is not None}
     if not records:
-        return task.split(**{**DEFAULT_SPLIT, **asked})
+        return task.split(**{**DEFAULT_SPLIT, **asked}, n_test=n_test)
     fitted_here = [r for r in records if r.reproduce(task) is not None]
+    if not fitted_here and not any(r.task == task.name for r in records):
+        return task.split(**{**DEFAULT_SPLIT, **asked})  # another task: any split, as long as check_unseen passes
     if not fitted_here:
         raise TaskError(
             f"Cannot reproduce the held-out split: the intervention was fitted on "

@@ -68,10 +68,18 @@ def check_report_path(path: str | os.PathLike, force: bool = False) -> Path:
     path = Path(path)
     if path.is_dir():
         raise SaveError(f"{path} is a directory; give the path of an .html file.")
-    if path.exists() and not force and GENERATOR not in path.read_text(encoding="utf-8", errors="replace")[:2000]:
+    if path.exists() and not force and GENERATOR not in _head(path):
         raise SaveError(f"{path} exists and is not a lens_laai report; refusing to overwrite it. "
                         "Choose a new path, or pass --force.")
     return path
+
+
+def _head(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(2000)
+    except OSError as err:
+        raise SaveError(f"{path} exists and cannot be read ({err.strerror}); choose another path.") from err
 
 
 def write_report(path: str | os.PathLike, page: str, force: bool = False) -> Path:

@@ -329,3 +329,71 @@ def test_same_shaped_model_with_other_weights_warns_or_is_refused(saved, task_fi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         saved[0].intervention.check_model(tiny_model())
+
+
+# found by a second reader of the diff ------------------------------------------------------------
+def test_saves_from_before_data_records_are_split_by_their_fit_config(tiny):
+    from lens_laai.evaluate import select_split
+
+    iv = HeadIntervention.zeros(tiny, [1], metadata={"fit_config": {"seed": 1, "n_train": 10, "n_valid": 4, "n_test": None}})
+    task = Task("tiny-antonym", list(TINY_PAIRS))
+    part, _ = select_split(task, "test", [iv])
+    assert part.pairs == task.split(1, 10, 4).test.pairs
+    with pytest.raises(TaskError, match="fit_config"):
+        select_split(task, "test", [iv], seed=0)
+
+
+def test_combining_two_kinds_of_intervention_is_a_clear_error(tiny, saved, tmp_path, capsys):
+    from lens_laai.baselines import ResidualIntervention
+    from lens_laai.models import model_fingerprint
+
+    residual = ResidualIntervention(torch.ones(tiny.cfg.d_model), 1, "tiny", model_fingerprint(tiny))
+    residual.save(tmp_path / "r")
+    assert main(["compose", str(saved[1]), str(tmp_path / "r"), "--out", str(tmp_path / "both")]) == 2
+    assert "Cannot combine a HeadIntervention with a ResidualIntervention" in capsys.readouterr().err
+
+
+def test_evaluate_many_on_an_empty_split(tiny, saved):
+    from lens_laai import evaluate_many
+
+    with pytest.raises(TaskError, match="empty"):
+        evaluate_many(tiny, Task("t", list(TINY_PAIRS)).split(0, 8, 0), [saved[0].intervention], split="valid")
+
+
+def test_ablation_positions_outside_the_sequence(tiny):
+    from lens_laai import HeadAblation
+
+    with pytest.raises(InterventionError, match="outside this sequence"):
+        evaluate(tiny, Task("t", list(TINY_PAIRS)), HeadAblation.zero(tiny, [(1, 0)], positions=(50,)), split="all")
+
+
+def test_resample_ablation_repeats_its_draws(tiny):
+    from lens_laai import HeadAblation
+    from lens_laai.prompts import k_shot_prompts, model_batches
+
+    task = Task("t", list(TINY_PAIRS))
+    ablation = HeadAblation.resample(tiny, [(1, 0), (2, 1)], model_batches(tiny, *k_shot_prompts(task, 2)), seed=3)
+    first = evaluate(tiny, task, ablation, split="all").table.target_logprob
+    assert first.equals(evaluate(tiny, task, ablation, split="all").table.target_logprob)
+
+
+def test_generate_honours_an_all_positions_ablation(tiny):
+    from lens_laai import HeadAblation
+
+    ablation = HeadAblation.zero(tiny, [(0, h) for h in range(4)] + [(1, h) for h in range(4)], positions="all")
+    cached = generate(tiny, ["Q: hot\nA:", "Q: up\nA:"], ablation, max_new_tokens=5)
+    assert cached == generate(tiny, ["Q: hot\nA:", "Q: up\nA:"], ablation, max_new_tokens=5, use_past_kv_cache=False)
+    with ablation.apply(tiny):
+        first = tiny.tokenizer.decode([int(tiny(tiny.to_tokens("Q: hot\nA:"))[0, -1].argmax())])
+    assert cached[0].startswith(first)
+    with pytest.raises(TaskError, match="explicit positions"):
+        generate(tiny, "Q: hot\nA:", HeadAblation.zero(tiny, [(1, 0)], positions=(-1,)))
+
+
+def test_another_task_is_split_normally_but_never_scores_seen_pairs(tiny, saved):
+    reversed_task = Task("reverse", [(b, a) for a, b in TINY_PAIRS])
+    result = evaluate(tiny, reversed_task, saved[0].intervention, n_train=4, n_valid=2)
+    assert result.n == 24 - 6
+    leaky = Task("other", list(TINY_PAIRS) + [("above", "below")])
+    with pytest.raises(TaskError, match="were used to fit"):
+        evaluate(tiny, leaky, saved[0].intervention, n_train=2, n_valid=2)
