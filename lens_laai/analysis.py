@@ -104,6 +104,10 @@ def head_table(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise TaskError(f"Unknown analysis methods {unknown}; choose from {METHODS}.")
+    for name, value, least in (("n_prompts", n_prompts, 1), ("shots", shots, 2), ("patching_prompts", patching_prompts, 1),
+                               ("n_random", n_random, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise TaskError(f"{name} must be an integer ≥ {least}, got {value!r}.")
     if not isinstance(intervention, HeadIntervention):
         raise TaskError(f"head_table analyses a HeadIntervention, got {type(intervention).__name__}.")
     intervention.check_model(model)

@@ -230,3 +230,12 @@ def page_requests(net_log) -> list[str]:
     start = data["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
     requests = [e["params"] for e in data["events"] if e["type"] == start and "url" in e.get("params", {})]
     return [p["url"] for p in requests if p.get("initiator") != "not an origin" and not p["url"].startswith(("file:", "data:"))]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"n_prompts": 0}, "n_prompts"), ({"patching_prompts": -3}, "patching_prompts"),
+                                             ({"n_random": -1}, "n_random"), ({"shots": 1}, "shots")])
+def test_bad_analysis_settings_are_refused(tiny, fitted, kwargs, message):
+    from lens_laai import TaskError
+
+    with pytest.raises(TaskError, match=message):
+        head_table(tiny, fitted[0], fitted[1], progress=False, **kwargs)
