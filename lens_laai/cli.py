@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .errors import LensLaaiError
-from .fit import FitConfig
+from .fit import DEFAULT_GROUP_L1_REL, FitConfig
 from .opinion_cli import add_survey_args, eval_survey, fill_task_defaults, fit_survey, is_survey
 
 
@@ -58,17 +58,29 @@ def _parser() -> argparse.ArgumentParser:
     _task_args(f)
     add_survey_args(f, fit=True)
     f.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
-    f.add_argument("--layer", default="auto", help="layer index, or 'auto' to pick on validation (default)")
+    f.add_argument("--layer", default="auto",
+                   help="layer index, or 'auto' (default) to choose among --layers by --select")
     f.add_argument("--layers", default="default",
-                   help="layers the auto sweep tries: comma list, 'all', or 'default' (every 3rd layer in the middle 70%%)")
-    f.add_argument("--n-train", type=int, default=FitConfig.n_train)
-    f.add_argument("--n-valid", type=int, default=FitConfig.n_valid)
+                   help="candidate layers for 'auto': comma list, 'all', or 'default' (lens_laai.default_layers)")
+    f.add_argument("--n-train", type=int, default=FitConfig.n_train, help="labelled pairs to fit on (default %(default)s)")
+    f.add_argument("--n-valid", type=int, default=FitConfig.n_valid,
+                   help="extra labelled pairs for --select valid (default 0: the fit uses only --n-train pairs)")
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
+    f.add_argument("--select", choices=["auto", "cv", "valid"], default="auto",
+                   help="how layer and λ₂ are chosen: 'cv' (cross-validation on the training pairs), 'valid' (on "
+                        "--n-valid extra pairs: the older protocol), 'auto' (valid if --n-valid > 0, else cv)")
+    f.add_argument("--folds", type=int, default=FitConfig.folds, help="folds for --select cv (default %(default)s)")
+    f.add_argument("--no-halving", action="store_true",
+                   help="cross-validate every candidate layer along the whole λ₂ path (default: successive halving)")
+    f.add_argument("--init", choices=["zero", "mean-difference"], default=FitConfig.init,
+                   help="starting point of the fit (default %(default)s)")
     f.add_argument("--l1", type=float, default=None, help=f"λ₁ (default {FitConfig.l1} for tasks, 1e-4 for surveys)")
+    f.add_argument("--group-l1-rel", default=None,
+                   help="λ₂ as fractions of λ_max at each layer, a comma list is a path (default "
+                        f"{','.join(map(str, DEFAULT_GROUP_L1_REL))}); tasks only")
     f.add_argument("--group-l1", default=None,
-                   help=f"λ₂ (default {FitConfig.group_l1} for tasks, the path 0.05,0.01 for surveys); a comma list "
-                        "is a path (warm starts) and the best value on validation is kept")
-    f.add_argument("--steps", type=int, default=None, help=f"default {FitConfig.steps} for tasks, 20 for surveys")
+                   help="absolute λ₂ instead of --group-l1-rel (a comma list is a path; surveys: default 0.05,0.01)")
+    f.add_argument("--steps", type=int, default=None, help=f"proximal steps per λ₂: default {FitConfig.steps} for tasks, 20 for surveys")
     f.add_argument("--lr", type=float, default=None, help=f"default {FitConfig.lr}")
     f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
     _out_args(f)
@@ -155,7 +167,11 @@ def _fit(args: argparse.Namespace) -> int:
     check_save_path(args.out, force=args.force)
     model = model_from_args(args)
     result = fit(model, splits, layer, layers=parse_layers(args.layers, model.cfg.n_layers), l1=args.l1,
-                 group_l1=_floats(args.group_l1, "--group-l1"), steps=args.steps, lr=args.lr, progress=not args.no_progress)
+                 group_l1=_floats(args.group_l1, "--group-l1") if args.group_l1 else None,
+                 group_l1_rel=_floats(args.group_l1_rel, "--group-l1-rel") if args.group_l1_rel else None,
+                 steps=args.steps, lr=args.lr, init=args.init, select=args.select, folds=args.folds,
+                 halving=not args.no_halving,
+                 progress=not args.no_progress)
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
     zero = few = None
     if not args.no_baselines:
@@ -164,7 +180,8 @@ def _fit(args: argparse.Namespace) -> int:
     result.intervention.save(args.out, force=args.force)
     summary = {
         "task": task.name, "model": args.model, "device": str(model.cfg.device), "dtype": str(model.cfg.dtype).removeprefix("torch."),
-        "layer": result.layer,
+        "layer": result.layer, "group_l1": result.config.group_l1, "relative": result.config.relative,
+        "selection": result.selection, "labelled_pairs_used": len(splits.train) + (len(splits.valid) if result.selection == "valid" else 0),
         "selected_heads": [list(h) for h in result.selected_heads],
         "n_heads_total": model.cfg.n_heads, "train_accuracy": result.train_accuracy,
         "valid_accuracy": result.valid_accuracy, "test_accuracy": test.accuracy, "n_test": test.n,
@@ -184,7 +201,8 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     print(f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
           f"{s['n_heads_total']} heads selected ({heads})")
     if len(sweep) > 1:
-        print("\nLayer sweep (validation):")
+        how = {"cv": "cross-validation on the training pairs", "valid": "the validation split"}.get(s["selection"], "")
+        print(f"\nCandidates (scored by {how}; {s['labelled_pairs_used']} labelled pairs used in all):")
         print(sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     rows = [("zero-shot prompt", s["zero_shot_accuracy"]), ("5-shot prompt", s["few_shot_accuracy"]),
             ("LAAI intervention (0-shot)", s["test_accuracy"])]

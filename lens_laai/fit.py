@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from .bridge import model_fingerprint, model_name
 from .errors import FitError, TaskError
-from .fastpath import CostMeter, LayerRunner, block_device, warn_once
-from .intervention import HeadIntervention, delta_hook, hook_name
-from .prompts import Batch, PromptTemplate, k_shot_prompts, left_pad, model_batches, pad_id
-from .provenance import fit_metadata
-from .solver import StepRecord, fista
+from .fastpath import CostMeter
+from .intervention import HeadIntervention
+from .layer_fit import Init, LayerFit, layer_path, solve_layer, training_batches  # noqa: F401  (re-exported)
+from .prompts import PromptTemplate
+from .search import choose, cross_validate, summarise
 from .tasks import Task, TaskSplits
 
 Objective = Literal["first_token", "sequence"]
@@ -74,21 +69,37 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+Select = Literal["auto", "cv", "valid"]
+DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.25, 0.1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FitConfig:
-    """Everything that, with the data and model, reproduces a fit."""
+    """Everything that, with the data and model, reproduces a fit.
+
+    With ``relative`` (the default) ``group_l1`` is a fraction of λ_max at the fitted layer (see
+    :func:`lens_laai.layer_fit.lambda_max`); otherwise it is λ₂ itself. ``select`` says how the
+    layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
+    ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
+    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+    """
 
     layer: int | str = "auto"
     layers: tuple[int, ...] | None = None
     l1: float = 1e-3
-    group_l1: float = 0.3
+    group_l1: float = DEFAULT_GROUP_L1_REL[-1]
+    relative: bool = True
     steps: int = 50
     lr: float = 1.0
     n_train: int = 20
-    n_valid: int = 40
+    n_valid: int = 0
     n_test: int | None = None
     seed: int = 0
     shots: int = 0
+    init: Init = "zero"
+    select: str = "cv"
+    folds: int = 2
+    halving: bool = True
     objective: Objective = "first_token"
     batch_size: int = 32
     fast: bool = True
@@ -109,6 +120,14 @@ class FitConfig:
             raise FitError(f"shots must be an integer ≥ 0, got {self.shots!r}.")
         if self.objective not in ("first_token", "sequence"):
             raise FitError(f"objective must be 'first_token' or 'sequence', got {self.objective!r}.")
+        if self.init not in ("zero", "mean-difference"):
+            raise FitError(f"init must be 'zero' or 'mean-difference', got {self.init!r}.")
+        if self.select not in ("auto", "cv", "valid", "none"):
+            raise FitError(f"select must be 'auto', 'cv' or 'valid', got {self.select!r}.")
+        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
+            raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
+        if not isinstance(self.halving, bool):
+            raise FitError(f"halving must be True or False, got {self.halving!r}.")
         self.candidate_layers(n_layers)
 
     def candidate_layers(self, n_layers: int) -> list[int]:
@@ -121,7 +140,13 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """A fitted intervention with its training record and validation scores."""
+    """A fitted intervention with its training record and selection scores.
+
+    ``valid_accuracy`` is the score the choice was made on: the pooled held-out accuracy of
+    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``), or
+    the training accuracy when there was nothing to choose (``"none"``). ``sweep`` has one row per
+    candidate (layer, λ₂) with that score.
+    """
 
     intervention: HeadIntervention
     layer: int
@@ -135,6 +160,7 @@ class FitResult:
     seconds: float
     forward_equivalents: float
     fast_path: bool = True
+    selection: str = "none"
 
 
 def fit(
@@ -144,7 +170,8 @@ def fit(
     *,
     layers: Sequence[int] | str | None = None,
     l1: float = FitConfig.l1,
-    group_l1: float | Sequence[float] = FitConfig.group_l1,
+    group_l1: float | Sequence[float] | None = None,
+    group_l1_rel: float | Sequence[float] | None = None,
     steps: int = FitConfig.steps,
     lr: float = FitConfig.lr,
     n_train: int | None = None,
@@ -152,6 +179,10 @@ def fit(
     n_test: int | None = None,
     seed: int | None = None,
     shots: int = 0,
+    init: Init = "zero",
+    select: Select = "auto",
+    folds: int = FitConfig.folds,
+    halving: bool = FitConfig.halving,
     objective: Objective = "first_token",
     batch_size: int = 32,
     fast: bool = True,
@@ -162,15 +193,26 @@ def fit(
 
     Args:
         task: a :class:`Task` (split here by ``seed`` into ``n_train``/``n_valid``/rest, defaults
-            0/20/40), ready :class:`TaskSplits` (then give none of those three), or a list of
+            0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
             your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
             (e.g. :meth:`PromptTemplate.chat`).
-        layer: a layer index, or ``"auto"`` to sweep ``layers`` (default: :func:`default_layers`;
-            ``"all"`` for every layer) and keep the best validation accuracy (ties: lower loss).
-        l1, group_l1: λ₁ and λ₂ of the penalty. A sequence of λ₂ values is a path, fitted
-            largest first with warm starts at every layer; the best (layer, λ₂) on validation wins.
-        steps, lr: proximal steps per (layer, λ₂) and the initial step size (adapted by backtracking).
+        layer: a layer index, or ``"auto"`` to choose among ``layers`` (default:
+            :func:`default_layers`; ``"all"`` for every layer).
+        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.25, 0.1)``, a path
+            fitted largest first with warm starts). ``group_l1``: absolute λ₂ instead (one value
+            or a path); give one of the two.
+        l1: λ₁ (absolute).
+        select: how the layer and λ₂ are chosen when there is more than one candidate. ``"cv"``:
+            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled
+            data beyond ``n_train``. ``"valid"``: on the validation split (``n_valid`` more
+            labelled pairs; the older protocol). ``"auto"``: ``"valid"`` when there is a
+            validation split, else ``"cv"``. The chosen candidate is refitted on all training pairs.
+        folds, halving: cross-validation folds; with ``halving`` only the better half of the layers
+            go on to each next λ₂ (successive halving, see :func:`lens_laai.search.cross_validate`).
+        steps, lr: proximal steps per λ₂ and the initial step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
+        init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
+            ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
         objective: ``"first_token"`` or ``"sequence"`` (whole target, teacher forcing; uses the
             full forward).
         template: how pairs become prompts; recorded in the intervention and reused by evaluation.
@@ -179,34 +221,77 @@ def fit(
     Raises:
         FitError: a bad setting (before any work), or a loss that is not finite.
     """
-    lambdas = _as_tuple(group_l1)
-    cfg = FitConfig(layer=layer, layers=_layers_arg(layers), l1=l1, group_l1=lambdas[0], steps=steps, lr=lr,
-                    shots=shots, objective=objective, batch_size=batch_size, fast=fast)
+    lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
+    cfg = FitConfig(layer=layer, layers=_layers_arg(layers), l1=l1, group_l1=lambdas[0], relative=relative, steps=steps,
+                    lr=lr, shots=shots, init=init, select=select, folds=folds, halving=halving, objective=objective,
+                    batch_size=batch_size, fast=fast)
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
     splits, source, template = _prepare_data(task, template, n_train, n_valid, n_test, seed)
-    cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed)
-    _check_splits(splits, shots)
-    start = time.perf_counter()
-    meter = CostMeter()
     candidates = cfg.candidate_layers(model.cfg.n_layers)
+    how = _selection(select, splits, len(candidates) * len(lambdas), folds)
+    cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test),
+                  seed=splits.seed, select=how)
+    _check_splits(splits, shots, how)
+    start, meter = time.perf_counter(), CostMeter()
+    if how == "cv":
+        best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
+    else:
+        best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
+    chosen = replace(cfg, layer=best.layer, group_l1=best.group_l1_rel if relative else best.group_l1)
+    extra = {"group_l1_absolute": best.group_l1, "lambda_max": best.lambda_max, "selection": how}
+    iv = best.intervention(model, splits, source, chosen, template, **extra)
+    return FitResult(
+        intervention=iv, layer=best.layer, history=pd.DataFrame([asdict(r) for r in best.history]),
+        train_accuracy=best.train_accuracy, valid_accuracy=best.valid_accuracy, selected_heads=iv.selected_heads(),
+        config=chosen, sweep=sweep, splits=splits, seconds=time.perf_counter() - start,
+        forward_equivalents=meter.forward_equivalents(), fast_path=best.fast_path, selection=how,
+    )
+
+
+def _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress) -> tuple[LayerFit, pd.DataFrame]:
+    """Every candidate fitted on the training pairs and scored on the validation split (or on training, alone)."""
     show_steps = progress and len(candidates) == 1 and len(lambdas) == 1
     rows, best = [], None
     bar = tqdm(candidates, desc="layers", disable=not progress or len(candidates) == 1)
     for L in bar:
-        for fitted in _layer_path(model, splits, L, lambdas, cfg, template, meter, show_steps):
+        for fitted in layer_path(model, splits.train, splits.valid, L, lambdas, cfg, template, meter, show_steps):
             rows.append(fitted.row())
             if best is None or fitted.key() > best.key():
                 best = fitted
         bar.set_postfix(best_layer=best.layer, valid_acc=f"{best.valid_accuracy:.2f}")
-    chosen = replace(cfg, layer=best.layer, group_l1=best.group_l1)
-    iv = best.intervention(model, splits, source, chosen, template)
-    return FitResult(
-        intervention=iv, layer=best.layer, history=pd.DataFrame([asdict(r) for r in best.history]),
-        train_accuracy=best.train_accuracy, valid_accuracy=best.valid_accuracy, selected_heads=iv.selected_heads(),
-        config=chosen, sweep=pd.DataFrame(rows), splits=splits, seconds=time.perf_counter() - start,
-        forward_equivalents=meter.forward_equivalents(), fast_path=best.fast_path,
-    )
+    return best, pd.DataFrame(rows)
+
+
+def _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress) -> tuple[LayerFit, pd.DataFrame]:
+    """Choose (layer, λ₂) by cross-validation on the training pairs, then refit it on all of them."""
+    table = cross_validate(model, splits.train, candidates, lambdas, cfg, template, meter, progress)
+    choice = choose(table)
+    path = [lam for lam in lambdas if lam >= choice["lam"]]
+    fitted = list(layer_path(model, splits.train, splits.valid, choice["layer"], path, cfg, template, meter))[-1]
+    fitted.valid_accuracy, fitted.valid_ce = choice["cv_accuracy"], choice["cv_ce"]
+    return fitted, summarise(table)
+
+
+def _selection(select: str, splits: TaskSplits, n_candidates: int, folds: int) -> str:
+    if select not in ("auto", "cv", "valid"):
+        raise FitError(f"select must be 'auto', 'cv' or 'valid', got {select!r}.")
+    if n_candidates == 1:
+        return "none"
+    if select == "valid" and not len(splits.valid):
+        raise FitError("select='valid' chooses on the validation split, which is empty; use n_valid ≥ 1 or select='cv'.")
+    if select == "auto":
+        return "valid" if len(splits.valid) else "cv"
+    return select
+
+
+def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bool]:
+    """(λ₂ values, whether they are relative to λ_max)."""
+    if group_l1 is not None and group_l1_rel is not None:
+        raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
+    if group_l1 is not None:
+        return _as_tuple(group_l1), False
+    return _as_tuple(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel), True
 
 
 def _prepare_data(task: TaskLike, template: PromptTemplate | None, n_train: int | None, n_valid: int | None,
@@ -221,19 +306,16 @@ def _prepare_data(task: TaskLike, template: PromptTemplate | None, n_train: int 
         if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
             raise FitError(f"task must be a Task, TaskSplits or a list of (prompt, target) strings, got {type(task).__name__}.")
         task, template = Task.from_pairs(task), template or PromptTemplate.verbatim()
-    splits = task.split(0 if seed is None else seed, 20 if n_train is None else n_train,
-                        40 if n_valid is None else n_valid, n_test)
+    splits = task.split(0 if seed is None else seed, FitConfig.n_train if n_train is None else n_train,
+                        FitConfig.n_valid if n_valid is None else n_valid, n_test)
     return splits, task, template or PromptTemplate()
 
 
-def _check_splits(splits: TaskSplits, shots: int) -> None:
+def _check_splits(splits: TaskSplits, shots: int, how: str) -> None:
     if not len(splits.train):
         raise TaskError("The training split is empty; use n_train ≥ 1.")
     if shots > len(splits.train) - 1:
         raise FitError(f"{shots}-shot training prompts need {shots + 1} or more training pairs; use n_train ≥ {shots + 1}.")
-    if not len(splits.valid):
-        warnings.warn("The validation split is empty: the layer and λ are chosen on the training loss, "
-                      "which favours overfitting. Use n_valid ≥ 1 for an honest choice.", UserWarning, stacklevel=3)
 
 
 def _layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:
@@ -249,6 +331,7 @@ def fit_path(
     group_l1s: Sequence[float],
     *,
     l1: float = 0.0,
+    relative: bool = False,
     steps: int = FitConfig.steps,
     lr: float = FitConfig.lr,
     shots: int = 0,
@@ -258,68 +341,23 @@ def fit_path(
 ) -> tuple[pd.DataFrame, list[HeadIntervention]]:
     """A λ₂ path at one layer, largest first, each fit warm-started from the previous one.
 
-    Returns a DataFrame (``group_l1, n_selected, train_accuracy, valid_accuracy, valid_ce``)
+    ``group_l1s`` are absolute, or fractions of λ_max with ``relative=True``. Returns a DataFrame
+    (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
     """
     template = template or PromptTemplate()
     lambdas = tuple(sorted(_as_tuple(group_l1s), reverse=True))
-    cfg = FitConfig(layer=layer, l1=l1, group_l1=lambdas[0], steps=steps, lr=lr, n_train=len(splits.train),
-                    n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed, shots=shots, fast=fast)
+    cfg = FitConfig(layer=layer, l1=l1, group_l1=lambdas[0], relative=relative, steps=steps, lr=lr,
+                    n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed,
+                    shots=shots, select="none", fast=fast)
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
-    _check_splits(splits, shots)
-    fits = list(tqdm(_layer_path(model, splits, layer, lambdas, cfg, template, CostMeter(), False),
+    _check_splits(splits, shots, "none")
+    fits = list(tqdm(layer_path(model, splits.train, splits.valid, layer, lambdas, cfg, template, CostMeter()),
                      desc="λ path", total=len(lambdas), disable=not progress))
-    ivs = [f.intervention(model, splits, None, replace(cfg, group_l1=f.group_l1), template) for f in fits]
+    ivs = [f.intervention(model, splits, None, replace(cfg, group_l1=f.group_l1_rel if relative else f.group_l1), template)
+           for f in fits]
     return pd.DataFrame([f.row() for f in fits]).drop(columns=["layer"]), ivs
-
-
-@dataclass
-class _Fitted:
-    """One fitted (layer, λ₂) candidate with its scores."""
-
-    layer: int
-    group_l1: float
-    delta: Tensor
-    history: list[StepRecord]
-    train_accuracy: float
-    valid_accuracy: float
-    valid_ce: float
-    fast_path: bool
-
-    def key(self) -> tuple[float, float]:
-        return (self.valid_accuracy, -self.valid_ce)
-
-    def row(self) -> dict[str, Any]:
-        return {"layer": self.layer, "group_l1": self.group_l1, "n_selected": int((self.delta.norm(dim=-1) > 0).sum()),
-                "train_accuracy": self.train_accuracy, "valid_accuracy": self.valid_accuracy,
-                "valid_ce": self.valid_ce, "train_loss": self.history[-1].loss}
-
-    def intervention(self, model: TransformerBridge, splits: TaskSplits, source: Task | None, cfg: FitConfig,
-                     template: PromptTemplate) -> HeadIntervention:
-        metadata = fit_metadata(splits, source, template, asdict(cfg), train_accuracy=self.train_accuracy,
-                                valid_accuracy=self.valid_accuracy)
-        # Δ leaves the fit as plain data (CPU, float32), exactly as a saved one loads; hooks move and cast it.
-        delta = self.delta.detach().to("cpu", torch.float32).clone()
-        return HeadIntervention({self.layer: delta}, model_name(model), model_fingerprint(model), "last", metadata)
-
-
-def _layer_path(model, splits, layer, lambdas, cfg, template, meter, show_steps):
-    """Fit each λ₂ (largest first, warm-started) at ``layer``; yield a scored :class:`_Fitted` each."""
-    train = training_batches(model, splits.train, splits.train, cfg, template)
-    valid = training_batches(model, splits.valid, splits.train, cfg, template) if len(splits.valid) else []
-    if cfg.fast and cfg.objective == "sequence":
-        warn_once("objective:sequence", "objective='sequence' scores tokens after the prompt, which the last-token "
-                  "fast path does not compute; fitting with the full forward.")
-    runner = LayerRunner(model, train, layer, cfg.fast and cfg.objective == "first_token", meter)
-    valid_runner = LayerRunner(model, valid, layer, cfg.fast, meter) if valid else None
-    # Δ is optimised in float32 on the intervened block's device, whatever the model's dtype; the hook casts it.
-    delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head, device=block_device(model, layer), dtype=torch.float32)
-    for lam in sorted(lambdas, reverse=True):
-        delta, history = _fit_layer(runner, train, replace(cfg, group_l1=lam), delta, show_steps)
-        train_acc, train_ce = runner.scores(_hooks(layer, delta))
-        valid_acc, valid_ce = valid_runner.scores(_hooks(layer, delta)) if valid_runner else (train_acc, train_ce)
-        yield _Fitted(layer, lam, delta, history, train_acc, valid_acc, valid_ce, runner.is_fast)
 
 
 def _as_tuple(group_l1: float | Sequence[float]) -> tuple[float, ...]:
@@ -327,78 +365,3 @@ def _as_tuple(group_l1: float | Sequence[float]) -> tuple[float, ...]:
     if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
         raise FitError(f"group_l1 must be a number or a non-empty list of numbers, got {group_l1!r}.")
     return tuple(float(v) for v in values)
-
-
-# internals ------------------------------------------------------------------------------------
-def training_batches(model: TransformerBridge, task: Task, demos: Task, cfg: FitConfig, template: PromptTemplate) -> list[Batch]:
-    """Prompts of ``task`` (with ``cfg.shots`` demonstrations from ``demos``) in batches."""
-    prompts, targets = k_shot_prompts(task, cfg.shots, demos, cfg.seed, template)
-    return model_batches(model, prompts, targets, cfg.batch_size, template)
-
-
-def _fit_layer(
-    runner: LayerRunner, train: list[Batch], cfg: FitConfig, init: Tensor, show: bool
-) -> tuple[Tensor, list[StepRecord]]:
-    bar = tqdm(total=cfg.steps, desc=f"fit layer {runner.layer}", disable=not show)
-
-    def on_step(r: StepRecord) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{r.loss:.3f}", heads=r.n_selected)
-
-    delta, history = solve_layer(runner, train, cfg, init, on_step)
-    bar.close()
-    return delta, history
-
-
-def solve_layer(
-    runner: LayerRunner, train: list[Batch], cfg: FitConfig, init: Tensor, on_step: Callable[[StepRecord], None] | None
-) -> tuple[Tensor, list[StepRecord]]:
-    """Minimise the penalised objective over Δ at ``runner.layer`` from ``init`` (FISTA)."""
-    n_rows = sum(len(b) for b in train)
-    init = init.to(device=runner.delta_device, dtype=torch.float32)
-
-    def loss(delta: Tensor, backward: bool) -> Tensor:
-        total = torch.zeros((), device=delta.device)
-        for i, batch in enumerate(train):
-            if cfg.objective == "sequence":
-                part = _sequence_ce(runner, batch, delta, backward) * len(batch)
-            else:
-                part = runner.cross_entropy(i, _hooks(runner.layer, delta), backward)
-            total = total + part.to(total.device)  # the loss may come off another device than Δ's
-        return total / n_rows
-
-    def smooth_and_grad(y: Tensor) -> tuple[float, Tensor]:
-        y = y.detach().requires_grad_(True)
-        value = loss(y, backward=True)
-        (grad,) = torch.autograd.grad(value, y)
-        return float(value.detach()), grad
-
-    def smooth(x: Tensor) -> float:
-        with torch.no_grad():
-            return float(loss(x, backward=False))
-
-    return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
-
-
-def _hooks(layer: int, delta: Tensor) -> list[tuple[str, Callable]]:
-    return [(hook_name(layer), delta_hook(delta))]
-
-
-def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:
-    """Teacher-forced CE of every target token, Δ at each row's last prompt token only."""
-    model = runner.model
-    rows = [ids[ids_mask.bool()].tolist() + tgt[:-1] for ids, ids_mask, tgt in
-            zip(batch.input_ids, batch.attention_mask, batch.target_tokens)]
-    ids, mask = left_pad(rows, pad_id(model.tokenizer))
-    ids, mask = ids.to(batch.input_ids.device), mask.to(batch.input_ids.device)
-    width = ids.shape[1]
-    target_lens = torch.tensor([len(t) for t in batch.target_tokens])
-    last_prompt = width - target_lens  # index of each row's last prompt token
-    runner.meter.add(float(mask.sum()), model.cfg.n_layers, backward)
-    logits = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), delta_hook(delta, last_prompt))])
-    total = torch.zeros((), device=logits.device)
-    for i, tgt in enumerate(batch.target_tokens):
-        start = int(last_prompt[i])
-        total = total + F.cross_entropy(logits[i, start:start + len(tgt)].float(), torch.tensor(tgt, device=logits.device),
-                                        reduction="mean")
-    return total / len(batch.target_tokens)

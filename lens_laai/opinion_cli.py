@@ -46,8 +46,7 @@ def fill_task_defaults(args: argparse.Namespace) -> None:
     """The task defaults of options whose survey defaults differ (left ``None`` by the parser)."""
     from .fit import FitConfig
 
-    for name, value in (("l1", FitConfig.l1), ("group_l1", str(FitConfig.group_l1)), ("steps", FitConfig.steps),
-                        ("lr", FitConfig.lr)):
+    for name, value in (("l1", FitConfig.l1), ("steps", FitConfig.steps), ("lr", FitConfig.lr)):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if getattr(args, "n_train_questions", None) is not None or getattr(args, "n_valid_questions", None) is not None:
@@ -88,6 +87,12 @@ def fit_survey(args: argparse.Namespace) -> int:
     if not args.group:
         raise TaskError(f"--group ATTRIBUTE=VALUE is required with a survey, e.g. {next(iter(survey.groups))!r}.")
     group = survey.group(args.group)
+    task_only = [flag for flag, used in (("--group-l1-rel", args.group_l1_rel), ("--select", args.select != "auto"),
+                                          ("--init", args.init != "zero"), ("--folds", args.folds != FitConfig.folds),
+                                          ("--no-halving", args.no_halving)) if used]
+    if task_only:
+        raise LensLaaiError(f"{', '.join(task_only)} are for tasks; survey fits choose their layer on validation "
+                            "questions and take absolute --group-l1 values.")
     layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
     n_train, n_valid = _split_sizes(args)
     splits = survey.split(args.seed, n_train, n_valid, args.n_test)
@@ -95,7 +100,7 @@ def fit_survey(args: argparse.Namespace) -> int:
     group_l1 = DEFAULT_GROUP_L1 if args.group_l1 is None else _floats(args.group_l1, "--group-l1")
     steps, lr = STEPS if args.steps is None else args.steps, LR if args.lr is None else args.lr
     for lam in group_l1 if isinstance(group_l1, (list, tuple)) else [group_l1]:
-        FitConfig(l1=l1, group_l1=lam, steps=steps, lr=lr).validate(1)  # numbers only; layers need the model
+        FitConfig(l1=l1, group_l1=lam, relative=False, steps=steps, lr=lr).validate(1)  # numbers only; layers need the model
     check_save_path(args.out, force=args.force)
     model = model_from_args(args)
     methods = () if args.no_baselines else METHODS

@@ -167,8 +167,10 @@ def test_fit_arguments(tiny):
     splits = Task("t", list(TINY_PAIRS)).split(0, 8, 4)
     with pytest.raises(FitError, match="already split"):
         fit(tiny, splits, layer=1, n_train=8, progress=False)
-    with pytest.warns(UserWarning, match="validation split is empty"):
-        fit(tiny, Task("t", list(TINY_PAIRS)), layer=1, n_train=8, n_valid=0, steps=1, progress=False)
+    with pytest.raises(FitError, match="select='valid'.*empty"):
+        fit(tiny, Task("t", list(TINY_PAIRS)), layer=1, n_train=8, n_valid=0, steps=1, select="valid", progress=False)
+    with pytest.raises(FitError, match="not both"):
+        fit(tiny, Task("t", list(TINY_PAIRS)), layer=1, group_l1=0.1, group_l1_rel=0.5, progress=False)
 
 
 def test_default_layer_policy_is_shared(tiny):

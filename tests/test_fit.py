@@ -70,8 +70,8 @@ def test_fast_path_works_on_few_shot_prompts(tiny, task):
 
 
 def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
-    result = fit(tiny, task, layer="auto", n_train=12, n_valid=6, steps=5, progress=False)
-    assert result.sweep.layer.tolist() == [0, 1, 2]
+    result = fit(tiny, task, layer="auto", n_train=12, n_valid=6, steps=5, group_l1=0.3, progress=False)
+    assert result.sweep.layer.tolist() == [0, 1, 2] and result.selection == "valid"
     best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert result.layer == best.layer and result.intervention.layers == [result.layer]
 

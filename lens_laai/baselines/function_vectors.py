@@ -207,6 +207,10 @@ def fit_function_vector(
 ) -> FunctionVectorResult:
     """Mean activations, CIE, the vector, then the add-layer (from ``layers``, default all) on validation.
 
+    With an empty validation split the add-layer and scale are chosen on the training pairs'
+    zero-shot prompts instead: the vector is built from k-shot prompts and never fitted to those
+    targets, so this uses no labelled data beyond ``n_train`` (the honest protocol).
+
     ``cie_layers`` restricts the heads scored (default all layers). The sweep scores zero-shot
     validation prompts with ``scale × vector`` at their last token for every layer and scale
     (default ``(1.0,)``, the paper's unscaled vector); ties go to the lower cross-entropy.
@@ -215,8 +219,6 @@ def fit_function_vector(
     check_shots(splits, shots)
     if not scales or any(not isinstance(a, (int, float)) or a <= 0 for a in scales):
         raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}.")
-    if not len(splits.valid):
-        raise TaskError("fit_function_vector picks its layer on the validation split, which is empty; use n_valid ≥ 1.")
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
     clean = model_batches(model, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size, template)
@@ -225,7 +227,8 @@ def fit_function_vector(
     cie = causal_indirect_effect(model, splits, mean_acts, n_prompts, shots, seed, cie_layers,
                                  template=template, meter=meter, progress=progress)
     vector = function_vector(model, mean_acts, cie, top_k)
-    valid = model_batches(model, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size, template)
+    chooser = splits.valid if len(splits.valid) else splits.train
+    valid = model_batches(model, *k_shot_prompts(chooser, 0, None, seed, template), batch_size, template)
     runner = runner_for(model, valid, add_layers[0])
     fp, name = model_fingerprint(model), model_name(model)
     rows, best = [], None

@@ -102,6 +102,9 @@ def fit_mean_difference(
 ) -> MeanDifferenceResult:
     """Mean-difference Δ on the top-K heads of a layer, (layer, α) chosen on validation.
 
+    With an empty validation split (layer, α) are chosen on the training pairs' zero-shot prompts,
+    which the direction was not fitted to: no labelled data beyond ``n_train``.
+
     Args:
         layer: a layer index, or ``"auto"`` to try every layer in ``layers`` (default: all).
         top_k: heads kept per layer; ``select_by`` ranks them (``"norm"`` or ``"separation"``).
@@ -119,8 +122,6 @@ def fit_mean_difference(
         raise TaskError("select_by='separation' needs a spread estimate: use n_train ≥ 2 or select_by='norm'.")
     if not alphas or any(not isinstance(a, (int, float)) or a <= 0 for a in alphas):
         raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas!r}.")
-    if not len(splits.valid):
-        raise TaskError("fit_mean_difference picks α (and the layer) on the validation split, which is empty; use n_valid ≥ 1.")
     if layer == "auto":
         todo = candidate_layers(model, layers)
     elif isinstance(layer, int) and not isinstance(layer, bool):
@@ -134,7 +135,8 @@ def fit_mean_difference(
         batches = model_batches(model, *k_shot_prompts(splits.train, k, splits.train, seed, template), batch_size, template)
         per_shots[k] = last_token_z(model, batches, todo)
         count_forward(meter, batches, model.cfg.n_layers)
-    valid = model_batches(model, *k_shot_prompts(splits.valid, 0, None, seed, template), batch_size, template)
+    chooser = splits.valid if len(splits.valid) else splits.train  # no validation split: choose on the n pairs
+    valid = model_batches(model, *k_shot_prompts(chooser, 0, None, seed, template), batch_size, template)
     runner = runner_for(model, valid, todo[0])
     fp, name = model_fingerprint(model), model_name(model)
     score_rows, rows, best = [], [], None

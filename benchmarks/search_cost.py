@@ -1,0 +1,147 @@
+"""What a whole fit costs: the old default search, the new one, and Function Vectors' head search.
+
+Side by side in one run, on the same tasks, seeds and test sets (n labelled pairs, zero-shot prompts):
+
+* ``old``: the search the library shipped before the honest protocol: every layer of
+  :func:`lens_laai.default_layers`, λ₂ = 0.3 (absolute), 50 steps, layer chosen on 40 *extra*
+  validation pairs (``select="valid"``);
+* ``new``: ``fit(model, task, n_train=n)`` with today's defaults (cross-validation on the n pairs
+  with successive halving over the λ₂ path relative to λ_max, then a refit on all n);
+* ``fv``: Function Vectors (Todd et al.): mean head activations and causal indirect effects over
+  every head on 16 corrupted 10-shot prompts, top 10 heads; its add-layer and scale chosen on the n pairs.
+
+Cost is in forward-pass equivalents (one full forward of one zero-shot prompt; backward = 2) and
+seconds; accuracy is top-1 of the target's first token on the same held-out test set.
+
+    OMP_NUM_THREADS=1 python benchmarks/search_cost.py --data-dir ../shared/datasets/function_vectors \\
+        --out-dir docs/results/search_cost --shard 0/2 --resume --json   # and --shard 1/2 beside it
+    python benchmarks/search_cost.py --summarise-only --out-dir docs/results/search_cost --json
+    python benchmarks/search_cost.py --model lens-laai-tiny --quick --json
+
+With ``--json`` the last line is one JSON object with ``old_forward_equivalents``,
+``new_forward_equivalents``, ``fv_forward_equivalents``, ``old_accuracy``, ``new_accuracy`` (means
+over task × seed), the paired accuracy difference (new − old: mean, std, min, max) and per-task rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
+
+from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
+from lens_laai.baselines import fit_function_vector  # noqa: E402
+from lens_laai.fit import default_layers  # noqa: E402
+
+METHODS = ("old", "new", "fv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--shard", default="0/1", help="k/N: run every N-th (task, seed, method) starting at k")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--summarise-only", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out_dir) if args.out_dir else None
+    if args.summarise_only:
+        if out is None:
+            p.error("--summarise-only needs --out-dir")
+        return report(_read(out), args)
+    model = load(args)
+    methods = [m for m in args.methods.split(",") if m]
+    if set(methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
+    tasks, seeds, n, n_test = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.n, args.n_test
+    quick = args.quick or args.model == TINY
+    if quick:
+        tasks, seeds, n, n_test = tasks[:1], [0], 8, 6
+    k, n_shards = (int(x) for x in args.shard.split("/"))
+    rows_file = out / f"rows.shard{k}.csv" if out else None
+    rows = pd.read_csv(rows_file).to_dict("records") if args.resume and rows_file and rows_file.exists() else []
+    done = {(r["task"], r["seed"], r["method"]) for r in rows}
+    jobs = [(t, s, m) for t in tasks for s in seeds for m in methods][k::n_shards]
+    for task_name, seed, method in tqdm(jobs, desc="task × seed × method", disable=args.no_progress):
+        if (task_name, seed, method) in done:
+            continue
+        task = get_task(task_name, args.data_dir, args.model)
+        splits = nested_splits(task, seed, n, 40 if not quick else 4, n_test, n)
+        rows.append({"task": task_name, "seed": seed, "method": method, **run(method, model, splits, quick)})
+        if out:
+            write_outputs(str(out), rows_file.stem, pd.DataFrame(rows), {"args": vars(args), "machine": machine()})
+    return report(_read(out) if out else pd.DataFrame(rows), args)
+
+
+def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
+    """Fit one method on one split; its cost, choice and test accuracy."""
+    honest = TaskSplits(splits.train, Task(splits.train.name, []), splits.test, splits.seed)
+    steps = {"steps": 2} if quick else {}
+    start = time.perf_counter()
+    if method == "old":
+        res = fit(model, splits, "auto", group_l1=0.3, select="valid", progress=False, **({"steps": 2} if quick else {"steps": 50}))
+        iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} heads={len(res.selected_heads)}"
+    elif method == "new":
+        res = fit(model, honest, progress=False, **steps)
+        iv, fe = res.intervention, res.forward_equivalents
+        detail = f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)}"
+    else:
+        shots = min(10, len(splits.train) - 1)
+        res = fit_function_vector(model, honest, top_k=min(10, model.cfg.n_heads * model.cfg.n_layers),
+                                  layers=default_layers(model.cfg.n_layers), shots=shots, n_prompts=4 if quick else 16,
+                                  scales=(1.0, 2.0, 4.0, 8.0), progress=False)
+        iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} scale={res.scale:g}"
+    seconds = time.perf_counter() - start
+    labelled = len(splits.train) + (len(splits.valid) if method == "old" else 0)
+    return {"accuracy": evaluate(model, honest, iv).accuracy, "forward_equivalents": round(fe, 1),
+            "seconds": round(seconds, 2), "labelled_pairs": labelled, "n_test": len(splits.test), "detail": detail}
+
+
+def _read(out: Path | None) -> pd.DataFrame:
+    files = sorted(out.glob("rows.shard*.csv")) if out else []
+    return pd.concat([pd.read_csv(f) for f in files]) if files else pd.DataFrame()
+
+
+def report(rows: pd.DataFrame, args) -> int:
+    if rows.empty:
+        print("no rows yet", file=sys.stderr)
+        return 1
+    per_task = rows.pivot_table(index="task", columns="method", values=["accuracy", "forward_equivalents", "seconds"],
+                                aggfunc="mean", sort=False)
+    per_task.columns = [f"{m}_{v}" for v, m in per_task.columns]
+    per_task = per_task.reset_index()
+    wide = rows.pivot_table(index=["task", "seed"], columns="method", values="accuracy")
+    summary: dict = {"units": int(len(wide))}
+    for m in METHODS:
+        part = rows[rows.method == m]
+        if not part.empty:
+            summary[f"{m}_forward_equivalents"] = round(float(part.forward_equivalents.mean()), 1)
+            summary[f"{m}_seconds"] = round(float(part.seconds.mean()), 2)
+            summary[f"{m}_accuracy"] = round(float(part.accuracy.mean()), 4)
+    if {"old", "new"} <= set(wide.columns):
+        diff = (wide["new"] - wide["old"]).dropna()
+        summary["paired_new_minus_old"] = {"mean": round(float(diff.mean()), 4),
+                                           "std": round(float(diff.std()), 4) if len(diff) > 1 else None,
+                                           "min": round(float(diff.min()), 4), "max": round(float(diff.max()), 4),
+                                           "n": int(len(diff))}
+    if args.out_dir:
+        write_outputs(args.out_dir, "search_cost", per_task, {"args": vars(args), "machine": machine(), "summary": summary})
+    print(to_markdown(per_task))
+    print("\n" + to_markdown(rows[["task", "seed", "method", "accuracy", "forward_equivalents", "seconds", "detail"]]))
+    if args.json:
+        print(json.dumps({**summary, "per_task": per_task.round(4).to_dict("records")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

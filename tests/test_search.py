@@ -1,0 +1,134 @@
+"""The honest protocol: layer and λ₂ chosen from the n training pairs alone (cross-validation),
+λ₂ relative to λ_max, successive halving, and the mean-difference starting point."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from lens_laai import FitConfig, FitError, Task, evaluate, fit, fit_path
+from lens_laai.fastpath import CostMeter, LayerRunner
+from lens_laai.layer_fit import initial_delta, lambda_max, training_batches
+from lens_laai.prompts import PromptTemplate
+from lens_laai.search import choose, cross_validate, fold_splits, summarise
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_folds_partition_the_training_pairs(task):
+    train = task.subset(list(range(11)))
+    parts = fold_splits(train, 3, seed=4)
+    held = [p for _, h in parts for p in h.pairs]
+    assert sorted(held) == sorted(train.pairs)  # every pair is held out exactly once
+    for fit_part, held_part in parts:
+        assert not set(fit_part.pairs) & set(held_part.pairs)
+        assert len(fit_part) + len(held_part) == len(train)
+    assert fold_splits(train, 3, seed=4)[0][1].pairs == parts[0][1].pairs  # seeded
+    assert fold_splits(train, 3, seed=5)[0][1].pairs != parts[0][1].pairs
+    with pytest.raises(FitError, match="folds must be"):
+        fold_splits(train, 12, seed=0)
+    with pytest.raises(FitError, match="folds must be"):
+        fold_splits(train, 1, seed=0)
+
+
+def test_default_fit_uses_only_the_training_pairs(tiny, task):
+    result = fit(tiny, task, n_train=10, layers=[0, 1], steps=3, progress=False)
+    assert result.selection == "cv" and result.config.select == "cv"
+    assert result.config.n_valid == 0 and len(result.splits.valid) == 0
+    assert len(result.splits.test) == len(task) - 10
+    assert result.intervention.metadata["data"][0]["n_valid"] == 0 and len(result.intervention.metadata["data"][0]["seen"]) == 10
+    chosen = result.sweep.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
+    assert (result.layer, result.config.group_l1) == (int(chosen.layer), float(chosen.lam))
+    assert result.valid_accuracy == pytest.approx(chosen.cv_accuracy)
+    assert evaluate(tiny, task, result.intervention).n == len(task) - 10
+
+
+def test_validation_protocol_is_still_there_and_labelled(tiny, task):
+    result = fit(tiny, task, n_train=8, n_valid=4, layers=[0, 1], steps=2, progress=False)
+    assert result.selection == "valid"
+    assert result.intervention.metadata["selection"] == "valid"
+    forced = fit(tiny, task, n_train=8, n_valid=4, layers=[0, 1], steps=2, select="cv", progress=False)
+    assert forced.selection == "cv"
+
+
+def test_one_candidate_needs_no_selection(tiny, task):
+    result = fit(tiny, task, layer=1, group_l1_rel=0.3, n_train=8, steps=2, progress=False)
+    assert result.selection == "none" and len(result.sweep) == 1
+
+
+def test_relative_lambda_is_a_fraction_of_lambda_max(tiny, task):
+    splits = task.split(0, 10, 4)
+    table, ivs = fit_path(tiny, splits, 1, [1.05, 0.3], relative=True, steps=5, progress=False)
+    assert table.n_selected.iloc[0] == 0  # above λ_max nothing enters, from Δ = 0
+    assert table.n_selected.iloc[1] > 0
+    assert table.group_l1.iloc[1] == pytest.approx(0.3 * table.lambda_max.iloc[1])
+    assert ivs[0].metadata["fit_config"]["relative"] is True
+
+
+def test_lambda_max_is_the_largest_soft_thresholded_head_gradient(tiny, task):
+    cfg = FitConfig(l1=0.0)
+    runner = LayerRunner(tiny, training_batches(tiny, task.subset(list(range(8))), task, cfg, PromptTemplate()), 1)
+    lam = lambda_max(runner, cfg)
+    zero = torch.zeros(tiny.cfg.n_heads, tiny.cfg.d_head, requires_grad=True)
+    from lens_laai.layer_fit import objective
+
+    _, grad = objective(runner, cfg)[0](zero)
+    assert lam == pytest.approx(float(grad.norm(dim=-1).max()), rel=1e-5)
+    with pytest.raises(FitError, match="λ_max"):
+        lambda_max(runner, FitConfig(l1=1e6))
+
+
+def test_halving_drops_the_worse_half_of_the_layers_after_each_lambda(tiny, task):
+    cfg = FitConfig(steps=2, folds=2)
+    train = task.subset(list(range(10)))
+    table = cross_validate(tiny, train, [0, 1, 2], [0.6, 0.3, 0.1], cfg, PromptTemplate(), CostMeter(), progress=False)
+    per_lam = table.groupby("lam").layer.nunique().sort_index(ascending=False).tolist()
+    assert per_lam == [3, 2, 1]
+    first = summarise(table[table.lam == 0.6]).sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable")
+    assert set(table[table.lam == 0.3].layer) == set(first.layer.iloc[:2])  # the best two went on
+    full = cross_validate(tiny, train, [0, 1, 2], [0.6, 0.3, 0.1], FitConfig(steps=2, folds=2, halving=False),
+                          PromptTemplate(), CostMeter(), progress=False)
+    assert len(full) == 3 * 3 * 2
+    shared = table.merge(full, on=["layer", "lam", "fold"], suffixes=("", "_full"))
+    assert (shared.held_ce - shared.held_ce_full).abs().max() < 1e-5  # halving changes what runs, not the fits
+
+
+def test_choose_prefers_accuracy_then_cross_entropy():
+    table = pd.DataFrame([
+        {"layer": 0, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 1.0, "n_selected": 1},
+        {"layer": 1, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 0.8, "n_selected": 1},
+        {"layer": 2, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.0, "held_ce": 0.1, "n_selected": 1},
+    ])
+    assert choose(table)["layer"] == 1
+
+
+def test_mean_difference_start(tiny, task):
+    cfg = FitConfig(init="mean-difference")
+    train = task.subset(list(range(8)))
+    start = initial_delta(tiny, train, 1, cfg, PromptTemplate(), CostMeter())
+    assert start.shape == (tiny.cfg.n_heads, tiny.cfg.d_head) and start.abs().sum() > 0
+    result = fit(tiny, task, layer=1, group_l1_rel=0.1, n_train=8, init="mean-difference", steps=2, progress=False)
+    assert result.config.init == "mean-difference"
+    with pytest.raises(FitError, match="init"):
+        fit(tiny, task, layer=1, init="fv", progress=False)
+    with pytest.raises(FitError, match="n_train ≥ 2"):
+        initial_delta(tiny, task.subset([0]), 1, cfg, PromptTemplate(), CostMeter())
+
+
+def test_bad_selection_options(tiny, task):
+    with pytest.raises(FitError, match="select must be"):
+        fit(tiny, task, select="test", progress=False)
+    with pytest.raises(FitError, match="folds must be"):
+        fit(tiny, task, folds=1, progress=False)
+    with pytest.raises(FitError, match="folds must be an integer within"):
+        fit(tiny, task, n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
+    with pytest.raises(FitError, match="halving"):
+        fit(tiny, task, halving="yes", progress=False)
