@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
 
-from lens_laai import FitConfig, PromptTemplate, Task, TaskSplits, evaluate  # noqa: E402
+from lens_laai import FitConfig, PromptTemplate, Task, TaskSplits, evaluate, fit  # noqa: E402
 from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
 from lens_laai.fastpath import CostMeter  # noqa: E402
 from lens_laai.layer_fit import layer_path  # noqa: E402
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fv-prompts", type=int, default=8)
     p.add_argument("--shard", default="0/1", help="k/N: run every N-th unit starting at k")
     p.add_argument("--skip", default="", help="comma list of parts to skip: variants,methods")
+    p.add_argument("--joint-only", action="store_true",
+                   help="run only the joint fit (all --layers at once, λ₂ path by CV) per unit, into joint.shard*.csv")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
@@ -79,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     layers = [l for l in layers if l < model.cfg.n_layers]
     k, n_shards = (int(x) for x in args.shard.split("/"))
     out = Path(args.out_dir) if args.out_dir else None
-    files = {kind: out / f"{kind}.shard{k}.csv" for kind in ("cells", "variants", "methods")} if out else {}
+    kinds = ("joint",) if args.joint_only else ("cells", "variants", "methods")
+    files = {kind: out / f"{kind}.shard{k}.csv" for kind in kinds} if out else {}
     tables = {kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()}
-    tables = {kind: tables.get(kind, []) for kind in ("cells", "variants", "methods")}
-    done = {(r["task"], r["seed"]) for r in tables["methods"]}
+    tables = {kind: tables.get(kind, []) for kind in kinds}
+    done = {(r["task"], r["seed"]) for r in tables[kinds[-1]]}
     units = [(t, s) for s in seeds for t in tasks][k::n_shards]
     for task_name, seed in tqdm(units, desc="task × seed", disable=args.no_progress):
         if (task_name, seed) in done:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(task_name, args.data_dir, args.model)
         splits = nested_splits(task, seed, args.n, 40 if args.model != TINY else 4, args.n_test, args.n)
         cfg = FitConfig(steps=args.steps, folds=args.folds, seed=seed, n_train=args.n)
-        unit = run_unit(model, splits, layers, rel, cfg, args)
+        unit = {"joint": run_joint(model, splits, layers, rel, cfg)} if args.joint_only else run_unit(model, splits, layers, rel, cfg, args)
         for kind, rows in unit.items():
             tables[kind] += [{"task": task_name, "seed": seed, **r} for r in rows]
         if out:
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind, f in files.items():
                 write_outputs(str(out), f.stem, pd.DataFrame(tables[kind]), meta)
     if not out:
-        print(to_markdown(protocols(pd.DataFrame(tables["cells"]), pd.DataFrame(tables["methods"]))))
+        if not args.joint_only:
+            print(to_markdown(protocols(pd.DataFrame(tables["cells"]), pd.DataFrame(tables["methods"]))))
         return 0
     return report(args)
 
@@ -122,6 +126,17 @@ def run_unit(model, splits: TaskSplits, layers: list[int], rel: list[float], cfg
     variants = [] if "variants" in args.skip else run_variants(model, splits, pd.DataFrame(cells), rel, cfg, template)
     methods = [] if "methods" in args.skip else run_methods(model, splits, layers, args)
     return {"cells": cells, "variants": variants, "methods": methods or [{"method": "none", "accuracy": float("nan")}]}
+
+
+def run_joint(model, splits: TaskSplits, layers: list[int], rel: list[float], cfg: FitConfig) -> list[dict]:
+    """The joint fit (one group per (layer, head) over all candidate layers), λ₂ by CV on the n pairs."""
+    honest = TaskSplits(splits.train, Task(splits.train.name, []), splits.test, splits.seed)
+    start = time.perf_counter()
+    res = fit(model, honest, "joint", layers=layers, group_l1_rel=rel, steps=cfg.steps, folds=cfg.folds, progress=False)
+    heads = res.intervention.selected_heads()
+    return [{"method": "laai (joint over layers, CV on the n pairs)", "accuracy": evaluate(model, honest, res.intervention).accuracy,
+             "forward_equivalents": res.forward_equivalents, "seconds": time.perf_counter() - start,
+             "rel": res.config.group_l1, "layers": " ".join(str(l) for l in sorted({l for l, _ in heads})), "heads": len(heads)}]
 
 
 def run_variants(model, splits, cells: pd.DataFrame, rel: list[float], cfg: FitConfig, template) -> list[dict]:
@@ -211,7 +226,10 @@ def per_task(table: pd.DataFrame) -> pd.DataFrame:
 def report(args) -> int:
     out = Path(args.out_dir or ".")
     read = {kind: pd.concat([pd.read_csv(f) for f in sorted(out.glob(f"{kind}.shard*.csv"))] or [pd.DataFrame()])
-            for kind in ("cells", "variants", "methods")}
+            for kind in ("cells", "variants", "methods", "joint")}
+    if not read["joint"].empty:
+        read["methods"] = pd.concat([read["methods"], read["joint"][["task", "seed", "method", "accuracy",
+                                                                      "forward_equivalents", "seconds"]]])
     if read["cells"].empty:
         print(f"no rows in {out}", file=sys.stderr)
         return 1

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summarise-only", action="store_true",
                    help="rebuild the tables and figure in --out-dir from its rows CSV; run nothing")
+    p.add_argument("--extra-rows", default=None,
+                   help="with --summarise-only: a CSV of more rows (task, method, n, seed, accuracy, labelled_pairs) "
+                        "drawn in the figure only, e.g. the honest-protocol runs")
     args = p.parse_args(argv)
     if args.summarise_only:
         return summarise_only(p, args)
@@ -95,6 +98,18 @@ def summarise_only(p, args) -> int:
     return 0
 
 
+PROMPTING = ("zero-shot", "5-shot", "10-shot")
+
+
+def labelled_pairs(table: pd.DataFrame, n_valid: int) -> pd.Series:
+    """Labelled pairs each row's method used: n for prompting, n + the validation pairs for the fitted methods
+    (rows of this script choose layer, λ, α or scale on ``n_valid`` extra pairs), unless the row says."""
+    used = table.n + table.method.map(lambda m: 0 if m in PROMPTING else n_valid)
+    if "labelled_pairs" in table:
+        used = table.labelled_pairs.fillna(used)
+    return used.astype(int)
+
+
 def report(table: pd.DataFrame, args) -> None:
     """Print the summary; with --out-dir write it, the method × task table per n, and the figure."""
     summary = summarise(table)
@@ -104,7 +119,8 @@ def report(table: pd.DataFrame, args) -> None:
         write_outputs(args.out_dir, "rule_tasks", summary, meta)
         for n in sorted(table.n.unique()):
             write_outputs(args.out_dir, f"rule_tasks_n{n}", by_method_and_task(table[table.n == n]), meta)
-        plot(table, Path(args.out_dir) / "sample_efficiency.png")
+        extra = pd.read_csv(args.extra_rows) if getattr(args, "extra_rows", None) else None
+        plot(table, Path(args.out_dir) / "sample_efficiency.png", args.n_valid, extra)
     if args.json:
         keep = ["task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"]
         print(json.dumps(table[keep].to_dict("records")))
@@ -173,26 +189,39 @@ def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
-    """Accuracy against n, one panel per task, one line per method (mean ± std over seeds)."""
+def plot(table: pd.DataFrame, path: Path, n_valid: int = 40, extra: pd.DataFrame | None = None) -> None:
+    """Accuracy against labelled pairs used, one panel per task, one line per method (mean ± std over seeds).
+
+    The x-axis counts every labelled pair a method saw: prompting uses its n pairs; the fitted
+    methods of this script also chose their settings on ``n_valid`` validation pairs. ``extra`` rows
+    (their own ``labelled_pairs``) are drawn as markers, e.g. the honest protocol at n = 20.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = table.assign(labelled_pairs=labelled_pairs(table, n_valid))
     tasks = list(dict.fromkeys(table.task))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             part = table[(table.task == task) & (table.method == method)]
             if part.empty:
                 continue
-            stats = part.groupby("n").accuracy.agg(["mean", "std"]).fillna(0)
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
-        ax.set(title=task, xlabel="training examples n", ylabel="test accuracy", xscale="log")
-        ax.set_xticks(sorted(table.n.unique()), [str(n) for n in sorted(table.n.unique())])
+            stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method,
+                        linestyle="--" if method not in PROMPTING else "-")
+        if extra is not None:
+            for method, part in extra[extra.task == task].groupby("method", sort=False):
+                stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="*", markersize=11, capsize=3,
+                            linestyle="none", label=method)
+        ax.set(title=task, xlabel="labelled pairs used (n, + validation pairs)", ylabel="test accuracy", xscale="log")
+        ticks = sorted(set(table.labelled_pairs))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=6, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -89,3 +89,20 @@ def check_fingerprint(fingerprint: dict[str, Any], made_for: str, model: Transfo
 def head_output_weights(model: TransformerBridge, layer: int) -> Float[Tensor, "head d_head d_model"]:
     """``W_O`` of ``layer`` per head: what a unit of ``hook_z`` adds to the residual stream."""
     return model.blocks[layer].attn.W_O.detach()
+
+
+def last_position_hooks(model: TransformerBridge) -> list[tuple[str, Any]]:
+    """``fwd_hooks`` that unembed only the last position (logits ``[batch, 1, vocab]``).
+
+    Scoring reads the last position alone; unembedding every position costs a fifth of a
+    135M model's forward on k-shot prompts, and the logits of all positions take batch × pos ×
+    vocab floats. Slicing the final-norm output before the unembedding is exact (both act per
+    position). Models whose bridge has no ``unembed.hook_in`` get no hook (full logits).
+    """
+    if "unembed.hook_in" not in model.hook_dict:
+        return []
+    return [("unembed.hook_in", _keep_last_position)]
+
+
+def _keep_last_position(x: Tensor, hook: Any) -> Tensor:
+    return x[:, -1:]

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     add_survey_args(f, fit=True)
     f.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
     f.add_argument("--layer", default="auto",
-                   help="layer index, or 'auto' (default) to choose among --layers by --select")
+                   help="layer index, 'auto' (default) to choose among --layers by --select, or 'joint' to fit all "
+                        "--layers at once (the group Lasso picks layers and heads)")
     f.add_argument("--layers", default="default",
                    help="candidate layers for 'auto': comma list, 'all', or 'default' (lens_laai.default_layers)")
     f.add_argument("--n-train", type=int, default=FitConfig.n_train, help="labelled pairs to fit on (default %(default)s)")
@@ -160,7 +161,7 @@ def _fit(args: argparse.Namespace) -> int:
     fill_task_defaults(args)
     start = time.perf_counter()
     task = _load_task(args)
-    layer: int | str = args.layer if args.layer == "auto" else _int(args.layer, "--layer")
+    layer: int | str = args.layer if args.layer in ("auto", "joint") else _int(args.layer, "--layer")
     splits = task.split(args.seed, args.n_train, args.n_valid, args.n_test)
     if not args.no_baselines:
         check_shots(splits, 5, "test")

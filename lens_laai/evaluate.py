@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from .bridge import last_position_hooks
 from .errors import TaskError
 from .fastpath import LayerRunner
 from .prompts import Batch, PromptTemplate, encode_prompts, k_shot_prompts, model_batches
@@ -137,7 +138,7 @@ def evaluate(
     template = resolve_template(template, ivs)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     batches = model_batches(model, prompts, targets, batch_size, template)
-    hooks = [hook for iv in ivs for hook in iv.fwd_hooks()]
+    hooks = [hook for iv in ivs for hook in iv.fwd_hooks()] + last_position_hooks(model)
     rows: list[dict[str, Any]] = []
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         with torch.no_grad():

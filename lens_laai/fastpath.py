@@ -46,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from .bridge import last_position_hooks
 from .intervention import hook_name
 from .kernels import (SUPPORTED_MODEL_TYPES, BlockInputs, KernelUnsupported, LlamaLastToken, ZHook,
                       last_token_cross_entropy, unembed, unwrap)
@@ -492,7 +493,8 @@ class LayerRunner:
             self.meter.add(len(batch), n - self.layer, backward)
             return cache.logits(fwd_hooks)
         self.meter.add(float(batch.attention_mask.sum()), n, backward)
-        out = self.model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=fwd_hooks)
+        out = self.model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
+                                        fwd_hooks=list(fwd_hooks) + last_position_hooks(self.model))
         return out[:, -1]
 
     def cross_entropy(self, index: int, fwd_hooks: list[tuple[str, Callable]], backward: bool = False) -> Tensor:

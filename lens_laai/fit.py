@@ -131,10 +131,10 @@ class FitConfig:
         self.candidate_layers(n_layers)
 
     def candidate_layers(self, n_layers: int) -> list[int]:
-        if self.layer == "auto":
+        if self.layer in ("auto", "joint"):
             return parse_layers(self.layers, n_layers)
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise FitError(f"layer must be a layer index or 'auto', got {self.layer!r}.")
+            raise FitError(f"layer must be a layer index, 'auto' or 'joint', got {self.layer!r}.")
         return parse_layers([self.layer], n_layers)
 
 
@@ -196,8 +196,11 @@ def fit(
             0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
             your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
             (e.g. :meth:`PromptTemplate.chat`).
-        layer: a layer index, or ``"auto"`` to choose among ``layers`` (default:
-            :func:`default_layers`; ``"all"`` for every layer).
+        layer: a layer index, ``"auto"`` to choose among ``layers`` (default:
+            :func:`default_layers`; ``"all"`` for every layer), or ``"joint"``: one fit over all of
+            ``layers`` at once with a group per (layer, head), so the group Lasso picks layers and
+            heads together and there is no layer sweep (the result may act on several layers;
+            ``FitResult.layer`` is then the one with the largest ‖Δ‖).
         group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.25, 0.1)``, a path
             fitted largest first with warm starts). ``group_l1``: absolute λ₂ instead (one value
             or a path); give one of the two.
@@ -228,7 +231,9 @@ def fit(
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
     splits, source, template = _prepare_data(task, template, n_train, n_valid, n_test, seed)
-    candidates = cfg.candidate_layers(model.cfg.n_layers)
+    candidates: list = cfg.candidate_layers(model.cfg.n_layers)
+    if layer == "joint":
+        candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
     how = _selection(select, splits, len(candidates) * len(lambdas), folds)
     cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test),
                   seed=splits.seed, select=how)
@@ -238,11 +243,12 @@ def fit(
         best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
     else:
         best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
-    chosen = replace(cfg, layer=best.layer, group_l1=best.group_l1_rel if relative else best.group_l1)
+    chosen = replace(cfg, layer="joint" if layer == "joint" else best.layer,
+                     group_l1=best.group_l1_rel if relative else best.group_l1)
     extra = {"group_l1_absolute": best.group_l1, "lambda_max": best.lambda_max, "selection": how}
     iv = best.intervention(model, splits, source, chosen, template, **extra)
     return FitResult(
-        intervention=iv, layer=best.layer, history=pd.DataFrame([asdict(r) for r in best.history]),
+        intervention=iv, layer=best.main_layer, history=pd.DataFrame([asdict(r) for r in best.history]),
         train_accuracy=best.train_accuracy, valid_accuracy=best.valid_accuracy, selected_heads=iv.selected_heads(),
         config=chosen, sweep=sweep, splits=splits, seconds=time.perf_counter() - start,
         forward_equivalents=meter.forward_equivalents(), fast_path=best.fast_path, selection=how,

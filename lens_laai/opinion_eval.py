@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from .bridge import last_position_hooks
 from .errors import InterventionError, TaskError
 from .intervention import HeadIntervention
 from .opinion import group_questions
@@ -130,7 +131,8 @@ def distributions(model: TransformerBridge, survey: Survey, group: Group, keys: 
     rows, i = [], 0
     for qb in batches:
         with torch.no_grad():
-            logits = model.run_with_hooks(qb.batch.input_ids, attention_mask=qb.batch.attention_mask, fwd_hooks=hooks)[:, -1]
+            logits = model.run_with_hooks(qb.batch.input_ids, attention_mask=qb.batch.attention_mask,
+                                          fwd_hooks=list(hooks) + last_position_hooks(model))[:, -1]
             log_dm, refusal = answer_distribution(option_log_probs(logits, letters), qb)
         for j in range(len(qb)):
             q = qs[i]

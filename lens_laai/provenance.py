@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 from .errors import TaskError
 from .tasks import Pair, Task, TaskSplits
 
-DEFAULT_SPLIT = {"seed": 0, "n_train": 20, "n_valid": 40}
+DEFAULT_SPLIT = {"seed": 0, "n_train": 20, "n_valid": 0}
 
 
 def pair_hash(pair: Pair) -> str:

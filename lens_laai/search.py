@@ -44,7 +44,7 @@ def fold_splits(train: Task, folds: int, seed: int) -> list[tuple[Task, Task]]:
 
 
 def cross_validate(
-    model: TransformerBridge, train: Task, layers: Sequence[int], lambdas: Sequence[float], cfg: Any,
+    model: TransformerBridge, train: Task, layers: Sequence[int | tuple[int, ...]], lambdas: Sequence[float], cfg: Any,
     template: PromptTemplate, meter: CostMeter, progress: bool = True,
 ) -> pd.DataFrame:
     """Held-out scores of (layer, λ₂) candidates on every fold: one row each.
@@ -95,5 +95,6 @@ def choose(table: pd.DataFrame) -> dict[str, Any]:
     """The (layer, lam) row of :func:`summarise` with the best held-out accuracy, ties by lower cross-entropy."""
     summary = summarise(table)
     best = summary.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
-    return {"layer": int(best.layer), "lam": float(best.lam), "cv_accuracy": float(best.cv_accuracy),
+    layer = best.layer if isinstance(best.layer, tuple) else int(best.layer)
+    return {"layer": layer, "lam": float(best.lam), "cv_accuracy": float(best.cv_accuracy),
             "cv_ce": float(best.cv_ce)}

@@ -72,7 +72,7 @@ class Task:
     def subset(self, indices: list[int], name: str | None = None) -> "Task":
         return Task(name or self.name, [self.pairs[i] for i in indices])
 
-    def split(self, seed: int = 0, n_train: int = 20, n_valid: int = 40, n_test: int | None = None) -> "TaskSplits":
+    def split(self, seed: int = 0, n_train: int = 20, n_valid: int = 0, n_test: int | None = None) -> "TaskSplits":
         """Shuffle with ``seed`` and cut into train / valid / test (the rest, or ``n_test``)."""
         for label, n, least in (("n_train", n_train, 0), ("n_valid", n_valid, 0), ("n_test", n_test, 1), ("seed", seed, 0)):
             if label == "n_test" and n is None:

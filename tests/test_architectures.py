@@ -74,6 +74,21 @@ def test_hook_z_has_one_row_per_query_head(models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_unembedding_only_the_last_position_is_exact(models, arch):
+    from lens_laai.bridge import last_position_hooks
+
+    model = model_for(models, arch)
+    ids = torch.randint(5, 200, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    full = model(ids, attention_mask=mask)[:, -1]
+    hooks = last_position_hooks(model)
+    assert hooks, f"{arch}: no unembed.hook_in, scoring would unembed every position"
+    cut = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks)
+    assert cut.shape[1] == 1 and torch.allclose(cut[:, -1].float(), full.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
     model = model_for(models, arch)
     batch = padded_batch(model, task)

@@ -132,3 +132,24 @@ def test_bad_selection_options(tiny, task):
         fit(tiny, task, n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
     with pytest.raises(FitError, match="halving"):
         fit(tiny, task, halving="yes", progress=False)
+
+
+def test_joint_fit_chooses_layers_and_heads_together(tiny, task):
+    result = fit(tiny, task, layer="joint", layers=[0, 1, 2], n_train=10, steps=4, progress=False)
+    iv = result.intervention
+    assert result.config.layer == "joint" and result.selection == "cv"
+    assert set(iv.layers) <= {0, 1, 2} and result.layer in iv.layers
+    norms = iv.head_norms()
+    assert norms.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
+    from lens_laai.fastpath import LayerRunner
+    from lens_laai.layer_fit import delta_hooks, objective
+
+    # the joint objective is the sum of per-layer edits: Δ on layer 1 alone equals a joint Δ zero elsewhere
+    cfg = FitConfig()
+    runner = LayerRunner(tiny, training_batches(tiny, task.subset(list(range(6))), task, cfg, PromptTemplate()), 0)
+    single = torch.randn(tiny.cfg.n_heads, tiny.cfg.d_head) * 0.3
+    joint = torch.zeros(3 * tiny.cfg.n_heads, tiny.cfg.d_head)
+    joint[tiny.cfg.n_heads:2 * tiny.cfg.n_heads] = single
+    _, f_joint = objective(runner, cfg, (0, 1, 2))
+    assert f_joint(joint) == pytest.approx(runner.scores(delta_hooks(1, single))[1], rel=1e-4)
+    assert len(delta_hooks((0, 1, 2), joint)) == 3
