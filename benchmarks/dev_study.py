@@ -136,7 +136,9 @@ def run_joint(model, splits: TaskSplits, layers: list[int], rel: list[float], cf
     heads = res.intervention.selected_heads()
     return [{"method": "laai (joint over layers, CV on the n pairs)", "accuracy": evaluate(model, honest, res.intervention).accuracy,
              "forward_equivalents": res.forward_equivalents, "seconds": time.perf_counter() - start,
-             "rel": res.config.group_l1, "layers": " ".join(str(l) for l in sorted({l for l, _ in heads})), "heads": len(heads)}]
+             "rel": res.config.group_l1, "layers": " ".join(str(l) for l in sorted({l for l, _ in heads})), "heads": len(heads),
+             "main_layer": res.layer,
+             "layer_norms": " ".join(f"{l}:{float(d.norm()):.3f}" for l, d in sorted(res.intervention.deltas.items()))}]
 
 
 def run_variants(model, splits, cells: pd.DataFrame, rel: list[float], cfg: FitConfig, template) -> list[dict]:
@@ -196,9 +198,19 @@ RULES = {
 }
 
 
-def protocols(cells: pd.DataFrame, methods: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, seed, method/rule) with the test accuracy it gets."""
+def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (task, seed, method/rule) with the test accuracy it gets.
+
+    With ``joint`` rows, also "single layer at the joint fit's main layer and λ": the cell the
+    two-stage rule (joint fit to pick the layer, then the paper's single-layer fit) would return.
+    """
     rows = []
+    if joint is not None and not joint.empty and "main_layer" in joint:
+        for j in joint.itertuples():
+            cell = cells[(cells.task == j.task) & (cells.seed == j.seed) & (cells.layer == j.main_layer) & (cells.rel == j.rel)]
+            if len(cell):
+                rows.append({"task": j.task, "seed": j.seed, "method": "laai (layer from the joint fit, then single layer)",
+                             "accuracy": float(cell.test_accuracy.iloc[0]), "layer": int(j.main_layer), "rel": j.rel})
     for (task, seed), unit in cells.groupby(["task", "seed"], sort=False):
         for name, (keys, asc) in RULES.items():
             best = unit.sort_values(keys, ascending=asc, kind="stable").iloc[0]
@@ -233,7 +245,7 @@ def report(args) -> int:
     if read["cells"].empty:
         print(f"no rows in {out}", file=sys.stderr)
         return 1
-    table = protocols(read["cells"], read["methods"])
+    table = protocols(read["cells"], read["methods"], read["joint"])
     summary = per_task(table)
     fixed = fixed_rules(read["cells"])
     variants = pd.DataFrame()

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--shard", default="0/1", help="k/N: run every N-th (task, seed, method) starting at k")
+    p.add_argument("--tag", default="", help="rows file name tag, so jobs running side by side write apart")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if quick:
         tasks, seeds, n, n_test = tasks[:1], [0], 8, 6
     k, n_shards = (int(x) for x in args.shard.split("/"))
-    rows_file = out / f"rows.shard{k}.csv" if out else None
+    rows_file = out / f"rows{'.' + args.tag if args.tag else ''}.shard{k}.csv" if out else None
     rows = pd.read_csv(rows_file).to_dict("records") if args.resume and rows_file and rows_file.exists() else []
     done = {(r["task"], r["seed"], r["method"]) for r in rows}
     jobs = [(t, s, m) for t in tasks for s in seeds for m in methods][k::n_shards]
@@ -108,7 +109,7 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
 
 
 def _read(out: Path | None) -> pd.DataFrame:
-    files = sorted(out.glob("rows.shard*.csv")) if out else []
+    files = sorted(out.glob("rows*.shard*.csv")) if out else []
     return pd.concat([pd.read_csv(f) for f in files]) if files else pd.DataFrame()
 
 

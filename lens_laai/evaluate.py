@@ -137,14 +137,18 @@ def evaluate(
         raise TaskError(f"The {split!r} split is empty; choose another split or a larger task.")
     template = resolve_template(template, ivs)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
-    batches = model_batches(model, prompts, targets, batch_size, template)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
+    batches = model_batches(model, [prompts[i] for i in order], [targets[i] for i in order], batch_size, template)
     hooks = [hook for iv in ivs for hook in iv.fwd_hooks()] + last_position_hooks(model)
     rows: list[dict[str, Any]] = []
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         with torch.no_grad():
             logits = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)[:, -1]
         rows.extend(_rows(model, logits, batch))
-    table = pd.DataFrame(rows)
+    in_order: list[dict[str, Any]] = [{}] * len(rows)
+    for row, i in zip(rows, order):
+        in_order[i] = row
+    table = pd.DataFrame(in_order)
     table.insert(0, "input", part.inputs)
     return EvalResult(float(table["correct"].mean()), len(table), table, time.perf_counter() - start)
 

@@ -108,3 +108,27 @@ def test_opinions_smoke(capsys, tmp_path):
         assert row["spread"] >= 0 and row["target_spread"] > 0
     assert all(r["group_l1"] == 0 for r in rows if r["method"] == "laai_no_lasso")
     assert (tmp_path / "opinions.png").exists() and "| laai |" in (tmp_path / "opinions.md").read_text()
+
+
+def test_search_cost_smoke(capsys, tmp_path):
+    out = run_script("search_cost", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
+    for key in ("old_forward_equivalents", "new_forward_equivalents", "fv_forward_equivalents", "old_accuracy",
+                "new_accuracy", "paired_new_minus_old"):
+        assert key in out
+    assert out["new_forward_equivalents"] > 0 and out["units"] == 1
+    again = run_script("search_cost", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
+    assert again["old_accuracy"] == out["old_accuracy"]
+
+
+def test_dev_study_smoke(capsys, tmp_path):
+    module = load_script("dev_study")
+    assert module.main([*TINY, "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    assert module.main([*TINY, "--no-progress", "--out-dir", str(tmp_path), "--joint-only"]) == 0
+    capsys.readouterr()
+    out = run_script("dev_study", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
+    methods = set(out["mean_accuracy"])
+    assert {"laai (CV on the n pairs, accuracy)", "laai (40 extra validation pairs: old protocol)", "5-shot",
+            "function-vector", "mean-difference", "laai (joint over layers, CV on the n pairs)"} <= methods
+    cells = pd.read_csv(tmp_path / "cells.shard0.csv")
+    assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
+    assert (tmp_path / "dev_study_per_task.md").exists() and (tmp_path / "dev_study_variants.md").exists()

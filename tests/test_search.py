@@ -153,3 +153,11 @@ def test_joint_fit_chooses_layers_and_heads_together(tiny, task):
     _, f_joint = objective(runner, cfg, (0, 1, 2))
     assert f_joint(joint) == pytest.approx(runner.scores(delta_hooks(1, single))[1], rel=1e-4)
     assert len(delta_hooks((0, 1, 2), joint)) == 3
+
+
+def test_evaluate_rows_keep_the_task_order_when_batched_by_length(tiny, task):
+    splits = task.split(0, 8, 0)
+    result = evaluate(tiny, splits, shots=3, batch_size=2)
+    assert result.table.input.tolist() == splits.test.inputs
+    assert result.table.target.tolist() == [t for _, t in splits.test.pairs]
+    assert all(row.prompt.endswith(f"{row.input}\nA:") for row in result.table.itertuples())
