@@ -2,9 +2,9 @@
 
 Side by side in one run, on the same tasks, seeds and test sets (n labelled pairs, zero-shot prompts):
 
-* ``old``: the search the library shipped before the honest protocol: every layer of
-  :func:`lens_laai.default_layers`, λ₂ = 0.3 (absolute), 50 steps, layer chosen on 40 *extra*
-  validation pairs (``select="valid"``);
+* ``old``: the search the library shipped before the honest protocol: a single-layer sweep over
+  every third layer of the middle 70% (8 layers on SmolLM2), λ₂ = 0.3 (absolute), 50 steps, layer
+  chosen on 40 *extra* validation pairs (``select="valid"``);
 * ``new``: ``fit(model, task, n_train=n)`` with today's defaults (cross-validation on the n pairs
   with successive halving over the λ₂ path relative to λ_max, then a refit on all n);
 * ``fv``: Function Vectors (Todd et al.): mean head activations and causal indirect effects over
@@ -90,7 +90,8 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
     steps = {"steps": 2} if quick else {}
     start = time.perf_counter()
     if method == "old":
-        res = fit(model, splits, "auto", group_l1=0.3, select="valid", progress=False, **({"steps": 2} if quick else {"steps": 50}))
+        res = fit(model, splits, "sweep", layers=old_default_layers(model.cfg.n_layers), group_l1=0.3, select="valid",
+                  progress=False, **({"steps": 2} if quick else {"steps": 50}))
         iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} heads={len(res.selected_heads)}"
     elif method == "new":
         res = fit(model, honest, progress=False, **steps)
@@ -106,6 +107,12 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
     labelled = len(splits.train) + (len(splits.valid) if method == "old" else 0)
     return {"accuracy": evaluate(model, honest, iv).accuracy, "forward_equivalents": round(fe, 1),
             "seconds": round(seconds, 2), "labelled_pairs": labelled, "n_test": len(splits.test), "detail": detail}
+
+
+def old_default_layers(n_layers: int) -> list[int]:
+    """The candidate layers of the old search: every third layer of the middle 70%."""
+    lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
+    return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
 
 
 def _read(out: Path | None) -> pd.DataFrame:

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .ablation import HeadAblation
 from .errors import FitError, InterventionError, LensLaaiError, ModelError, SaveError, TaskError
 from .evaluate import EvalResult, evaluate, evaluate_many, generate
-from .fit import FitConfig, FitResult, default_layers, fit, fit_path
+from .fit import FitConfig, FitResult, auto_layer, default_layers, fit, fit_path
 from .intervention import HeadIntervention
 from .models import load_model
 from .opinion import OpinionFitResult, fit_opinion
@@ -23,7 +23,7 @@ from .tasks import Task, TaskSplits, bundled_tasks, compose_tasks, load_task
 __all__ = [
     "EvalResult", "FitConfig", "HeadAblation", "FitError", "FitResult", "HeadIntervention", "Intervention", "InterventionError",
     "LensLaaiError", "ModelError", "PromptTemplate", "SaveError", "Task", "TaskError", "TaskSplits", "__version__",
-    "bundled_tasks", "compose_tasks", "default_layers", "evaluate", "evaluate_many", "fit", "fit_path", "generate",
+    "auto_layer", "bundled_tasks", "compose_tasks", "default_layers", "evaluate", "evaluate_many", "fit", "fit_path", "generate",
     "load_intervention", "load_model", "load_task",
     "OpinionEval", "OpinionFitResult", "Survey", "SurveySplits", "bundled_surveys", "compare_methods", "evaluate_opinion",
     "fit_opinion", "load_survey",

@@ -117,15 +117,22 @@ def _path_figure(model: Any, task: Any, iv: Any, fit_path: Any, draw: Any, args:
     from .tasks import TaskSplits
 
     config = iv.metadata.get("fit_config", {})
-    lam = float(config.get("group_l1", 0.3)) or 0.3
+    relative = bool(config.get("relative", False))
+    if relative:  # fractions of λ_max: from every head off down to no penalty
+        lambdas = [1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.0]
+    else:
+        lam = float(config.get("group_l1", 0.3)) or 0.3
+        lambdas = [lam * f for f in (8, 4, 2, 1, 0.5, 0.25, 0.0)]
     splits = task if isinstance(task, TaskSplits) else held_out(task, records_of([iv.metadata]))
+    scored = TaskSplits(splits.train, splits.test, splits.valid, splits.seed)  # the path is scored on held-out pairs
     from .prompts import PromptTemplate
 
     template = PromptTemplate.from_json(iv.metadata["template"]) if "template" in iv.metadata else None
-    table, ivs = fit_path(model, splits, iv.layers[0], [lam * f for f in (8, 4, 2, 1, 0.5, 0.25, 0.0)],
+    layer = max(iv.layers, key=lambda l: float(iv.deltas[l].norm()))  # a joint fit: its main layer
+    table, ivs = fit_path(model, scored, layer, lambdas, relative=relative,
                           l1=float(config.get("l1", 0.0)), steps=int(config.get("steps", 30)), lr=float(config.get("lr", 1.0)),
                           shots=int(config.get("shots", 0)), template=template, progress=not args.no_progress)
-    return draw(table, ivs)
+    return draw(table, ivs, label="held-out accuracy")
 
 
 def _check_file(path: Path, force: bool) -> None:

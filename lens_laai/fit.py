@@ -3,8 +3,8 @@
 Objective (model frozen): mean cross-entropy of each target's first token at the last prompt
 position (or, with ``objective="sequence"``, of the whole target under teacher forcing),
 plus ``l1‖Δ‖₁ + group_l1 Σ_h ‖Δ_h‖₂``, minimised by accelerated proximal gradient
-(:func:`lens_laai.solver.fista`) so unselected heads are exactly zero. ``layer="auto"``
-fits every candidate layer and keeps the best on the validation split.
+(:func:`lens_laai.solver.fista`) so unselected heads are exactly zero. The layer (or, jointly,
+layers) and λ₂ are chosen from the training pairs alone by cross-validation (``lens_laai.search``).
 
 Example:
     >>> from lens_laai import fit, load_task
@@ -38,13 +38,15 @@ TaskLike = Task | TaskSplits | Sequence[tuple[str, str]]
 
 
 def default_layers(n_layers: int) -> list[int]:
-    """The layers ``layer="auto"`` tries unless told otherwise: every third layer of the middle 70%.
+    """The candidate layers unless told otherwise: every fourth layer from 15% to 70% of the depth.
 
-    Task vectors live in the middle of the network (Function Vectors, LAAI); models with fewer
-    than 12 layers try every layer of that range.
+    Task vectors live in the first two thirds of the network (Function Vectors, LAAI; on the
+    development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
+    20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
+    layers try every layer of that range.
     """
-    lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
-    return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
+    lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
+    return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -70,7 +72,18 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
 
 
 Select = Literal["auto", "cv", "valid"]
-DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.25, 0.1)
+DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.2, 0.05)
+STEP_BUDGET = 30  # proximal steps in all unless ``steps`` is given: split evenly over the λ₂ path
+AUTO_DEPTH = 16 / 30  # layer="auto": the layer at this fraction of the depth (development study, docs/results.md)
+
+
+def auto_layer(n_layers: int) -> int:
+    """The layer ``layer="auto"`` fits: ``round(AUTO_DEPTH × n_layers)`` (16 of SmolLM2's 30, 17 of 32).
+
+    A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
+    did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
+    """
+    return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +102,7 @@ class FitConfig:
     l1: float = 1e-3
     group_l1: float = DEFAULT_GROUP_L1_REL[-1]
     relative: bool = True
-    steps: int = 50
+    steps: int = STEP_BUDGET // len(DEFAULT_GROUP_L1_REL)
     lr: float = 1.0
     n_train: int = 20
     n_valid: int = 0
@@ -131,10 +144,15 @@ class FitConfig:
         self.candidate_layers(n_layers)
 
     def candidate_layers(self, n_layers: int) -> list[int]:
-        if self.layer in ("auto", "joint"):
+        if self.layer == "auto":
+            if self.layers is not None:
+                raise FitError("layers= lists candidates for layer='sweep' or 'joint'; layer='auto' fits the layer at "
+                               f"{AUTO_DEPTH:.0%} of the depth. Use layer='sweep' to choose among your layers.")
+            return [auto_layer(n_layers)]
+        if self.layer in ("joint", "sweep"):
             return parse_layers(self.layers, n_layers)
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise FitError(f"layer must be a layer index, 'auto' or 'joint', got {self.layer!r}.")
+            raise FitError(f"layer must be a layer index, 'auto', 'joint' or 'sweep', got {self.layer!r}.")
         return parse_layers([self.layer], n_layers)
 
 
@@ -172,7 +190,7 @@ def fit(
     l1: float = FitConfig.l1,
     group_l1: float | Sequence[float] | None = None,
     group_l1_rel: float | Sequence[float] | None = None,
-    steps: int = FitConfig.steps,
+    steps: int | None = None,
     lr: float = FitConfig.lr,
     n_train: int | None = None,
     n_valid: int | None = None,
@@ -196,23 +214,28 @@ def fit(
             0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
             your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
             (e.g. :meth:`PromptTemplate.chat`).
-        layer: a layer index, ``"auto"`` to choose among ``layers`` (default:
-            :func:`default_layers`; ``"all"`` for every layer), or ``"joint"``: one fit over all of
-            ``layers`` at once with a group per (layer, head), so the group Lasso picks layers and
-            heads together and there is no layer sweep (the result may act on several layers;
-            ``FitResult.layer`` is then the one with the largest ‖Δ‖).
-        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.25, 0.1)``, a path
-            fitted largest first with warm starts). ``group_l1``: absolute λ₂ instead (one value
-            or a path); give one of the two.
+        layer: a layer index; ``"joint"``: one fit over all candidate ``layers`` at once with a
+            group per (layer, head), so the group Lasso picks layers and heads together (the
+            result may act on several layers; ``FitResult.layer`` is then the one with the largest
+            ‖Δ‖); ``"sweep"``: the paper's single layer, each candidate fitted and the best kept;
+            ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed on the development
+            study). Candidates of sweep and joint: ``layers`` (default :func:`default_layers`;
+            ``"all"`` for every layer).
+        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.2, 0.05)``, a path
+            fitted largest first with warm starts). At one layer the path is a schedule and its
+            last value is the fit; with several candidates the choice covers it too.
+            ``group_l1``: absolute λ₂ instead (one value or a path); give one of the two.
         l1: λ₁ (absolute).
         select: how the layer and λ₂ are chosen when there is more than one candidate. ``"cv"``:
             ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled
             data beyond ``n_train``. ``"valid"``: on the validation split (``n_valid`` more
             labelled pairs; the older protocol). ``"auto"``: ``"valid"`` when there is a
-            validation split, else ``"cv"``. The chosen candidate is refitted on all training pairs.
+            validation split, else ``"cv"`` when there are several layers, else no choice. The
+            chosen candidate is refitted on all training pairs.
         folds, halving: cross-validation folds; with ``halving`` only the better half of the layers
             go on to each next λ₂ (successive halving, see :func:`lens_laai.search.cross_validate`).
-        steps, lr: proximal steps per λ₂ and the initial step size (adapted by backtracking).
+        steps, lr: proximal steps per λ₂ (default: 30 in all, split over the path) and the initial
+            step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
         init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
             ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
@@ -225,6 +248,7 @@ def fit(
         FitError: a bad setting (before any work), or a loss that is not finite.
     """
     lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
+    steps = max(1, STEP_BUDGET // len(lambdas)) if steps is None else steps
     cfg = FitConfig(layer=layer, layers=_layers_arg(layers), l1=l1, group_l1=lambdas[0], relative=relative, steps=steps,
                     lr=lr, shots=shots, init=init, select=select, folds=folds, halving=halving, objective=objective,
                     batch_size=batch_size, fast=fast)
@@ -234,13 +258,17 @@ def fit(
     candidates: list = cfg.candidate_layers(model.cfg.n_layers)
     if layer == "joint":
         candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
-    how = _selection(select, splits, len(candidates) * len(lambdas), folds)
+    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint")
     cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test),
                   seed=splits.seed, select=how)
     _check_splits(splits, shots, how)
     start, meter = time.perf_counter(), CostMeter()
     if how == "cv":
         best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
+    elif how == "none":  # one layer: the λ₂ path is a warm-start schedule and its last value is the fit
+        fits = list(layer_path(model, splits.train, splits.valid, candidates[0], lambdas, cfg, template, meter,
+                               progress and len(lambdas) == 1))
+        best, sweep = fits[-1], pd.DataFrame([f.row() for f in fits])
     else:
         best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
     chosen = replace(cfg, layer="joint" if layer == "joint" else best.layer,
@@ -279,15 +307,20 @@ def _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, mete
     return fitted, summarise(table)
 
 
-def _selection(select: str, splits: TaskSplits, n_candidates: int, folds: int) -> str:
+def _selection(select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False) -> str:
+    """``"cv"``, ``"valid"`` or ``"none"`` (one layer: no choice; a λ₂ path ends at its last value).
+
+    A joint fit chooses its λ₂ on the path by cross-validation (as measured in the development study)."""
     if select not in ("auto", "cv", "valid"):
         raise FitError(f"select must be 'auto', 'cv' or 'valid', got {select!r}.")
-    if n_candidates == 1:
+    if n_layers * n_lambdas == 1:
         return "none"
     if select == "valid" and not len(splits.valid):
         raise FitError("select='valid' chooses on the validation split, which is empty; use n_valid ≥ 1 or select='cv'.")
     if select == "auto":
-        return "valid" if len(splits.valid) else "cv"
+        if len(splits.valid):
+            return "valid"
+        return "cv" if n_layers > 1 or joint else "none"
     return select
 
 

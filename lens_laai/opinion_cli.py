@@ -46,7 +46,7 @@ def fill_task_defaults(args: argparse.Namespace) -> None:
     """The task defaults of options whose survey defaults differ (left ``None`` by the parser)."""
     from .fit import FitConfig
 
-    for name, value in (("l1", FitConfig.l1), ("steps", FitConfig.steps), ("lr", FitConfig.lr)):
+    for name, value in (("l1", FitConfig.l1), ("lr", FitConfig.lr)):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if getattr(args, "n_train_questions", None) is not None or getattr(args, "n_valid_questions", None) is not None:

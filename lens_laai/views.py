@@ -69,7 +69,7 @@ def heatmaps(scores: dict[str, Tensor], columns: Sequence[str] | None = None, pe
     return fig
 
 
-def regularisation_path(path: pd.DataFrame, interventions: Sequence[HeadIntervention]):
+def regularisation_path(path: pd.DataFrame, interventions: Sequence[HeadIntervention], label: str = "validation accuracy"):
     """Each head's ‖Δ_h‖ against λ₂ (log scale, as glmnet draws it), with validation accuracy on a twin axis.
 
     ``path`` and ``interventions`` are what :func:`lens_laai.fit_path` returns.
@@ -90,8 +90,8 @@ def regularisation_path(path: pd.DataFrame, interventions: Sequence[HeadInterven
     ax.set_xlabel("λ₂ (group penalty)")
     ax.set_ylabel("‖Δ_h‖")
     twin = ax.twinx()
-    twin.plot(x, path.valid_accuracy, "k--", label="validation accuracy")
-    twin.set_ylabel("validation accuracy")
+    twin.plot(x, path.valid_accuracy, "k--", label=label)
+    twin.set_ylabel(label)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
     return fig

@@ -177,8 +177,11 @@ def test_default_layer_policy_is_shared(tiny):
     from lens_laai import default_layers
     from lens_laai.fit import parse_layers
 
-    assert parse_layers("default", 30) == default_layers(30) == [4, 7, 10, 13, 16, 19, 22, 25]
+    assert parse_layers("default", 30) == default_layers(30) == [4, 8, 12, 16, 20]
+    assert default_layers(32) == [5, 9, 13, 17, 21] and default_layers(3) == [0, 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = fit(tiny, Task("t", list(TINY_PAIRS)), n_train=8, n_valid=4, steps=1, progress=False)
+        result = fit(tiny, Task("t", list(TINY_PAIRS)), "sweep", n_train=8, n_valid=4, steps=1, progress=False)
+        joint = fit(tiny, Task("t", list(TINY_PAIRS)), "joint", n_train=8, steps=1, progress=False)
     assert sorted(result.sweep.layer.unique()) == default_layers(3)
+    assert set(joint.sweep.layer) == {tuple(default_layers(3))}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lens_laai import Task, evaluate, fit, fit_path
+from lens_laai import Task, default_layers, evaluate, fit, fit_path
 from lens_laai.prompts import k_shot_prompts, make_batch
 
 
@@ -70,8 +70,8 @@ def test_fast_path_works_on_few_shot_prompts(tiny, task):
 
 
 def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
-    result = fit(tiny, task, layer="auto", n_train=12, n_valid=6, steps=5, group_l1=0.3, progress=False)
-    assert result.sweep.layer.tolist() == [0, 1, 2] and result.selection == "valid"
+    result = fit(tiny, task, layer="sweep", n_train=12, n_valid=6, steps=5, group_l1=0.3, progress=False)
+    assert result.sweep.layer.tolist() == default_layers(3) and result.selection == "valid"
     best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert result.layer == best.layer and result.intervention.layers == [result.layer]
 
@@ -106,7 +106,7 @@ def test_evaluate_table_and_split_from_intervention(tiny, task):
 
 
 def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
-    result = fit(tiny, task, layer="auto", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4,
+    result = fit(tiny, task, layer="sweep", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4,
                  progress=False)
     assert len(result.sweep) == 4 and set(result.sweep.group_l1) == {0.01, 1e3}
     best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]

@@ -13,7 +13,7 @@ def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
     source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert 'MODEL = "smollm2-135m"' in source and "STEPS = 50" in source and "layer=15" in source
     source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 50", "STEPS = 3")
-              .replace("layer=15", "layer=1").replace("n_train=20, n_valid=40, n_test=100", "n_train=8, n_valid=4, n_test=8"))
+              .replace("layer=15", "layer=1").replace("n_train=20, n_test=100", "n_train=8, n_test=8"))
     import lens_laai
 
     monkeypatch.setattr(lens_laai, "load_task", lambda name: tiny_task())
@@ -24,9 +24,9 @@ def test_heads_notebook_runs_on_tiny_model(monkeypatch):
     notebook = NOTEBOOK.parent / "heads_vs_ablation.ipynb"
     cells = json.loads(notebook.read_text())["cells"]
     source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 50" in source
-    source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 50", "STEPS = 3")
-              .replace("n_train=20, n_valid=40", "n_train=8, n_valid=4").replace("n_prompts=16, shots=5, patching_prompts=4, n_random=20",
+    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source
+    source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 10", "STEPS = 3")
+              .replace("n_train=20, seed=0", "n_train=8, seed=0").replace("n_prompts=16, shots=5, patching_prompts=4, n_random=20",
                                                                           "n_prompts=6, shots=2, patching_prompts=4, n_random=4")
               .replace('layer="auto"', "layer=1").replace("group_l1=0.3", "group_l1=0.01").replace('"Q: early\\nA:"', '"Q: hot\\nA:"'))
     import lens_laai

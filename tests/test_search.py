@@ -40,28 +40,54 @@ def test_folds_partition_the_training_pairs(task):
 
 
 def test_default_fit_uses_only_the_training_pairs(tiny, task):
-    result = fit(tiny, task, n_train=10, layers=[0, 1], steps=3, progress=False)
-    assert result.selection == "cv" and result.config.select == "cv"
+    from lens_laai import auto_layer
+
+    result = fit(tiny, task, n_train=10, progress=False)
+    assert result.selection == "none" and result.config.select == "none"
+    assert result.layer == auto_layer(tiny.cfg.n_layers) == 2 and result.intervention.layers == [2]
     assert result.config.n_valid == 0 and len(result.splits.valid) == 0
+    assert result.config.steps == 10 and result.config.group_l1 == 0.05 and result.config.relative
+    assert len(result.sweep) == 3 and result.history.shape[0] == 10  # the path, ending at its last λ₂
     assert len(result.splits.test) == len(task) - 10
-    assert result.intervention.metadata["data"][0]["n_valid"] == 0 and len(result.intervention.metadata["data"][0]["seen"]) == 10
+    record = result.intervention.metadata["data"][0]
+    assert record["n_valid"] == 0 and len(record["seen"]) == 10
+    assert evaluate(tiny, task, result.intervention).n == len(task) - 10
+    joint = fit(tiny, task, "joint", n_train=10, layers=[0, 1], steps=3, progress=False)
+    assert joint.selection == "cv" and joint.config.layer == "joint"
+    with pytest.raises(FitError, match="layer='sweep'"):
+        fit(tiny, task, layers=[0, 1], progress=False)
+
+
+def test_auto_layer_rule():
+    from lens_laai import auto_layer
+
+    assert auto_layer(30) == 16 and auto_layer(32) == 17 and auto_layer(1) == 0 and auto_layer(2) == 1
+
+
+def test_sweep_refits_the_cross_validated_choice(tiny, task):
+    result = fit(tiny, task, "sweep", n_train=10, layers=[0, 1], steps=3, progress=False)
+    assert result.selection == "cv" and isinstance(result.config.layer, int)
     chosen = result.sweep.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     assert (result.layer, result.config.group_l1) == (int(chosen.layer), float(chosen.lam))
     assert result.valid_accuracy == pytest.approx(chosen.cv_accuracy)
-    assert evaluate(tiny, task, result.intervention).n == len(task) - 10
+    assert result.intervention.layers == [result.layer]
 
 
 def test_validation_protocol_is_still_there_and_labelled(tiny, task):
-    result = fit(tiny, task, n_train=8, n_valid=4, layers=[0, 1], steps=2, progress=False)
+    result = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, progress=False)
     assert result.selection == "valid"
     assert result.intervention.metadata["selection"] == "valid"
-    forced = fit(tiny, task, n_train=8, n_valid=4, layers=[0, 1], steps=2, select="cv", progress=False)
+    forced = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, select="cv", progress=False)
     assert forced.selection == "cv"
 
 
 def test_one_candidate_needs_no_selection(tiny, task):
     result = fit(tiny, task, layer=1, group_l1_rel=0.3, n_train=8, steps=2, progress=False)
     assert result.selection == "none" and len(result.sweep) == 1
+    path = fit(tiny, task, layer=1, group_l1_rel=[0.5, 0.1], n_train=8, steps=2, progress=False)
+    assert path.selection == "none" and path.config.group_l1 == 0.1  # the path's last value, no choice made
+    chosen = fit(tiny, task, layer=1, group_l1_rel=[0.5, 0.1], n_train=8, steps=2, select="cv", progress=False)
+    assert chosen.selection == "cv"
 
 
 def test_relative_lambda_is_a_fraction_of_lambda_max(tiny, task):
@@ -129,7 +155,7 @@ def test_bad_selection_options(tiny, task):
     with pytest.raises(FitError, match="folds must be"):
         fit(tiny, task, folds=1, progress=False)
     with pytest.raises(FitError, match="folds must be an integer within"):
-        fit(tiny, task, n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
+        fit(tiny, task, "sweep", n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
     with pytest.raises(FitError, match="halving"):
         fit(tiny, task, halving="yes", progress=False)
 
