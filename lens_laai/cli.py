@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .errors import LensLaaiError
+from .errors import FitError, LensLaaiError
 from .fit import DEFAULT_GROUP_L1_REL, FitConfig
 from .opinion_cli import add_survey_args, eval_survey, fill_task_defaults, fit_survey, is_survey
 
@@ -163,6 +163,13 @@ def _fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     task = _load_task(args)
     layer: int | str = args.layer if args.layer in ("auto", "joint", "sweep") else _int(args.layer, "--layer")
+    if args.group_l1 and args.group_l1_rel:
+        raise FitError("give --group-l1 (absolute λ₂) or --group-l1-rel (fractions of λ_max), not both.")
+    if args.select == "valid" and not args.n_valid:
+        raise FitError("--select valid chooses on a validation split; give --n-valid N (extra labelled pairs) or --select cv.")
+    if layer == "auto" and args.layers != "default":
+        raise FitError("--layers lists candidates for --layer sweep or --layer joint; --layer auto fits the layer at "
+                       "53% of the depth.")
     splits = task.split(args.seed, args.n_train, args.n_valid, args.n_test)
     if not args.no_baselines:
         check_shots(splits, 5, "test")
@@ -204,8 +211,14 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     print(f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
           f"{s['n_heads_total']} heads selected ({heads})")
     if len(sweep) > 1:
-        how = {"cv": "cross-validation on the training pairs", "valid": "the validation split"}.get(s["selection"], "")
-        print(f"\nCandidates (scored by {how}; {s['labelled_pairs_used']} labelled pairs used in all):")
+        used = f"{s['labelled_pairs_used']} labelled pairs used in all"
+        if s["selection"] == "none":
+            print(f"\nλ₂ path at layer {s['layer']} (warm starts; its last value is the fit; {used}):")
+            sweep = sweep.drop(columns=[c for c in ("valid_accuracy", "valid_ce") if c in sweep])
+        elif s["selection"] == "cv":
+            print(f"\nCandidates, scored by cross-validation on the training pairs ({used}):")
+        else:
+            print(f"\nCandidates, scored on the validation split ({used}):")
         print(sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     rows = [("zero-shot prompt", s["zero_shot_accuracy"]), ("5-shot prompt", s["few_shot_accuracy"]),
             ("LAAI intervention (0-shot)", s["test_accuracy"])]

@@ -46,11 +46,32 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
      (["fit", "--task", "antonym", "--layer", "9", "--out", "x", *TINY], "out of range"),
      (["fit", "--task", "antonym", "--layer", "two", "--out", "x", *TINY], "--layer must be an integer"),
      (["fit", "--task", "antonym", "--group-l1", "nan", "--out", "x", *TINY], "finite"),
-     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved intervention")],
+     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved intervention"),
+     (["fit", "--task", "antonym", "--layers", "0,1", "--out", "x", *TINY], "--layer sweep or --layer joint"),
+     (["fit", "--task", "antonym", "--group-l1", "0.1", "--group-l1-rel", "0.5", "--out", "x", *TINY], "not both"),
+     (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "1", "--out", "x", *TINY], "folds must be"),
+     (["fit", "--task", "antonym", "--select", "valid", "--layer", "sweep", "--out", "x", *TINY], "validation split"),
+     (["fit", "--survey", "gss-spending", "--group", "POLVIEWS=Liberal", "--select", "cv", "--out", "x", *TINY],
+      "are for tasks")],
 )
 def test_bad_inputs_exit_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fit_says_what_it_chose_and_how_many_labelled_pairs_it_used(tmp_path, task_file, capsys):
+    base = ["fit", "--task-file", str(task_file), "--n-train", "10", "--no-baselines", *TINY, "--json"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    out = last_json(capsys)
+    assert out["selection"] == "none" and out["labelled_pairs_used"] == 10 and out["relative"] and out["layer"] == 2
+    assert main([*base, "--layer", "sweep", "--layers", "0,1", "--steps", "2", "--no-halving", "--init", "mean-difference",
+                 "--out", str(tmp_path / "b")]) == 0
+    out = last_json(capsys)
+    assert out["selection"] == "cv" and out["layer"] in (0, 1) and out["labelled_pairs_used"] == 10
+    assert main([*base, "--layer", "sweep", "--layers", "0,1", "--steps", "2", "--n-valid", "4", "--group-l1", "0.1,0.01",
+                 "--out", str(tmp_path / "c")]) == 0
+    out = last_json(capsys)
+    assert out["selection"] == "valid" and out["labelled_pairs_used"] == 14 and not out["relative"]
 
 
 def test_empty_task_file_is_a_clear_error(tmp_path, capsys):
