@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in (first, second):
         n_valid = min(40, len(task) - args.n_train - 2)
         splits = task.split(args.seed, args.n_train, n_valid, min(args.n_test, len(task) - args.n_train - n_valid))
-        fits[task.name] = fit(model, splits, "auto", layers=layers, group_l1=args.group_l1, steps=args.steps,
+        fits[task.name] = fit(model, splits, "sweep", layers=layers, group_l1=args.group_l1, steps=args.steps,
                               progress=not args.no_progress)
     composed = _held_out(composed_all, first, fits[first.name].splits.train, args)
     iv_a, iv_b = fits[first.name].intervention, fits[second.name].intervention

@@ -146,7 +146,7 @@ def time_sweep(model, splits, steps: int, layers: list[int] | None) -> dict:
     out = {"sweep_layers": len(layers) if layers else model.cfg.n_layers, "sweep_steps": steps}
     for path in ("naive", "fast"):
         t0 = time.perf_counter()
-        result = fit(model, splits, "auto", layers=layers, steps=steps, fast=path == "fast", progress=False)
+        result = fit(model, splits, "sweep", layers=layers, steps=steps, fast=path == "fast", progress=False)
         out[f"sweep_seconds_{path}"] = time.perf_counter() - t0
         out[f"sweep_forward_equivalents_{path}"] = result.forward_equivalents
     out["ratio_sweep"] = out["sweep_seconds_naive"] / out["sweep_seconds_fast"]

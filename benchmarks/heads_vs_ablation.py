@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks.split(","):
         task = get_task(name, args.data_dir, args.model)
         t0 = time.perf_counter()
-        result = fit(model, task, "auto", layers=default_layers(model.cfg.n_layers), n_train=n_train, n_valid=n_valid,
+        result = fit(model, task, "sweep", layers=default_layers(model.cfg.n_layers), n_train=n_train, n_valid=n_valid,
                      seed=args.seed, steps=steps, progress=not args.no_progress)
         fit_seconds = time.perf_counter() - t0
         analysis = head_table(model, task, result.intervention, n_prompts=6 if quick else args.n_prompts,

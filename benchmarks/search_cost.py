@@ -8,7 +8,8 @@ Side by side in one run, on the same tasks, seeds and test sets (n labelled pair
 * ``new``: ``fit(model, task, n_train=n)`` with today's defaults (cross-validation on the n pairs
   with successive halving over the λ₂ path relative to λ_max, then a refit on all n);
 * ``fv``: Function Vectors (Todd et al.): mean head activations and causal indirect effects over
-  every head on 16 corrupted 10-shot prompts, top 10 heads; its add-layer and scale chosen on the n pairs.
+  every head on 16 corrupted 10-shot prompts, top 10 heads; its add-layer and scale chosen on the n pairs;
+* ``md`` (not run by default): mean difference on ``hook_z``, its layer and α chosen on the n pairs.
 
 Cost is in forward-pass equivalents (one full forward of one zero-shot prompt; backward = 2) and
 seconds; accuracy is top-1 of the target's first token on the same held-out test set.
@@ -37,10 +38,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
 
 from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
-from lens_laai.baselines import fit_function_vector  # noqa: E402
+from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
 from lens_laai.fit import default_layers  # noqa: E402
 
-METHODS = ("old", "new", "fv")
+METHODS = ("old", "new", "fv", "md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="old,new,fv")
     p.add_argument("--shard", default="0/1", help="k/N: run every N-th (task, seed, method) starting at k")
     p.add_argument("--tag", default="", help="rows file name tag, so jobs running side by side write apart")
     p.add_argument("--resume", action="store_true")
@@ -97,6 +98,10 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
         res = fit(model, honest, progress=False, **steps)
         iv, fe = res.intervention, res.forward_equivalents
         detail = f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)}"
+    elif method == "md":
+        res = fit_mean_difference(model, honest, "auto", layers=default_layers(model.cfg.n_layers),
+                                  shots=min(10, len(splits.train) - 1), progress=False)
+        iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} alpha={res.alpha:g}"
     else:
         shots = min(10, len(splits.train) - 1)
         res = fit_function_vector(model, honest, top_k=min(10, model.cfg.n_heads * model.cfg.n_layers),
