@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
 
-from lens_laai import FitConfig, PromptTemplate, Task, TaskSplits, evaluate, fit  # noqa: E402
+from lens_laai import FitConfig, PromptTemplate, Task, TaskSplits, auto_layer, evaluate, fit  # noqa: E402
 from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
 from lens_laai.fastpath import CostMeter  # noqa: E402
 from lens_laai.layer_fit import layer_path  # noqa: E402
@@ -198,11 +198,17 @@ RULES = {
 }
 
 
-def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | None = None) -> pd.DataFrame:
+DEFAULT = "laai default (layer at 53% depth, path to λ_max/20)"
+
+
+def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | None = None,
+              n_layers: int = 30) -> pd.DataFrame:
     """One row per (task, seed, method/rule) with the test accuracy it gets.
 
     With ``joint`` rows, also "single layer at the joint fit's main layer and λ": the cell the
     two-stage rule (joint fit to pick the layer, then the paper's single-layer fit) would return.
+    The default fit is the cell at :func:`lens_laai.auto_layer` and the path's last λ₂ (the same
+    computation as ``fit(model, task, n_train=n)``).
     """
     rows = []
     if joint is not None and not joint.empty and "main_layer" in joint:
@@ -216,6 +222,9 @@ def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | 
             best = unit.sort_values(keys, ascending=asc, kind="stable").iloc[0]
             rows.append({"task": task, "seed": seed, "method": name, "accuracy": best.test_accuracy,
                          "layer": int(best.layer), "rel": best.rel})
+    default = cells[(cells.layer == auto_layer(n_layers)) & (cells.rel == cells.rel.min())]
+    rows += [{"task": r.task, "seed": r.seed, "method": DEFAULT, "accuracy": r.test_accuracy, "layer": int(r.layer),
+              "rel": r.rel} for r in default.itertuples()]
     if not methods.empty:
         rows += methods[methods.method != "none"][["task", "seed", "method", "accuracy"]].to_dict("records")
     return pd.DataFrame(rows)
@@ -226,6 +235,22 @@ def fixed_rules(cells: pd.DataFrame) -> pd.DataFrame:
     out = cells.groupby(["layer", "rel"]).agg(accuracy=("test_accuracy", "mean"), heads=("n_selected", "mean"),
                                               worst_task=("test_accuracy", lambda s: s.min())).reset_index()
     return out.sort_values("accuracy", ascending=False)
+
+
+def paired(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """``reference`` minus each method on the same (task, seed): mean, std, and tasks where it is behind."""
+    wide = table.pivot_table(index=["task", "seed"], columns="method", values="accuracy")
+    if reference not in wide:
+        return pd.DataFrame()
+    rows = []
+    for method in wide.columns.drop(reference):
+        diff = (wide[reference] - wide[method]).dropna()
+        if diff.empty:
+            continue
+        by_task = diff.groupby(level="task").mean()
+        rows.append({"method": method, "units": len(diff), "mean_difference": diff.mean(), "std": diff.std(),
+                     "tasks_behind": " ".join(sorted(by_task[by_task < 0].index))})
+    return pd.DataFrame(rows).sort_values("mean_difference")
 
 
 def per_task(table: pd.DataFrame) -> pd.DataFrame:
@@ -246,6 +271,8 @@ def report(args) -> int:
         print(f"no rows in {out}", file=sys.stderr)
         return 1
     table = protocols(read["cells"], read["methods"], read["joint"])
+    units = set(map(tuple, read["cells"][["task", "seed"]].drop_duplicates().values))
+    table = table[[(t, s) in units for t, s in zip(table.task, table.seed)]]  # every method on the same units
     summary = per_task(table)
     fixed = fixed_rules(read["cells"])
     variants = pd.DataFrame()
@@ -257,11 +284,13 @@ def report(args) -> int:
                                             std_gain=("gain", "std"), wins=("gain", lambda g: int((g > 0).sum())),
                                             losses=("gain", lambda g: int((g < 0).sum()))).reset_index()
     meta = {"args": vars(args), "machine": machine(), "units": int(read["cells"][["task", "seed"]].drop_duplicates().shape[0])}
+    versus = paired(table, DEFAULT)
     write_outputs(str(out), "dev_study_per_task", summary, meta)
     write_outputs(str(out), "dev_study_fixed_rules", fixed, meta)
     write_outputs(str(out), "dev_study_variants", variants, meta)
+    write_outputs(str(out), "dev_study_default_vs", versus, meta)
     for title, t in (("per task (mean over seeds)", summary), ("fixed (layer, λ) rules, top 10", fixed.head(10)),
-                     ("variants at the CV choice", variants)):
+                     ("variants at the CV choice", variants), (f"{DEFAULT} against each method, paired", versus)):
         print(f"\n## {title}\n\n{to_markdown(t)}")
     if args.json:
         means = table.groupby("method").accuracy.mean().round(4).to_dict()
