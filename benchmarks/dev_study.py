@@ -192,7 +192,7 @@ def _score(model, splits: TaskSplits, f, runners: dict) -> tuple[float, float]:
 RULES = {
     "laai (CV on the n pairs, accuracy)": (["cv_accuracy", "cv_ce"], [False, True]),
     "laai (CV on the n pairs, cross-entropy)": (["cv_ce"], [True]),
-    "laai (40 extra validation pairs: old protocol)": (["valid40_accuracy", "valid40_ce"], [False, True]),
+    "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)": (["valid40_accuracy", "valid40_ce"], [False, True]),
     "laai (lowest training loss)": (["train_loss"], [True]),
     "laai (best cell on test: upper bound)": (["test_accuracy"], [False]),
 }

@@ -127,7 +127,7 @@ def test_dev_study_smoke(capsys, tmp_path):
     capsys.readouterr()
     out = run_script("dev_study", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
     methods = set(out["mean_accuracy"])
-    assert {"laai (CV on the n pairs, accuracy)", "laai (40 extra validation pairs: old protocol)", "5-shot",
+    assert {"laai (CV on the n pairs, accuracy)", "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)", "5-shot",
             "function-vector", "mean-difference", "laai (joint over layers, CV on the n pairs)"} <= methods
     cells = pd.read_csv(tmp_path / "cells.shard0.csv")
     assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
