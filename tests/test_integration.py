@@ -19,7 +19,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def antonym_splits():
-    return load_task("antonym").split(seed=0, n_train=20, n_valid=40, n_test=100)
+    return load_task("antonym").split(seed=0, n_train=20, n_test=100)
 
 
 def test_embedded_model_is_frozen_and_well_formed(smol):
@@ -29,9 +29,10 @@ def test_embedded_model_is_frozen_and_well_formed(smol):
     assert cache["blocks.3.attn.hook_z"].shape[-2:] == (9, 64)  # n_heads, although only 3 KV heads
 
 
-def test_fitting_20_pairs_beats_zero_shot_by_a_margin(smol, antonym_splits):
+def test_the_default_fit_of_20_pairs_beats_zero_shot_by_a_margin(smol, antonym_splits):
     zero = evaluate(smol, antonym_splits, shots=0).accuracy
-    result = fit(smol, antonym_splits, layer=9, steps=40, progress=False)
+    result = fit(smol, antonym_splits, progress=False)  # the 20 pairs and nothing else
+    assert result.layer == 16 and result.selection == "none" and result.config.n_valid == 0
     test = evaluate(smol, antonym_splits, result.intervention).accuracy
     assert result.fast_path
     assert test >= zero + MARGIN, (zero, test)
