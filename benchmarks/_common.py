@@ -67,6 +67,19 @@ def write_outputs(out_dir: str | None, stem: str, table: pd.DataFrame, meta: dic
     atomic_write_text(folder / f"{stem}.meta.json", json.dumps(meta, indent=2) + "\n")
 
 
+def appended_meta(out_dir: str | None, stem: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` added to the record already in ``{stem}.meta.json`` (a ``jobs`` list), so a resumed
+    job never erases how the earlier rows were made."""
+    path = Path(out_dir or ".") / f"{stem}.meta.json"
+    if not out_dir or not path.exists():
+        return meta
+    old = json.loads(path.read_text())
+    record = old if "jobs" in old else {"jobs": [old]}
+    if not record["jobs"] or record["jobs"][-1] != meta:
+        record["jobs"] = [*record["jobs"], meta]
+    return record
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub table without needing `tabulate`."""
     def fmt(v: Any) -> str:

@@ -31,7 +31,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
+from _common import (TASKS, TINY, appended_meta, get_task, load, machine, nested_splits, parser,  # noqa: E402
+                     to_markdown, write_outputs)
 
 from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
 from lens_laai.baselines import fit_function_vector, fit_mean_difference, prompting_cost  # noqa: E402
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append({"task": task_name, "method": method, "n": n, "seed": seed, **row})
             if csv:
-                write_outputs(args.out_dir, "rule_tasks_rows", pd.DataFrame(rows), {"args": vars(args), "machine": machine()})
+                write_outputs(args.out_dir, "rule_tasks_rows", pd.DataFrame(rows),
+                              appended_meta(args.out_dir, "rule_tasks_rows", {"args": vars(args), "machine": machine()}))
     report(pd.DataFrame(rows), args)
     return 0
 

@@ -132,3 +132,16 @@ def test_dev_study_smoke(capsys, tmp_path):
     cells = pd.read_csv(tmp_path / "cells.shard0.csv")
     assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
     assert (tmp_path / "dev_study_per_task.md").exists() and (tmp_path / "dev_study_variants.md").exists()
+
+
+def test_a_resumed_job_keeps_the_record_of_earlier_rows(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    from _common import appended_meta
+
+    (tmp_path / "rows.meta.json").write_text(json.dumps({"note": "curated", "jobs": [{"args": {"n": "5"}}]}))
+    merged = appended_meta(str(tmp_path), "rows", {"args": {"n": "50"}})
+    assert merged["note"] == "curated" and [j["args"]["n"] for j in merged["jobs"]] == ["5", "50"]
+    (tmp_path / "plain.meta.json").write_text(json.dumps({"args": {"n": "5"}}))
+    assert [j["args"]["n"] for j in appended_meta(str(tmp_path), "plain", {"args": {"n": "10"}})["jobs"]] == ["5", "10"]
