@@ -214,7 +214,7 @@ def plot(table: pd.DataFrame, path: Path, n_valid: int = 40, extra: pd.DataFrame
 
     table = table.assign(labelled_pairs=labelled_pairs(table, n_valid))
     tasks = list(dict.fromkeys(table.task))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in METHODS:
             part = table[(table.task == task) & (table.method == method)]
@@ -222,18 +222,19 @@ def plot(table: pd.DataFrame, path: Path, n_valid: int = 40, extra: pd.DataFrame
                 continue
             stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method,
-                        linestyle="--" if method not in PROMPTING else "-")
+                        linestyle="-" if method in PROMPTING or method == "laai-default" else "--")
         if extra is not None:
             for method, part in extra[extra.task == task].groupby("method", sort=False):
                 stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="*", markersize=11, capsize=3,
                             linestyle="none", label=method)
         ax.set(title=task, xlabel="labelled pairs used (n, + validation pairs)", ylabel="test accuracy", xscale="log")
-        ticks = sorted(set(table.labelled_pairs))
+        ticks = [t for t in (5, 10, 20, 50, 90) if table.labelled_pairs.min() <= t <= table.labelled_pairs.max()]
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
