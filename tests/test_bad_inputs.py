@@ -213,7 +213,8 @@ def test_unwritable_paths_are_a_save_error(tmp_path, saved, task_file, monkeypat
 
 
 @pytest.mark.parametrize("argv, message", [(["--layers", ","], "layers is empty"), (["--layers", "1,x"], "comma list"),
-                                            (["--n-test", "0"], "n_test must be"), (["--layer", "auto", "--layers", "7"], "out of range")])
+                                            (["--n-test", "0"], "n_test must be"), (["--layer", "sweep", "--layers", "7"], "out of range"),
+                                            (["--layer", "auto", "--layers", "7"], "--layer sweep or --layer joint")])
 def test_bad_layer_and_split_options_exit_2_before_writing(tmp_path, task_file, argv, message, capsys):
     out = tmp_path / "out"
     assert main([*FIT, "--task-file", str(task_file), *argv, "--out", str(out)]) == 2
@@ -232,7 +233,7 @@ def test_five_shot_baseline_without_enough_pairs_fails_before_writing(tmp_path, 
                                              ({"layers": [1.5]}, "not a layer index")])
 def test_fit_layer_arguments(tiny, kwargs, message):
     with pytest.raises(FitError, match=message):
-        fit(tiny, Task("t", list(TINY_PAIRS)), **{"layer": "auto", "n_train": 8, "n_valid": 4, "progress": False, **kwargs})
+        fit(tiny, Task("t", list(TINY_PAIRS)), **{"layer": "sweep", "n_train": 8, "n_valid": 4, "progress": False, **kwargs})
 
 
 def test_prompt_longer_than_the_context_is_refused_quickly(tiny):
