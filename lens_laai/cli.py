@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
     f.add_argument("--select", choices=["auto", "cv", "valid"], default="auto",
                    help="how layer and λ₂ are chosen: 'cv' (cross-validation on the training pairs), 'valid' (on "
-                        "--n-valid extra pairs: the older protocol), 'auto' (valid if --n-valid > 0, else cv)")
+                        "--n-valid extra pairs: the older protocol), 'auto' (valid if --n-valid > 0, else cv when "
+                        "there is a choice to make; a single layer's λ₂ path ends at its last value)")
     f.add_argument("--folds", type=int, default=FitConfig.folds, help="folds for --select cv (default %(default)s)")
     f.add_argument("--no-halving", action="store_true",
                    help="cross-validate every candidate layer along the whole λ₂ path (default: successive halving)")
@@ -162,11 +163,15 @@ def _fit(args: argparse.Namespace) -> int:
     fill_task_defaults(args)
     start = time.perf_counter()
     task = _load_task(args)
-    layer: int | str = args.layer if args.layer in ("auto", "joint", "sweep") else _int(args.layer, "--layer")
+    layer: int | str = (args.layer if args.layer in ("auto", "joint", "sweep")
+                        else _int(args.layer, "--layer", "'auto', 'sweep' or 'joint'"))
     if args.group_l1 and args.group_l1_rel:
         raise FitError("give --group-l1 (absolute λ₂) or --group-l1-rel (fractions of λ_max), not both.")
     if args.select == "valid" and not args.n_valid:
         raise FitError("--select valid chooses on a validation split; give --n-valid N (extra labelled pairs) or --select cv.")
+    cross_validates = args.select == "cv" or (args.select == "auto" and not args.n_valid)
+    if layer in ("sweep", "joint") and cross_validates and not 2 <= args.folds <= args.n_train:
+        raise FitError(f"--folds must be within 2..--n-train ({args.n_train}), got {args.folds}.")
     if layer == "auto" and args.layers != "default":
         raise FitError("--layers lists candidates for --layer sweep or --layer joint; --layer auto fits the layer at "
                        "53% of the depth.")
@@ -271,11 +276,11 @@ def _compose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int(text: str, flag: str) -> int:
+def _int(text: str, flag: str, words: str = "'auto'") -> int:
     try:
         return int(text)
     except ValueError:
-        raise LensLaaiError(f"{flag} must be an integer or 'auto', got {text!r}.") from None
+        raise LensLaaiError(f"{flag} must be an integer or {words}, got {text!r}.") from None
 
 
 def _floats(text: str, flag: str) -> float | list[float]:

@@ -57,7 +57,7 @@ def select_split(
 
     A :class:`Task` is split the way the interventions' fits split it (explicit ``seed`` /
     ``n_train`` / ``n_valid`` must agree with that); without interventions, by those settings
-    (default 0 / 20 / 40). The ``"test"`` part is refused if it holds a pair any fit saw.
+    (default 0 / 20 / 0). The ``"test"`` part is refused if it holds a pair any fit saw.
     """
     if split not in SPLITS:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}.")

@@ -3,8 +3,10 @@
 Objective (model frozen): mean cross-entropy of each target's first token at the last prompt
 position (or, with ``objective="sequence"``, of the whole target under teacher forcing),
 plus ``l1‖Δ‖₁ + group_l1 Σ_h ‖Δ_h‖₂``, minimised by accelerated proximal gradient
-(:func:`lens_laai.solver.fista`) so unselected heads are exactly zero. The layer (or, jointly,
-layers) and λ₂ are chosen from the training pairs alone by cross-validation (``lens_laai.search``).
+(:func:`lens_laai.solver.fista`) so unselected heads are exactly zero. The fit uses the training
+pairs alone: by default the layer comes from a rule fixed on the development study
+(:func:`auto_layer`) and λ₂ from a path relative to λ_max; ``layer="sweep"`` / ``"joint"`` choose
+by cross-validation on the training pairs (``lens_laai.search``).
 
 Example:
     >>> from lens_laai import fit, load_task
@@ -161,8 +163,9 @@ class FitResult:
     """A fitted intervention with its training record and selection scores.
 
     ``valid_accuracy`` is the score the choice was made on: the pooled held-out accuracy of
-    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``), or
-    the training accuracy when there was nothing to choose (``"none"``). ``sweep`` has one row per
+    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``, and
+    ``"none"`` with a validation split), or the training accuracy when there was nothing to choose
+    and no validation split. ``sweep`` has one row per
     candidate (layer, λ₂) with that score.
     """
 
@@ -261,7 +264,7 @@ def fit(
     how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint")
     cfg = replace(cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test),
                   seed=splits.seed, select=how)
-    _check_splits(splits, shots, how)
+    _check_splits(splits, shots, how, cfg)
     start, meter = time.perf_counter(), CostMeter()
     if how == "cv":
         best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
@@ -273,7 +276,8 @@ def fit(
         best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
     chosen = replace(cfg, layer="joint" if layer == "joint" else best.layer,
                      group_l1=best.group_l1_rel if relative else best.group_l1)
-    extra = {"group_l1_absolute": best.group_l1, "lambda_max": best.lambda_max, "selection": how}
+    extra = {"group_l1_absolute": best.group_l1, "lambda_max": best.lambda_max, "selection": how,
+             "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1]}
     iv = best.intervention(model, splits, source, chosen, template, **extra)
     return FitResult(
         intervention=iv, layer=best.main_layer, history=pd.DataFrame([asdict(r) for r in best.history]),
@@ -350,11 +354,22 @@ def _prepare_data(task: TaskLike, template: PromptTemplate | None, n_train: int 
     return splits, task, template or PromptTemplate()
 
 
-def _check_splits(splits: TaskSplits, shots: int, how: str) -> None:
-    if not len(splits.train):
+def _check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
+    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use."""
+    n = len(splits.train)
+    if not n:
         raise TaskError("The training split is empty; use n_train ≥ 1.")
-    if shots > len(splits.train) - 1:
+    if shots > n - 1:
         raise FitError(f"{shots}-shot training prompts need {shots + 1} or more training pairs; use n_train ≥ {shots + 1}.")
+    if how == "cv" and cfg is not None:
+        if not 2 <= cfg.folds <= n:
+            raise FitError(f"folds must be an integer within 2..n_train ({n}), got {cfg.folds!r}; "
+                           "use more training pairs or fewer folds.")
+        smallest = n - -(-n // cfg.folds)  # the fitting part of the fold with the most held-out pairs
+        need = max(shots + 1, 2 if cfg.init == "mean-difference" else 1)
+        if smallest < need:
+            raise FitError(f"with {cfg.folds} folds the smallest fitting part has {smallest} of the {n} training pairs; "
+                           f"shots={shots} and init={cfg.init!r} need {need}. Use more training pairs or fewer folds.")
 
 
 def _layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:

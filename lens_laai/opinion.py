@@ -125,8 +125,11 @@ def fit_opinion(
     lambdas = tuple(sorted(_floats(group_l1), reverse=True))
     layers_arg = layers if layers is None or isinstance(layers, str) else tuple(layers)
     # a survey's "auto" sweeps the candidate layers on validation questions (a task's "auto" is a fixed layer)
+    if layer in ("joint", "sweep"):
+        raise FitError(f"layer={layer!r} is for tasks; a survey fit takes a layer index or 'auto' (a sweep on "
+                       "validation questions).")
     cfg = FitConfig(layer="sweep" if layer == "auto" else layer, layers=layers_arg, l1=l1, group_l1=lambdas[0],
-                    relative=False, steps=steps, lr=lr,
+                    relative=False, select="valid", steps=steps, lr=lr,
                     batch_size=batch_size)
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)

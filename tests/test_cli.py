@@ -50,6 +50,8 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
      (["fit", "--task", "antonym", "--layers", "0,1", "--out", "x", *TINY], "--layer sweep or --layer joint"),
      (["fit", "--task", "antonym", "--group-l1", "0.1", "--group-l1-rel", "0.5", "--out", "x", *TINY], "not both"),
      (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "1", "--out", "x", *TINY], "folds must be"),
+     (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "30", "--out", "x", *TINY], "--folds must be within"),
+     (["fit", "--task", "antonym", "--layer", "deep", "--out", "x", *TINY], "'auto', 'sweep' or 'joint'"),
      (["fit", "--task", "antonym", "--select", "valid", "--layer", "sweep", "--out", "x", *TINY], "validation split"),
      (["fit", "--survey", "gss-spending", "--group", "POLVIEWS=Liberal", "--select", "cv", "--out", "x", *TINY],
       "are for tasks")],

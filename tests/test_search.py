@@ -158,6 +158,18 @@ def test_bad_selection_options(tiny, task):
         fit(tiny, task, "sweep", n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
     with pytest.raises(FitError, match="halving"):
         fit(tiny, task, halving="yes", progress=False)
+    with pytest.raises(FitError, match="smallest fitting part has 1 of the 3"):
+        fit(tiny, task, "sweep", n_train=3, folds=2, init="mean-difference", layers=[0, 1], progress=False)
+    with pytest.raises(FitError, match="for tasks"):
+        from lens_laai.opinion import fit_opinion
+        from lens_laai.survey import toy_survey
+
+        fit_opinion(tiny, toy_survey(), "AGE=Old", "joint", progress=False)
+
+
+def test_the_fit_records_its_whole_lambda_path(tiny, task):
+    result = fit(tiny, task, layer=1, n_train=8, steps=2, progress=False)
+    assert result.intervention.metadata["group_l1_path"] == [0.5, 0.2, 0.05]
 
 
 def test_joint_fit_chooses_layers_and_heads_together(tiny, task):
