@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_laai import FitConfig, FitError, Task, evaluate, fit, fit_path
+from lens_laai import FitConfig, FitError, evaluate, fit, fit_path
 from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.layer_fit import initial_delta, lambda_max, training_batches
 from lens_laai.prompts import PromptTemplate
