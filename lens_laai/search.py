@@ -75,7 +75,10 @@ def cross_validate(
         if cfg.halving and step + 1 < len(path) and len(running) > 1:
             ranked = summarise(pd.DataFrame(rows)).sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable")
             order = list(dict.fromkeys(int(L) for L in ranked.layer if int(L) in running))
-            running = {L: running[L] for L in order[: (len(running) + 1) // 2]}
+            kept = order[: (len(running) + 1) // 2]
+            for key in [k for k in runners if k[0] in running and k[0] not in kept]:
+                del runners[key]  # the dropped layers' prefix caches
+            running = {L: running[L] for L in kept}
     bar.close()
     return pd.DataFrame(rows)
 
