@@ -165,8 +165,12 @@ def _fit(args: argparse.Namespace) -> int:
     task = _load_task(args)
     layer: int | str = (args.layer if args.layer in ("auto", "joint", "sweep")
                         else _int(args.layer, "--layer", "'auto', 'sweep' or 'joint'"))
-    if args.group_l1 and args.group_l1_rel:
+    if args.group_l1 is not None and args.group_l1_rel is not None:
         raise FitError("give --group-l1 (absolute λ₂) or --group-l1-rel (fractions of λ_max), not both.")
+    group_l1 = _penalties(args.group_l1, "--group-l1")
+    group_l1_rel = _penalties(args.group_l1_rel, "--group-l1-rel")
+    if args.layers not in ("default", "all"):
+        parse_layers(args.layers, 1 << 30)  # the syntax now; the range once the model is loaded
     if args.select == "valid" and not args.n_valid:
         raise FitError("--select valid chooses on a validation split; give --n-valid N (extra labelled pairs) or --select cv.")
     cross_validates = args.select == "cv" or (args.select == "auto" and not args.n_valid)
@@ -182,8 +186,7 @@ def _fit(args: argparse.Namespace) -> int:
     model = model_from_args(args)
     layers = None if args.layers == "default" else parse_layers(args.layers, model.cfg.n_layers)
     result = fit(model, splits, layer, layers=layers, l1=args.l1,
-                 group_l1=_floats(args.group_l1, "--group-l1") if args.group_l1 else None,
-                 group_l1_rel=_floats(args.group_l1_rel, "--group-l1-rel") if args.group_l1_rel else None,
+                 group_l1=group_l1, group_l1_rel=group_l1_rel,
                  steps=args.steps, lr=args.lr, init=args.init, select=args.select, folds=args.folds,
                  halving=not args.no_halving,
                  progress=not args.no_progress)
@@ -281,6 +284,16 @@ def _int(text: str, flag: str, words: str = "'auto'") -> int:
         return int(text)
     except ValueError:
         raise LensLaaiError(f"{flag} must be an integer or {words}, got {text!r}.") from None
+
+
+def _penalties(text: str | None, flag: str) -> float | list[float] | None:
+    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0."""
+    if text is None:
+        return None
+    values = _floats(text, flag)
+    if any(v < 0 for v in (values if isinstance(values, list) else [values])):
+        raise FitError(f"{flag} values must be ≥ 0, got {text!r}.")
+    return values
 
 
 def _floats(text: str, flag: str) -> float | list[float]:

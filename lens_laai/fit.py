@@ -333,8 +333,11 @@ def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], b
     if group_l1 is not None and group_l1_rel is not None:
         raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
     if group_l1 is not None:
-        return _as_tuple(group_l1), False
-    return _as_tuple(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel), True
+        return _as_tuple(group_l1, "group_l1"), False
+    values = _as_tuple(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
+    return values, True
 
 
 def _prepare_data(task: TaskLike, template: PromptTemplate | None, n_train: int | None, n_valid: int | None,
@@ -414,8 +417,8 @@ def fit_path(
     return pd.DataFrame([f.row() for f in fits]).drop(columns=["layer"]), ivs
 
 
-def _as_tuple(group_l1: float | Sequence[float]) -> tuple[float, ...]:
+def _as_tuple(group_l1: float | Sequence[float], name: str = "group_l1") -> tuple[float, ...]:
     values = tuple(group_l1) if isinstance(group_l1, (list, tuple)) else (group_l1,)
     if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
-        raise FitError(f"group_l1 must be a number or a non-empty list of numbers, got {group_l1!r}.")
+        raise FitError(f"{name} must be a number or a non-empty list of numbers, got {group_l1!r}.")
     return tuple(float(v) for v in values)

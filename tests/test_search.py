@@ -156,6 +156,10 @@ def test_bad_selection_options(tiny, task):
         fit(tiny, task, folds=1, progress=False)
     with pytest.raises(FitError, match="folds must be an integer within"):
         fit(tiny, task, "sweep", n_train=3, folds=4, layers=[0, 1], steps=1, progress=False)
+    with pytest.raises(FitError, match="group_l1_rel must be finite"):
+        fit(tiny, task, group_l1_rel=float("nan"), progress=False)
+    with pytest.raises(FitError, match="group_l1_rel must be a number"):
+        fit(tiny, task, group_l1_rel=[], progress=False)
     with pytest.raises(FitError, match="halving"):
         fit(tiny, task, halving="yes", progress=False)
     with pytest.raises(FitError, match="smallest fitting part has 1 of the 3"):
