@@ -67,6 +67,12 @@ def write_outputs(out_dir: str | None, stem: str, table: pd.DataFrame, meta: dic
     atomic_write_text(folder / f"{stem}.meta.json", json.dumps(meta, indent=2) + "\n")
 
 
+def old_default_layers(n_layers: int) -> list[int]:
+    """The candidate layers of the earlier release's default search: every third layer of the middle 70%."""
+    lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
+    return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
+
+
 def appended_meta(out_dir: str | None, stem: str, meta: dict[str, Any]) -> dict[str, Any]:
     """``meta`` added to the record already in ``{stem}.meta.json`` (a ``jobs`` list), so a resumed
     job never erases how the earlier rows were made."""

@@ -18,7 +18,7 @@ import time
 import pandas as pd
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs  # noqa: E402
+from _common import TINY, get_task, load, machine, old_default_layers, parser, to_markdown, write_outputs  # noqa: E402
 
 from lens_laai import fit  # noqa: E402
 from lens_laai.analysis import head_table  # noqa: E402
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(name, args.data_dir, args.model)
         t0 = time.perf_counter()
         # the earlier release's default fit, which docs/analysis.md reports: 8-layer sweep, λ₂ = 0.3, 40 validation pairs
-        n = model.cfg.n_layers
-        old_layers = list(range(round(0.15 * n), max(round(0.85 * n), round(0.15 * n) + 1), 3 if n >= 12 else 1))
-        result = fit(model, task, "sweep", layers=old_layers, group_l1=0.3, n_train=n_train, n_valid=n_valid,
+        result = fit(model, task, "sweep", layers=old_default_layers(model.cfg.n_layers), group_l1=0.3, n_train=n_train, n_valid=n_valid,
                      seed=args.seed, steps=steps, progress=not args.no_progress)
         fit_seconds = time.perf_counter() - t0
         analysis = head_table(model, task, result.intervention, n_prompts=6 if quick else args.n_prompts,

@@ -35,7 +35,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TASKS, TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
+from _common import (TASKS, TINY, get_task, load, machine, nested_splits, old_default_layers, parser,  # noqa: E402
+                     to_markdown, write_outputs)
 
 from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
 from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
@@ -112,12 +113,6 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
     labelled = len(splits.train) + (len(splits.valid) if method == "old" else 0)
     return {"accuracy": evaluate(model, honest, iv).accuracy, "forward_equivalents": round(fe, 1),
             "seconds": round(seconds, 2), "labelled_pairs": labelled, "n_test": len(splits.test), "detail": detail}
-
-
-def old_default_layers(n_layers: int) -> list[int]:
-    """The candidate layers of the old search: every third layer of the middle 70%."""
-    lo, hi = round(0.15 * n_layers), round(0.85 * n_layers)
-    return list(range(lo, max(hi, lo + 1), 3 if n_layers >= 12 else 1))
 
 
 def _read(out: Path | None) -> pd.DataFrame:

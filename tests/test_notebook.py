@@ -8,39 +8,43 @@ from lens_laai.testing import tiny_task
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
 
+def code_of(name: str) -> str:
+    """The notebook's code cells, joined in order."""
+    cells = json.loads((NOTEBOOK.parent / name).read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def run_on_tiny_task(source: str, name: str, monkeypatch) -> None:
+    """Run notebook code with ``load_task`` returning the tiny task."""
+    import lens_laai
+
+    monkeypatch.setattr(lens_laai, "load_task", lambda task: tiny_task())
+    exec(compile(source, str(NOTEBOOK.parent / name), "exec"), {"__name__": "notebook"})
+
+
 def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    source = code_of("quickstart.ipynb")
     assert 'MODEL = "smollm2-135m"' in source and "STEPS = 50" in source and "layer=15" in source
     source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 50", "STEPS = 3")
               .replace("layer=15", "layer=1").replace("n_train=20, n_test=100", "n_train=8, n_test=8"))
-    import lens_laai
-
-    monkeypatch.setattr(lens_laai, "load_task", lambda name: tiny_task())
-    exec(compile(source, str(NOTEBOOK), "exec"), {"__name__": "notebook"})
+    run_on_tiny_task(source, "quickstart.ipynb", monkeypatch)
 
 
 def test_heads_notebook_runs_on_tiny_model(monkeypatch):
-    notebook = NOTEBOOK.parent / "heads_vs_ablation.ipynb"
-    cells = json.loads(notebook.read_text())["cells"]
-    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    source = code_of("heads_vs_ablation.ipynb")
     assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source
     source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 10", "STEPS = 3")
               .replace("n_train=20, seed=0", "n_train=8, seed=0").replace("n_prompts=16, shots=5, patching_prompts=4, n_random=20",
                                                                           "n_prompts=6, shots=2, patching_prompts=4, n_random=4")
               .replace('layer="auto"', "layer=1").replace("group_l1=0.3", "group_l1=0.01").replace('"Q: early\\nA:"', '"Q: hot\\nA:"'))
-    import lens_laai
-
-    monkeypatch.setattr(lens_laai, "load_task", lambda name: tiny_task())
-    exec(compile(source, str(notebook), "exec"), {"__name__": "notebook"})
+    run_on_tiny_task(source, "heads_vs_ablation.ipynb", monkeypatch)
 
 
 def test_opinion_notebook_runs_on_tiny_model(tmp_path):
     from lens_laai.survey import toy_survey
 
     notebook = NOTEBOOK.parent / "opinion_dynamics.ipynb"
-    cells = json.loads(notebook.read_text())["cells"]
-    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    source = code_of("opinion_dynamics.ipynb")
     defaults = ['MODEL = "smollm2-135m"', 'SURVEY = "gss-spending"', 'GROUP = "POLVIEWS=Extremely conservative"',
                 "N_TRAIN, N_VALID = 8, 4", "LAYERS, STEPS = [7, 13, 19], 10"]
     assert all(d in source for d in defaults)
