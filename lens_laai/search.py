@@ -63,7 +63,11 @@ def cross_validate(
     running = {L: [layer_path(model, fit_part, held, L, path, cfg, template, meter, runners=runners)
                    for fit_part, held in parts] for L in layers}
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(layers) * len(path) * len(parts), desc="cross-validation", disable=not progress)
+    per_lambda, n = [], len(layers)  # layers still running at each λ₂
+    for _ in path:
+        per_lambda.append(n)
+        n = (n + 1) // 2 if cfg.halving else n
+    bar = tqdm(total=sum(per_lambda) * len(parts), desc="cross-validation", disable=not progress)
     for step, lam in enumerate(path):
         for L, fold_paths in running.items():
             for f, (gen, (_, held)) in enumerate(zip(fold_paths, parts)):
