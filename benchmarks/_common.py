@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from lens_laai import Task, TaskSplits, load_model, load_task
-from lens_laai.io import atomic_write_text
+from lens_laai.storage.bundle import atomic_write_text
 from lens_laai.testing import tiny_task
 
 TASKS = ["antonym", "synonym", "english-french", "english-german"]
@@ -22,9 +22,12 @@ TINY = "lens-laai-tiny"
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help=f"model to load ('{TINY}' for a smoke run)")
-    p.add_argument("--data-dir", default=None,
-                   help="folder of FV-format {task}.json files (default: lens_laai's bundled tasks), "
-                        "e.g. ../shared/datasets/function_vectors")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of FV-format {task}.json files (default: lens_laai's bundled tasks), "
+        "e.g. ../shared/datasets/function_vectors",
+    )
     p.add_argument("--out-dir", default=None, help="write CSV + markdown (+ PNG) here")
     p.add_argument("--quick", action="store_true", help="smoke settings (seconds, meaningless numbers)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
@@ -48,9 +51,11 @@ def nested_splits(task: Task, seed: int, n_train: int, n_valid: int, n_test: int
     if need > len(pairs):
         n_test = len(pairs) - n_valid - n_train_max
         if n_test < 1:
-            raise ValueError(f"{task.name}: {len(pairs)} pairs cannot give n_valid={n_valid} and n_train={n_train_max}.")
-    test, valid = pairs[:n_test], pairs[n_test:n_test + n_valid]
-    train = pairs[n_test + n_valid:n_test + n_valid + n_train]
+            raise ValueError(
+                f"{task.name}: {len(pairs)} pairs cannot give n_valid={n_valid} and n_train={n_train_max}."
+            )
+    test, valid = pairs[:n_test], pairs[n_test : n_test + n_valid]
+    train = pairs[n_test + n_valid : n_test + n_valid + n_train]
     return TaskSplits(Task(task.name, train), Task(task.name, valid), Task(task.name, test), seed)
 
 
@@ -88,8 +93,10 @@ def appended_meta(out_dir: str | None, stem: str, meta: dict[str, Any]) -> dict[
 
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub table without needing `tabulate`."""
+
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
@@ -100,5 +107,11 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }

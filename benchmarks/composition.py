@@ -19,9 +19,9 @@ import time
 import pandas as pd
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs  # noqa: E402
+from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs
 
-from lens_laai import Task, compose_tasks, evaluate, fit  # noqa: E402
+from lens_laai import Task, compose_tasks, evaluate, fit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args)
     layers = [int(x) for x in args.layers.split(",")]
     if args.quick or args.model == TINY:
-        layers, args.steps, args.n_train, args.n_valid, args.n_test = [l for l in layers if l < model.cfg.n_layers][:2] or [1], 3, 6, 4, 8
+        layers, args.steps, args.n_train, args.n_valid, args.n_test = (
+            [l for l in layers if l < model.cfg.n_layers][:2] or [1],
+            3,
+            6,
+            4,
+            8,
+        )
     first, second = get_task(args.first, args.data_dir, args.model), get_task(args.second, args.data_dir, args.model)
     if args.model == TINY:  # the tiny model's vocabulary: compose the tiny task with itself reversed
         second = Task("reverse", [(b, a) for a, b in first.pairs])
@@ -49,37 +55,60 @@ def main(argv: list[str] | None = None) -> int:
     for task in (first, second):
         n_valid = min(40, len(task) - args.n_train - 2)
         splits = task.split(args.seed, args.n_train, n_valid, min(args.n_test, len(task) - args.n_train - n_valid))
-        fits[task.name] = fit(model, splits, "sweep", layers=layers, group_l1=args.group_l1, steps=args.steps,
-                              progress=not args.no_progress)
+        fits[task.name] = fit(
+            model,
+            splits,
+            "sweep",
+            layers=layers,
+            group_l1=args.group_l1,
+            steps=args.steps,
+            progress=not args.no_progress,
+        )
     composed = _held_out(composed_all, first, fits[first.name].splits.train, args)
     iv_a, iv_b = fits[first.name].intervention, fits[second.name].intervention
     cut = composed.split(args.seed, 0, args.n_valid, min(args.n_test, len(composed) - args.n_valid))
     valid, test = cut.valid, cut.test
-    weights = max(itertools.product((0.5, 1.0, 1.5, 2.0), repeat=2),
-                  key=lambda w: evaluate(model, valid, w[0] * iv_a + w[1] * iv_b, split="all").accuracy)
+    weights = max(
+        itertools.product((0.5, 1.0, 1.5, 2.0), repeat=2),
+        key=lambda w: evaluate(model, valid, w[0] * iv_a + w[1] * iv_b, split="all").accuracy,
+    )
     demos = valid
     rows = [
         ("zero-shot prompt", evaluate(model, test, split="all").accuracy),
         (f"Δ_{first.name} alone", evaluate(model, test, iv_a, split="all").accuracy),
         (f"Δ_{second.name} alone", evaluate(model, test, iv_b, split="all").accuracy),
         (f"Δ_{first.name} + Δ_{second.name}", evaluate(model, test, iv_a + iv_b, split="all").accuracy),
-        (f"{weights[0]}·Δ_{first.name} + {weights[1]}·Δ_{second.name} (weights on validation)",
-         evaluate(model, test, weights[0] * iv_a + weights[1] * iv_b, split="all").accuracy),
+        (
+            f"{weights[0]}·Δ_{first.name} + {weights[1]}·Δ_{second.name} (weights on validation)",
+            evaluate(model, test, weights[0] * iv_a + weights[1] * iv_b, split="all").accuracy,
+        ),
     ]
     for k in (5, 10):
         if len(demos) >= k:
             rows.append((f"{k}-shot prompt (composed demos)", _k_shot(model, test, demos, k)))
     table = pd.DataFrame(rows, columns=["method", "accuracy"])
     table["n_test"] = len(test)
-    meta = {"task": composed.name, "layers": {first.name: fits[first.name].layer, second.name: fits[second.name].layer},
-            "selected_heads": {t: [list(h) for h in f.selected_heads] for t, f in fits.items()},
-            "single_task_test_accuracy": {t: evaluate(model, f.splits, f.intervention).accuracy for t, f in fits.items()},
-            "weights": list(weights), "args": vars(args), "machine": machine(), "seconds": time.perf_counter() - start}
+    meta = {
+        "task": composed.name,
+        "layers": {first.name: fits[first.name].layer, second.name: fits[second.name].layer},
+        "selected_heads": {t: [list(h) for h in f.selected_heads] for t, f in fits.items()},
+        "single_task_test_accuracy": {t: evaluate(model, f.splits, f.intervention).accuracy for t, f in fits.items()},
+        "weights": list(weights),
+        "args": vars(args),
+        "machine": machine(),
+        "seconds": time.perf_counter() - start,
+    }
     print(to_markdown(table))
-    print(f"\nlayers {meta['layers']}, single-task accuracy {meta['single_task_test_accuracy']}, {meta['seconds']:.0f}s")
+    print(
+        f"\nlayers {meta['layers']}, single-task accuracy {meta['single_task_test_accuracy']}, {meta['seconds']:.0f}s"
+    )
     write_outputs(args.out_dir, "composition", table, meta)
     if args.json:
-        print(json.dumps({"rows": table.to_dict("records"), **{k: meta[k] for k in ("task", "layers", "weights", "seconds")}}))
+        print(
+            json.dumps(
+                {"rows": table.to_dict("records"), **{k: meta[k] for k in ("task", "layers", "weights", "seconds")}}
+            )
+        )
     return 0
 
 

@@ -38,18 +38,47 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, get_task, load, machine, nested_splits, parser, to_markdown, write_outputs  # noqa: E402
+from _common import (
+    TINY,
+    get_task,
+    load,
+    machine,
+    nested_splits,
+    parser,
+    to_markdown,
+    write_outputs,
+)
 
-from lens_laai import FitConfig, PromptTemplate, Task, TaskSplits, auto_layer, evaluate, fit  # noqa: E402
-from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
-from lens_laai.fastpath import CostMeter  # noqa: E402
-from lens_laai.layer_fit import layer_path  # noqa: E402
-from lens_laai.search import cross_validate, summarise as cv_summary  # noqa: E402
+from lens_laai import (
+    FitConfig,
+    PromptTemplate,
+    Task,
+    TaskSplits,
+    auto_layer,
+    evaluate,
+    fit,
+)
+from lens_laai.baselines import fit_function_vector, fit_mean_difference
+from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fitting.layer_fit import layer_path
+from lens_laai.fitting.selection import cross_validate
+from lens_laai.fitting.selection import summarise as cv_summary
 
-TASKS = ["antonym", "synonym", "english-french", "english-german", "landmark-country", "person-occupation",
-         "product-company", "next_item", "prev_item", "capitalize_first_letter", "person-sport", "park-country"]
-VARIANTS = {"init=mean-difference": {"init": "mean-difference"}, "shots=1": {"shots": 1},
-            "steps×2": {"steps": None}}
+TASKS = [
+    "antonym",
+    "synonym",
+    "english-french",
+    "english-german",
+    "landmark-country",
+    "person-occupation",
+    "product-company",
+    "next_item",
+    "prev_item",
+    "capitalize_first_letter",
+    "person-sport",
+    "park-country",
+]
+VARIANTS = {"init=mean-difference": {"init": "mean-difference"}, "shots=1": {"shots": 1}, "steps×2": {"steps": None}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fv-prompts", type=int, default=8)
     p.add_argument("--shard", default="0/1", help="k/N: run every N-th unit starting at k")
     p.add_argument("--skip", default="", help="comma list of parts to skip: variants,methods")
-    p.add_argument("--joint-only", action="store_true",
-                   help="run only the joint fit (all --layers at once, λ₂ path by CV) per unit, into joint.shard*.csv")
+    p.add_argument(
+        "--joint-only",
+        action="store_true",
+        help="run only the joint fit (all --layers at once, λ₂ path by CV) per unit, into joint.shard*.csv",
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
@@ -83,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir) if args.out_dir else None
     kinds = ("joint",) if args.joint_only else ("cells", "variants", "methods")
     files = {kind: out / f"{kind}.shard{k}.csv" for kind in kinds} if out else {}
-    tables = {kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()}
+    tables = {
+        kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()
+    }
     tables = {kind: tables.get(kind, []) for kind in kinds}
     done = {(r["task"], r["seed"]) for r in tables[kinds[-1]]}
     units = [(t, s) for s in seeds for t in tasks][k::n_shards]
@@ -93,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(task_name, args.data_dir, args.model)
         splits = nested_splits(task, seed, args.n, 40 if args.model != TINY else 4, args.n_test, args.n)
         cfg = FitConfig(steps=args.steps, folds=args.folds, seed=seed, n_train=args.n)
-        unit = {"joint": run_joint(model, splits, layers, rel, cfg)} if args.joint_only else run_unit(model, splits, layers, rel, cfg, args)
+        unit = (
+            {"joint": run_joint(model, splits, layers, rel, cfg)}
+            if args.joint_only
+            else run_unit(model, splits, layers, rel, cfg, args)
+        )
         for kind, rows in unit.items():
             tables[kind] += [{"task": task_name, "seed": seed, **r} for r in rows]
         if out:
@@ -107,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     return report(args)
 
 
-def run_unit(model, splits: TaskSplits, layers: list[int], rel: list[float], cfg: FitConfig, args) -> dict[str, list[dict]]:
+def run_unit(
+    model, splits: TaskSplits, layers: list[int], rel: list[float], cfg: FitConfig, args
+) -> dict[str, list[dict]]:
     """Cells, variants and methods for one (task, seed)."""
     template = PromptTemplate()
     cells, runners = [], {}
@@ -118,11 +158,24 @@ def run_unit(model, splits: TaskSplits, layers: list[int], rel: list[float], cfg
         cv = cv_summary(cross_validate(model, splits.train, [L], rel, cfg, template, CostMeter(), progress=False))
         for lam, f, (_, c) in zip(sorted(rel, reverse=True), full, cv.iterrows()):
             valid_acc, valid_ce = _score(model, splits, f, runners)
-            cells.append({"layer": L, "rel": lam, "lambda_max": f.lambda_max, "n_selected": f.n_selected,
-                          "test_accuracy": f.valid_accuracy, "test_ce": f.valid_ce, "valid40_accuracy": valid_acc,
-                          "valid40_ce": valid_ce, "train_accuracy": f.train_accuracy, "train_loss": f.history[-1].loss,
-                          "cv_accuracy": c.cv_accuracy, "cv_ce": c.cv_ce, "path_seconds": seconds,
-                          "path_forward_equivalents": meter.forward_equivalents()})
+            cells.append(
+                {
+                    "layer": L,
+                    "rel": lam,
+                    "lambda_max": f.lambda_max,
+                    "n_selected": f.n_selected,
+                    "test_accuracy": f.valid_accuracy,
+                    "test_ce": f.valid_ce,
+                    "valid40_accuracy": valid_acc,
+                    "valid40_ce": valid_ce,
+                    "train_accuracy": f.train_accuracy,
+                    "train_loss": f.history[-1].loss,
+                    "cv_accuracy": c.cv_accuracy,
+                    "cv_ce": c.cv_ce,
+                    "path_seconds": seconds,
+                    "path_forward_equivalents": meter.forward_equivalents(),
+                }
+            )
     variants = [] if "variants" in args.skip else run_variants(model, splits, pd.DataFrame(cells), rel, cfg, template)
     methods = [] if "methods" in args.skip else run_methods(model, splits, layers, args)
     return {"cells": cells, "variants": variants, "methods": methods or [{"method": "none", "accuracy": float("nan")}]}
@@ -134,23 +187,43 @@ def run_joint(model, splits: TaskSplits, layers: list[int], rel: list[float], cf
     start = time.perf_counter()
     res = fit(model, honest, "joint", layers=layers, group_l1_rel=rel, steps=cfg.steps, folds=cfg.folds, progress=False)
     heads = res.intervention.selected_heads()
-    return [{"method": "laai (joint over layers, CV on the n pairs)", "accuracy": evaluate(model, honest, res.intervention).accuracy,
-             "forward_equivalents": res.forward_equivalents, "seconds": time.perf_counter() - start,
-             "rel": res.config.group_l1, "layers": " ".join(str(l) for l in sorted({l for l, _ in heads})), "heads": len(heads),
-             "main_layer": res.layer,
-             "layer_norms": " ".join(f"{l}:{float(d.norm()):.3f}" for l, d in sorted(res.intervention.deltas.items()))}]
+    return [
+        {
+            "method": "laai (joint over layers, CV on the n pairs)",
+            "accuracy": evaluate(model, honest, res.intervention).accuracy,
+            "forward_equivalents": res.forward_equivalents,
+            "seconds": time.perf_counter() - start,
+            "rel": res.config.group_l1,
+            "layers": " ".join(str(l) for l in sorted({l for l, _ in heads})),
+            "heads": len(heads),
+            "main_layer": res.layer,
+            "layer_norms": " ".join(f"{l}:{float(d.norm()):.3f}" for l, d in sorted(res.intervention.deltas.items())),
+        }
+    ]
 
 
 def run_variants(model, splits, cells: pd.DataFrame, rel: list[float], cfg: FitConfig, template) -> list[dict]:
     """Each variant refits the CV-chosen (layer, λ path) with one setting changed; test accuracy."""
     best = cells.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     path = [r for r in rel if r >= best.rel]
-    rows = [{"variant": "base", "layer": int(best.layer), "rel": float(best.rel), "test_accuracy": float(best.test_accuracy)}]
+    rows = [
+        {
+            "variant": "base",
+            "layer": int(best.layer),
+            "rel": float(best.rel),
+            "test_accuracy": float(best.test_accuracy),
+        }
+    ]
     for name, change in VARIANTS.items():
         change = {k: (2 * cfg.steps if v is None else v) for k, v in change.items()}
-        f = list(layer_path(model, splits.train, splits.test, int(best.layer), path, replace(cfg, **change), template,
-                            CostMeter()))[-1]
-        rows.append({"variant": name, "layer": int(best.layer), "rel": float(best.rel), "test_accuracy": f.valid_accuracy})
+        f = list(
+            layer_path(
+                model, splits.train, splits.test, int(best.layer), path, replace(cfg, **change), template, CostMeter()
+            )
+        )[-1]
+        rows.append(
+            {"variant": name, "layer": int(best.layer), "rel": float(best.rel), "test_accuracy": f.valid_accuracy}
+        )
     return rows
 
 
@@ -159,26 +232,52 @@ def run_methods(model, splits: TaskSplits, layers: list[int], args) -> list[dict
     rows = []
     for k in (0, 5, 10):
         if k <= len(splits.train):
-            rows.append({"method": f"{k}-shot" if k else "zero-shot", "accuracy": evaluate(model, splits, shots=k).accuracy,
-                         "forward_equivalents": 0.0, "seconds": 0.0})
+            rows.append(
+                {
+                    "method": f"{k}-shot" if k else "zero-shot",
+                    "accuracy": evaluate(model, splits, shots=k).accuracy,
+                    "forward_equivalents": 0.0,
+                    "seconds": 0.0,
+                }
+            )
     honest = TaskSplits(splits.train, Task(splits.train.name, []), splits.test, splits.seed)
     shots = min(10, len(splits.train) - 1)
     start = time.perf_counter()
-    fv = fit_function_vector(model, honest, top_k=10, layers=layers, shots=shots, n_prompts=args.fv_prompts,
-                             scales=(1.0, 2.0, 4.0, 8.0), progress=False)
-    rows.append({"method": "function-vector", "accuracy": evaluate(model, honest, fv.intervention).accuracy,
-                 "forward_equivalents": fv.forward_equivalents, "seconds": time.perf_counter() - start})
+    fv = fit_function_vector(
+        model,
+        honest,
+        top_k=10,
+        layers=layers,
+        shots=shots,
+        n_prompts=args.fv_prompts,
+        scales=(1.0, 2.0, 4.0, 8.0),
+        progress=False,
+    )
+    rows.append(
+        {
+            "method": "function-vector",
+            "accuracy": evaluate(model, honest, fv.intervention).accuracy,
+            "forward_equivalents": fv.forward_equivalents,
+            "seconds": time.perf_counter() - start,
+        }
+    )
     start = time.perf_counter()
     md = fit_mean_difference(model, honest, "auto", layers=layers, shots=shots, progress=False)
-    rows.append({"method": "mean-difference", "accuracy": evaluate(model, honest, md.intervention).accuracy,
-                 "forward_equivalents": md.forward_equivalents, "seconds": time.perf_counter() - start})
+    rows.append(
+        {
+            "method": "mean-difference",
+            "accuracy": evaluate(model, honest, md.intervention).accuracy,
+            "forward_equivalents": md.forward_equivalents,
+            "seconds": time.perf_counter() - start,
+        }
+    )
     return rows
 
 
 def _score(model, splits: TaskSplits, f, runners: dict) -> tuple[float, float]:
     """Accuracy and CE of a cell on the 40 extra validation pairs (one prefix cache per layer)."""
-    from lens_laai.fastpath import LayerRunner
-    from lens_laai.layer_fit import delta_hooks, training_batches
+    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai.fitting.layer_fit import delta_hooks, training_batches
 
     if not len(splits.valid):
         return float("nan"), float("nan")
@@ -192,7 +291,10 @@ def _score(model, splits: TaskSplits, f, runners: dict) -> tuple[float, float]:
 RULES = {
     "laai (CV on the n pairs, accuracy)": (["cv_accuracy", "cv_ce"], [False, True]),
     "laai (CV on the n pairs, cross-entropy)": (["cv_ce"], [True]),
-    "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)": (["valid40_accuracy", "valid40_ce"], [False, True]),
+    "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)": (
+        ["valid40_accuracy", "valid40_ce"],
+        [False, True],
+    ),
     "laai (lowest training loss)": (["train_loss"], [True]),
     "laai (best cell on test: upper bound)": (["test_accuracy"], [False]),
 }
@@ -201,8 +303,9 @@ RULES = {
 DEFAULT = "laai default (layer at 53% depth, path to λ_max/20)"
 
 
-def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | None = None,
-              n_layers: int = 30) -> pd.DataFrame:
+def protocols(
+    cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | None = None, n_layers: int = 30
+) -> pd.DataFrame:
     """One row per (task, seed, method/rule) with the test accuracy it gets.
 
     With ``joint`` rows, also "single layer at the joint fit's main layer and λ": the cell the
@@ -213,18 +316,45 @@ def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | 
     rows = []
     if joint is not None and not joint.empty and "main_layer" in joint:
         for j in joint.itertuples():
-            cell = cells[(cells.task == j.task) & (cells.seed == j.seed) & (cells.layer == j.main_layer) & (cells.rel == j.rel)]
+            cell = cells[
+                (cells.task == j.task) & (cells.seed == j.seed) & (cells.layer == j.main_layer) & (cells.rel == j.rel)
+            ]
             if len(cell):
-                rows.append({"task": j.task, "seed": j.seed, "method": "laai (layer from the joint fit, then single layer)",
-                             "accuracy": float(cell.test_accuracy.iloc[0]), "layer": int(j.main_layer), "rel": j.rel})
+                rows.append(
+                    {
+                        "task": j.task,
+                        "seed": j.seed,
+                        "method": "laai (layer from the joint fit, then single layer)",
+                        "accuracy": float(cell.test_accuracy.iloc[0]),
+                        "layer": int(j.main_layer),
+                        "rel": j.rel,
+                    }
+                )
     for (task, seed), unit in cells.groupby(["task", "seed"], sort=False):
         for name, (keys, asc) in RULES.items():
             best = unit.sort_values(keys, ascending=asc, kind="stable").iloc[0]
-            rows.append({"task": task, "seed": seed, "method": name, "accuracy": best.test_accuracy,
-                         "layer": int(best.layer), "rel": best.rel})
+            rows.append(
+                {
+                    "task": task,
+                    "seed": seed,
+                    "method": name,
+                    "accuracy": best.test_accuracy,
+                    "layer": int(best.layer),
+                    "rel": best.rel,
+                }
+            )
     default = cells[(cells.layer == auto_layer(n_layers)) & (cells.rel == cells.rel.min())]
-    rows += [{"task": r.task, "seed": r.seed, "method": DEFAULT, "accuracy": r.test_accuracy, "layer": int(r.layer),
-              "rel": r.rel} for r in default.itertuples()]
+    rows += [
+        {
+            "task": r.task,
+            "seed": r.seed,
+            "method": DEFAULT,
+            "accuracy": r.test_accuracy,
+            "layer": int(r.layer),
+            "rel": r.rel,
+        }
+        for r in default.itertuples()
+    ]
     if not methods.empty:
         rows += methods[methods.method != "none"][["task", "seed", "method", "accuracy"]].to_dict("records")
     return pd.DataFrame(rows)
@@ -232,8 +362,15 @@ def protocols(cells: pd.DataFrame, methods: pd.DataFrame, joint: pd.DataFrame | 
 
 def fixed_rules(cells: pd.DataFrame) -> pd.DataFrame:
     """Mean test accuracy of every fixed (layer, λ) over all (task, seed): what a rule fixed in advance gets."""
-    out = cells.groupby(["layer", "rel"]).agg(accuracy=("test_accuracy", "mean"), heads=("n_selected", "mean"),
-                                              worst_task=("test_accuracy", lambda s: s.min())).reset_index()
+    out = (
+        cells.groupby(["layer", "rel"])
+        .agg(
+            accuracy=("test_accuracy", "mean"),
+            heads=("n_selected", "mean"),
+            worst_task=("test_accuracy", lambda s: s.min()),
+        )
+        .reset_index()
+    )
     return out.sort_values("accuracy", ascending=False)
 
 
@@ -248,8 +385,15 @@ def paired(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         if diff.empty:
             continue
         by_task = diff.groupby(level="task").mean()
-        rows.append({"method": method, "units": len(diff), "mean_difference": diff.mean(), "std": diff.std(),
-                     "tasks_behind": " ".join(sorted(by_task[by_task < 0].index))})
+        rows.append(
+            {
+                "method": method,
+                "units": len(diff),
+                "mean_difference": diff.mean(),
+                "std": diff.std(),
+                "tasks_behind": " ".join(sorted(by_task[by_task < 0].index)),
+            }
+        )
     return pd.DataFrame(rows).sort_values("mean_difference")
 
 
@@ -262,11 +406,14 @@ def per_task(table: pd.DataFrame) -> pd.DataFrame:
 
 def report(args) -> int:
     out = Path(args.out_dir or ".")
-    read = {kind: pd.concat([pd.read_csv(f) for f in sorted(out.glob(f"{kind}.shard*.csv"))] or [pd.DataFrame()])
-            for kind in ("cells", "variants", "methods", "joint")}
+    read = {
+        kind: pd.concat([pd.read_csv(f) for f in sorted(out.glob(f"{kind}.shard*.csv"))] or [pd.DataFrame()])
+        for kind in ("cells", "variants", "methods", "joint")
+    }
     if not read["joint"].empty:
-        read["methods"] = pd.concat([read["methods"], read["joint"][["task", "seed", "method", "accuracy",
-                                                                      "forward_equivalents", "seconds"]]])
+        read["methods"] = pd.concat(
+            [read["methods"], read["joint"][["task", "seed", "method", "accuracy", "forward_equivalents", "seconds"]]]
+        )
     if read["cells"].empty:
         print(f"no rows in {out}", file=sys.stderr)
         return 1
@@ -280,17 +427,33 @@ def report(args) -> int:
         v = read["variants"]
         base = v[v.variant == "base"].set_index(["task", "seed"]).test_accuracy
         v = v.assign(gain=v.test_accuracy.values - base.reindex(pd.MultiIndex.from_frame(v[["task", "seed"]])).values)
-        variants = v.groupby("variant").agg(accuracy=("test_accuracy", "mean"), mean_gain=("gain", "mean"),
-                                            std_gain=("gain", "std"), wins=("gain", lambda g: int((g > 0).sum())),
-                                            losses=("gain", lambda g: int((g < 0).sum()))).reset_index()
-    meta = {"args": vars(args), "machine": machine(), "units": int(read["cells"][["task", "seed"]].drop_duplicates().shape[0])}
+        variants = (
+            v.groupby("variant")
+            .agg(
+                accuracy=("test_accuracy", "mean"),
+                mean_gain=("gain", "mean"),
+                std_gain=("gain", "std"),
+                wins=("gain", lambda g: int((g > 0).sum())),
+                losses=("gain", lambda g: int((g < 0).sum())),
+            )
+            .reset_index()
+        )
+    meta = {
+        "args": vars(args),
+        "machine": machine(),
+        "units": int(read["cells"][["task", "seed"]].drop_duplicates().shape[0]),
+    }
     versus = paired(table, DEFAULT)
     write_outputs(str(out), "dev_study_per_task", summary, meta)
     write_outputs(str(out), "dev_study_fixed_rules", fixed, meta)
     write_outputs(str(out), "dev_study_variants", variants, meta)
     write_outputs(str(out), "dev_study_default_vs", versus, meta)
-    for title, t in (("per task (mean over seeds)", summary), ("fixed (layer, λ) rules, top 10", fixed.head(10)),
-                     ("variants at the CV choice", variants), (f"{DEFAULT} against each method, paired", versus)):
+    for title, t in (
+        ("per task (mean over seeds)", summary),
+        ("fixed (layer, λ) rules, top 10", fixed.head(10)),
+        ("variants at the CV choice", variants),
+        (f"{DEFAULT} against each method, paired", versus),
+    ):
         print(f"\n## {title}\n\n{to_markdown(t)}")
     if args.json:
         means = table.groupby("method").accuracy.mean().round(4).to_dict()

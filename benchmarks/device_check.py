@@ -63,11 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"device": args.device, "torch": torch.__version__, "matrix": rows}))
         return 0
     if not torch.cuda.is_available():
-        print(json.dumps({"device": "cpu", "cuda": False, "status": "no CUDA device: nothing measured",
-                          "torch": torch.__version__}))
+        print(
+            json.dumps(
+                {
+                    "device": "cpu",
+                    "cuda": False,
+                    "status": "no CUDA device: nothing measured",
+                    "torch": torch.__version__,
+                }
+            )
+        )
         return 0
-    out: dict[str, Any] = {"device": args.device, "cuda": True, "gpu": torch.cuda.get_device_name(args.device),
-                           "torch": torch.__version__, "model": args.model, "batch": args.batch, "timed_steps": args.steps}
+    out: dict[str, Any] = {
+        "device": args.device,
+        "cuda": True,
+        "gpu": torch.cuda.get_device_name(args.device),
+        "torch": torch.__version__,
+        "model": args.model,
+        "batch": args.batch,
+        "timed_steps": args.steps,
+    }
     if not args.no_tests:
         out["tests"] = run_tests(args.device)
         log(f"tests: {out['tests']}")
@@ -84,14 +99,25 @@ def run_tests(device: str) -> dict[str, Any]:
     """``tests/test_architectures.py`` with every model on ``device``; pass/fail counts and seconds."""
     env = {**os.environ, "LENS_LAAI_TEST_DEVICE": device}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_architectures.py"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_architectures.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
     failures = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
-    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0)
-            + counts.get("errors", 0), "skipped": counts.get("skipped", 0), "failures": failures[:10],
-            "seconds": round(time.perf_counter() - start, 1), "summary": tail}
+    return {
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
+        "skipped": counts.get("skipped", 0),
+        "failures": failures[:10],
+        "seconds": round(time.perf_counter() - start, 1),
+        "summary": tail,
+    }
 
 
 def architecture_matrix(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
@@ -99,9 +125,10 @@ def architecture_matrix(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from lens_laai import fit
-    from lens_laai.fastpath import LastTokenCache
-    from lens_laai.intervention import delta_hook, hook_name
-    from lens_laai.prompts import k_shot_prompts, make_batch
+    from lens_laai.fastpath.runner import LastTokenCache
+    from lens_laai.interventions.head import delta_hook
+    from lens_laai.models.bridge import hook_name
+    from lens_laai.tasks.prompts import k_shot_prompts, make_batch
     from lens_laai.testing import TINY_ARCHITECTURES, tiny_model_for, tiny_task
 
     task = tiny_task()
@@ -117,20 +144,28 @@ def architecture_matrix(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
             delta = 2 * torch.randn(model.cfg.n_heads, model.cfg.d_head, generator=torch.Generator().manual_seed(0))
             hooks = [(hook_name(1), delta_hook(delta))]
             with torch.no_grad():
-                full = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)[:, -1]
+                full = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks)[
+                    :, -1
+                ]
                 full = full.float()
                 fast = cache.logits(hooks).float() if cache is not None else full
                 ce_full = F.cross_entropy(full, batch.target_ids.to(full.device), reduction="none")
                 ce_fast = cache.cross_entropy(hooks, batch.target_ids) if cache is not None else ce_full
             kwargs = dict(layer=1, n_train=8, n_valid=4, steps=10, group_l1=0.01, l1=1e-3, progress=False)
             a, b = fit(model, task, fast=True, **kwargs), fit(model, task, fast=False, **kwargs)
-            row = {"architecture": arch, "hf_class": type(model.original_model).__name__, "dtype": dtype,
-                   "path": cache.path if cache is not None else "full forward",
-                   "max_rel_logit_diff": float((fast - full).abs().max() / full.abs().max().clamp(min=1.0)),
-                   "max_abs_ce_diff": float((ce_fast.float() - ce_full).abs().max()),
-                   "max_abs_fit_loss_diff": float((a.history.loss - b.history.loss).abs().max())}
-            log(f"{arch:9s} {dtype:9s} {row['path']:7s} logits {row['max_rel_logit_diff']:.1e}  "
-                f"loss {row['max_abs_ce_diff']:.1e}  fit trajectory {row['max_abs_fit_loss_diff']:.1e}")
+            row = {
+                "architecture": arch,
+                "hf_class": type(model.original_model).__name__,
+                "dtype": dtype,
+                "path": cache.path if cache is not None else "full forward",
+                "max_rel_logit_diff": float((fast - full).abs().max() / full.abs().max().clamp(min=1.0)),
+                "max_abs_ce_diff": float((ce_fast.float() - ce_full).abs().max()),
+                "max_abs_fit_loss_diff": float((a.history.loss - b.history.loss).abs().max()),
+            }
+            log(
+                f"{arch:9s} {dtype:9s} {row['path']:7s} logits {row['max_rel_logit_diff']:.1e}  "
+                f"loss {row['max_abs_ce_diff']:.1e}  fit trajectory {row['max_abs_fit_loss_diff']:.1e}"
+            )
             rows.append(row)
     return rows
 
@@ -145,9 +180,9 @@ def load_fit_speed():
 def time_dtype(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     """Full-forward and fast-path step times at zero and 10 shots for the model in ``dtype``."""
     from lens_laai import FitConfig, load_model, load_task
-    from lens_laai.fastpath import LayerRunner
-    from lens_laai.fit import training_batches
-    from lens_laai.prompts import PromptTemplate
+    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai.fitting.fit import training_batches
+    from lens_laai.tasks.prompts import PromptTemplate
     from lens_laai.testing import tiny_task
 
     fit_speed = load_fit_speed()
@@ -170,15 +205,24 @@ def time_dtype(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
             rows[which] = {**row, "peak_gpu_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
             losses[which] = history
         diff = float((losses["fast"] - losses["naive"]).abs().max())
-        run = {"dtype": dtype, "prompts": f"{shots}-shot", "layer": layer, "fast_path": path,
-               "mean_prompt_tokens": rows["fast"]["mean_prompt_tokens"],
-               "naive_step_seconds": rows["naive"]["step_seconds"], "fast_step_seconds": rows["fast"]["step_seconds"],
-               "ratio": rows["naive"]["step_seconds"] / rows["fast"]["step_seconds"],
-               "fast_setup_seconds": rows["fast"]["setup_seconds"], "max_abs_loss_diff": diff,
-               "naive_peak_gpu_mib": round(rows["naive"]["peak_gpu_mib"], 1),
-               "fast_peak_gpu_mib": round(rows["fast"]["peak_gpu_mib"], 1)}
-        log(f"{dtype} {shots}-shot: naive {run['naive_step_seconds']:.4f}s fast {run['fast_step_seconds']:.4f}s "
-            f"({run['ratio']:.1f}x, {path}), max |loss diff| {diff:.2e}")
+        run = {
+            "dtype": dtype,
+            "prompts": f"{shots}-shot",
+            "layer": layer,
+            "fast_path": path,
+            "mean_prompt_tokens": rows["fast"]["mean_prompt_tokens"],
+            "naive_step_seconds": rows["naive"]["step_seconds"],
+            "fast_step_seconds": rows["fast"]["step_seconds"],
+            "ratio": rows["naive"]["step_seconds"] / rows["fast"]["step_seconds"],
+            "fast_setup_seconds": rows["fast"]["setup_seconds"],
+            "max_abs_loss_diff": diff,
+            "naive_peak_gpu_mib": round(rows["naive"]["peak_gpu_mib"], 1),
+            "fast_peak_gpu_mib": round(rows["fast"]["peak_gpu_mib"], 1),
+        }
+        log(
+            f"{dtype} {shots}-shot: naive {run['naive_step_seconds']:.4f}s fast {run['fast_step_seconds']:.4f}s "
+            f"({run['ratio']:.1f}x, {path}), max |loss diff| {diff:.2e}"
+        )
         runs.append(run)
     del model
     torch.cuda.empty_cache()

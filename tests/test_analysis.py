@@ -10,10 +10,18 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_laai import HeadAblation, InterventionError, Task, evaluate, fit, generate, load_intervention
-from lens_laai.analysis import head_table, spearman_permutation, summarise
-from lens_laai.cli import main
-from lens_laai.prompts import k_shot_prompts, model_batches
+from lens_laai import (
+    HeadAblation,
+    InterventionError,
+    Task,
+    evaluate,
+    fit,
+    generate,
+    load_intervention,
+)
+from lens_laai.analysis.head_table import head_table, spearman_permutation, summarise
+from lens_laai.cli.main import main
+from lens_laai.tasks.prompts import k_shot_prompts, model_batches
 from lens_laai.testing import TINY_PAIRS
 
 TINY = ["--model", "lens-laai-tiny", "--no-progress"]
@@ -41,9 +49,11 @@ def reference(tiny):
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample"])
 @pytest.mark.parametrize("positions", ["last", "all", (1, 3)])
 def test_ablation_changes_only_its_heads_and_positions(tiny, reference, kind, positions):
-    make = {"zero": lambda: HeadAblation.zero(tiny, [(1, 2)], positions),
-            "mean": lambda: HeadAblation.mean(tiny, [(1, 2)], reference, positions),
-            "resample": lambda: HeadAblation.resample(tiny, [(1, 2)], reference, positions, seed=3)}[kind]
+    make = {
+        "zero": lambda: HeadAblation.zero(tiny, [(1, 2)], positions),
+        "mean": lambda: HeadAblation.mean(tiny, [(1, 2)], reference, positions),
+        "resample": lambda: HeadAblation.resample(tiny, [(1, 2)], reference, positions, seed=3),
+    }[kind]
     ablation = make()
     _, base = tiny.run_with_cache(IDS)
     with ablation.apply(tiny):
@@ -77,8 +87,24 @@ def test_ablation_protocol_save_load_evaluate_generate(tiny, reference, fitted, 
         ablation + ablation
     with pytest.raises(InterventionError, match="outside this model"):
         HeadAblation.zero(tiny, [(9, 0)])
-    assert main(["eval", "--task", "tiny", "--task-file", _task_file(tmp_path), "--intervention", str(tmp_path / "abl"),
-                 "--split", "all", *TINY, "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "tiny",
+                "--task-file",
+                _task_file(tmp_path),
+                "--intervention",
+                str(tmp_path / "abl"),
+                "--split",
+                "all",
+                *TINY,
+                "--json",
+            ]
+        )
+        == 0
+    )
 
 
 def test_ablation_stacks_with_an_intervention(tiny, fitted):
@@ -100,7 +126,9 @@ def test_table_has_one_row_per_head_and_tensor_scores(tiny, analysis, fitted):
     for name, tensor in analysis.scores.items():
         assert tensor.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads), name
     assert torch.equal(analysis.scores["norm"], iv.head_norms())
-    assert set(analysis.table.loc[analysis.table.selected].apply(lambda r: (r.layer, r["head"]), axis=1)) == set(iv.selected_heads())
+    assert set(analysis.table.loc[analysis.table.selected].apply(lambda r: (r.layer, r["head"]), axis=1)) == set(
+        iv.selected_heads()
+    )
     necessity = analysis.scores["necessity_acc_drop"]
     unselected = [(l, h) for l in range(3) for h in range(4) if (l, h) not in iv.selected_heads()]
     assert all(np.isnan(float(necessity[l, h])) for l, h in unselected)
@@ -110,10 +138,10 @@ def test_table_has_one_row_per_head_and_tensor_scores(tiny, analysis, fitted):
 
 def test_activation_patching_matches_a_hand_patch(tiny, fitted):
     task, iv = fitted
-    from lens_laai.analysis import _AnalysisData
-    from lens_laai.fastpath import CostMeter
-    from lens_laai.head_effects import activation_patching
-    from lens_laai.prompts import PromptTemplate
+    from lens_laai.analysis.effects import activation_patching
+    from lens_laai.analysis.head_table import _AnalysisData
+    from lens_laai.fastpath.runner import CostMeter
+    from lens_laai.tasks.prompts import PromptTemplate
 
     data = _AnalysisData.build(tiny, task, iv, PromptTemplate(), 6, 2, 6, 0, 32)
     clean, corrupt = data.patch_clean, data.patch_corrupt
@@ -125,7 +153,9 @@ def test_activation_patching_matches_a_hand_patch(tiny, fitted):
         z[:, :, 1] = cache["blocks.2.attn.hook_z"][:, :, 1]
         return z
 
-    logits = tiny.run_with_hooks(corrupt.input_ids, attention_mask=corrupt.attention_mask, fwd_hooks=[("blocks.2.attn.hook_z", patch)])
+    logits = tiny.run_with_hooks(
+        corrupt.input_ids, attention_mask=corrupt.attention_mask, fwd_hooks=[("blocks.2.attn.hook_z", patch)]
+    )
     by_hand = torch.log_softmax(logits[:, -1], -1).gather(1, clean.target_ids[:, None]).mean()
     assert float(scores[2, 1]) == pytest.approx(float(by_hand) - corrupted, abs=1e-5)
     assert torch.isnan(scores[0]).all()
@@ -139,8 +169,8 @@ def test_attribution_patching_restores_the_frozen_model(tiny, analysis):
 
 
 def test_dla_readout_is_the_models_own_unembedding(tiny):
-    from lens_laai.head_effects import _readout
-    from lens_laai.kernels import unwrap
+    from lens_laai.analysis.effects import _readout
+    from lens_laai.fastpath.kernels import unwrap
 
     resid = torch.randn(3, tiny.cfg.d_model)
     norm = unwrap(tiny.ln_final)
@@ -154,8 +184,15 @@ def test_summaries_and_random_control(analysis):
     rho, p = spearman_permutation(np.arange(10.0), np.arange(10.0) ** 2)
     assert rho == pytest.approx(1.0) and p < 0.01
     assert np.isnan(spearman_permutation(np.zeros(5), np.arange(5.0))[0])
-    table = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "selected": [True, False, True, False],
-                          "norm": [2.0, 0.0, 1.0, 0.0], "dla": [5.0, 4.0, 0.0, -1.0]})
+    table = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 1],
+            "head": [0, 1, 0, 1],
+            "selected": [True, False, True, False],
+            "norm": [2.0, 0.0, 1.0, 0.0],
+            "dla": [5.0, 4.0, 0.0, -1.0],
+        }
+    )
     row = summarise(table).set_index("score").loc["dla"]
     assert row.precision_at_k == 0.5 and row.jaccard == pytest.approx(1 / 3) and row.k == 2
     control = analysis.random_control
@@ -165,8 +202,13 @@ def test_summaries_and_random_control(analysis):
 
 # pictures and the report -------------------------------------------------------------------------
 def test_pictures(tiny, analysis, fitted):
-    from lens_laai.views import attention_views, generation_view, heatmaps, regularisation_path
     from lens_laai import fit_path
+    from lens_laai.analysis.views import (
+        attention_views,
+        generation_view,
+        heatmaps,
+        regularisation_path,
+    )
 
     fig = heatmaps(analysis.scores)
     assert len([a for a in fig.axes if a.get_title()]) == len(analysis.scores)
@@ -189,8 +231,21 @@ def _task_file(tmp_path):
 def report(tmp_path_factory, fitted):
     folder = tmp_path_factory.mktemp("report")
     fitted[1].save(folder / "iv")
-    args = ["--intervention", str(folder / "iv"), "--task-file", _task_file(folder), "--n-prompts", "6", "--shots", "2",
-            "--patching-prompts", "4", "--n-random", "4", *TINY]
+    args = [
+        "--intervention",
+        str(folder / "iv"),
+        "--task-file",
+        _task_file(folder),
+        "--n-prompts",
+        "6",
+        "--shots",
+        "2",
+        "--patching-prompts",
+        "4",
+        "--n-random",
+        "4",
+        *TINY,
+    ]
     assert main(["analyze", *args, "--out", str(folder / "heads.csv")]) == 0
     assert main(["report", *args, "--out", str(folder / "report.html"), "--json"]) == 0
     return folder
@@ -203,8 +258,21 @@ def test_analyze_and_report_commands(report, capsys):
     assert html.count("var CircuitsVis=") == 1, "the circuitsvis bundle is inlined exactly once"
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "no remote reference"
     assert "unpkg" not in html and "cdn." not in html
-    assert main(["analyze", "--intervention", str(report / "iv"), "--task-file", str(report / "tiny.json"),
-                 "--out", str(report / "heads.csv"), *TINY]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "--intervention",
+                str(report / "iv"),
+                "--task-file",
+                str(report / "tiny.json"),
+                "--out",
+                str(report / "heads.csv"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "exists" in capsys.readouterr().err
 
 
@@ -213,10 +281,21 @@ def test_report_renders_offline_in_a_real_browser(report, tmp_path):
     if browser is None:
         pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
     log = tmp_path / "net.json"
-    command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-               f"--log-net-log={log}", "--virtual-time-budget=10000", f"--screenshot={tmp_path / 'shot.png'}",
-               "--window-size=1200,1600", "--dump-dom", (report / "report.html").as_uri()]
+    command = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--proxy-server=http://127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--log-net-log={log}",
+        "--virtual-time-budget=10000",
+        f"--screenshot={tmp_path / 'shot.png'}",
+        "--window-size=1200,1600",
+        "--dump-dom",
+        (report / "report.html").as_uri(),
+    ]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     views = re.findall(r'<div id="cv-\d+" class="cv">(.{0,40})', dom)
     assert views and all(v.startswith("<") for v in views), "every circuitsvis view rendered content"
@@ -229,11 +308,22 @@ def page_requests(net_log) -> list[str]:
     data = json.loads(net_log.read_text())
     start = data["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
     requests = [e["params"] for e in data["events"] if e["type"] == start and "url" in e.get("params", {})]
-    return [p["url"] for p in requests if p.get("initiator") != "not an origin" and not p["url"].startswith(("file:", "data:"))]
+    return [
+        p["url"]
+        for p in requests
+        if p.get("initiator") != "not an origin" and not p["url"].startswith(("file:", "data:"))
+    ]
 
 
-@pytest.mark.parametrize("kwargs, message", [({"n_prompts": 0}, "n_prompts"), ({"patching_prompts": -3}, "patching_prompts"),
-                                             ({"n_random": -1}, "n_random"), ({"shots": 1}, "shots")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_prompts": 0}, "n_prompts"),
+        ({"patching_prompts": -3}, "patching_prompts"),
+        ({"n_random": -1}, "n_random"),
+        ({"shots": 1}, "shots"),
+    ],
+)
 def test_bad_analysis_settings_are_refused(tiny, fitted, kwargs, message):
     from lens_laai import TaskError
 

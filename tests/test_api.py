@@ -6,11 +6,21 @@ import pytest
 import torch
 
 from lens_laai import (
-    FitConfig, FitError, HeadIntervention, Intervention, PromptTemplate, Task, TaskError, evaluate, evaluate_many, fit,
-    generate, load_intervention,
+    FitConfig,
+    FitError,
+    HeadIntervention,
+    Intervention,
+    PromptTemplate,
+    Task,
+    TaskError,
+    evaluate,
+    evaluate_many,
+    fit,
+    generate,
+    load_intervention,
 )
 from lens_laai.baselines import ResidualIntervention
-from lens_laai.models import model_fingerprint
+from lens_laai.models.loading import model_fingerprint
 from lens_laai.testing import TINY_PAIRS
 
 PROMPTS = ["Q: hot\nA:", "Q: big big big big\nA:"]
@@ -18,12 +28,18 @@ PROMPTS = ["Q: hot\nA:", "Q: big big big big\nA:"]
 
 def head_iv(model, layer=1, scale=4.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return HeadIntervention.from_deltas(model, {layer: scale * torch.randn(model.cfg.n_heads, model.cfg.d_head, generator=g)})
+    return HeadIntervention.from_deltas(
+        model, {layer: scale * torch.randn(model.cfg.n_heads, model.cfg.d_head, generator=g)}
+    )
 
 
 def resid_iv(model, layer=1):
-    return ResidualIntervention(3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)), layer,
-                                "tiny", model_fingerprint(model))
+    return ResidualIntervention(
+        3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)),
+        layer,
+        "tiny",
+        model_fingerprint(model),
+    )
 
 
 def right_padded(model):
@@ -97,10 +113,9 @@ def test_last_means_the_last_real_token_under_right_padding(tiny):
 def test_apply_leaves_no_hook_behind_after_an_exception(tiny):
     ids = torch.tensor([[1, 20, 21, 22]])
     before = tiny(ids)
-    with pytest.raises(RuntimeError, match="boom"):
-        with head_iv(tiny).apply(tiny):
-            tiny(ids)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), head_iv(tiny).apply(tiny):
+        tiny(ids)
+        raise RuntimeError("boom")
     assert not tiny._forward_pre_hooks and torch.equal(tiny(ids), before)
 
 
@@ -141,8 +156,10 @@ def test_fit_on_your_own_prompt_target_pairs(tiny):
     standard = fit(tiny, Task("t", list(TINY_PAIRS)), layer=1, n_train=8, n_valid=4, steps=2, progress=False)
     assert torch.allclose(own.intervention.deltas[1], standard.intervention.deltas[1])
     assert own.intervention.metadata["template"] == PromptTemplate.verbatim().to_json()
-    assert evaluate(tiny, Task.from_pairs(pairs), own.intervention).accuracy == evaluate(
-        tiny, Task("t", list(TINY_PAIRS)), standard.intervention).accuracy
+    assert (
+        evaluate(tiny, Task.from_pairs(pairs), own.intervention).accuracy
+        == evaluate(tiny, Task("t", list(TINY_PAIRS)), standard.intervention).accuracy
+    )
 
 
 def test_chat_template_prompts(tiny):
@@ -153,8 +170,9 @@ def test_chat_template_prompts(tiny):
     try:
         template = PromptTemplate.chat(tokenizer)
         assert template.render("hot") == "<user>hot\n<assistant>" and not template.prepend_bos
-        result = fit(tiny, Task("t", list(TINY_PAIRS)), layer=1, n_train=8, n_valid=4, steps=1, template=template,
-                     progress=False)
+        result = fit(
+            tiny, Task("t", list(TINY_PAIRS)), layer=1, n_train=8, n_valid=4, steps=1, template=template, progress=False
+        )
         table = evaluate(tiny, Task("t", list(TINY_PAIRS)), result.intervention).table
         assert table.prompt.iloc[0].startswith("<user>")
     finally:
@@ -175,7 +193,7 @@ def test_fit_arguments(tiny):
 
 def test_default_layer_policy_is_shared(tiny):
     from lens_laai import default_layers
-    from lens_laai.fit import parse_layers
+    from lens_laai.fitting.fit import parse_layers
 
     assert parse_layers("default", 30) == default_layers(30) == [4, 8, 12, 16, 20]
     assert default_layers(32) == [5, 9, 13, 17, 21] and default_layers(3) == [0, 1]

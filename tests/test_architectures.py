@@ -16,18 +16,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens_laai import HeadIntervention, ModelError, evaluate, evaluate_many, fit, generate, load_model
-from lens_laai import fastpath
-from lens_laai.fastpath import LastTokenCache, LayerRunner, tolerance
-from lens_laai.intervention import delta_hook, hook_name
-from lens_laai.kernels import LlamaLastToken
-from lens_laai.prompts import k_shot_prompts, make_batch
-from lens_laai.testing import SLIDING_WINDOW, TINY_ARCHITECTURES, tiny_hf_model_for, tiny_model_for, tiny_tokenizer
+from lens_laai import (
+    HeadIntervention,
+    ModelError,
+    evaluate,
+    evaluate_many,
+    fit,
+    generate,
+    load_model,
+)
+from lens_laai.fastpath import runner as fastpath
+from lens_laai.fastpath.kernels import LlamaLastToken
+from lens_laai.fastpath.runner import LastTokenCache, LayerRunner, tolerance
+from lens_laai.interventions.head import delta_hook
+from lens_laai.models.bridge import hook_name
+from lens_laai.tasks.prompts import k_shot_prompts, make_batch
+from lens_laai.testing import (
+    SLIDING_WINDOW,
+    TINY_ARCHITECTURES,
+    tiny_hf_model_for,
+    tiny_model_for,
+    tiny_tokenizer,
+)
 
 ARCHS = sorted(TINY_ARCHITECTURES)
 # Which fast path each architecture takes: the plain-tensor kernel only for the verified Llama family.
-EXPECTED_PATH = {"gpt2": "blocks", "gpt-neox": "blocks", "llama": "kernel", "qwen2": "kernel", "gemma2": "blocks",
-                 "gemma3": "blocks", "mistral": "kernel", "phi3": "blocks"}
+EXPECTED_PATH = {
+    "gpt2": "blocks",
+    "gpt-neox": "blocks",
+    "llama": "kernel",
+    "qwen2": "kernel",
+    "gemma2": "blocks",
+    "gemma3": "blocks",
+    "mistral": "kernel",
+    "phi3": "blocks",
+}
 DEVICE = os.environ.get("LENS_LAAI_TEST_DEVICE", "cpu")
 FIT = dict(layer=1, n_train=8, n_valid=4, steps=6, group_l1=0.01, l1=1e-3, progress=False)
 
@@ -75,7 +98,7 @@ def test_hook_z_has_one_row_per_query_head(models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unembedding_only_the_last_position_is_exact(models, arch):
-    from lens_laai.bridge import last_position_hooks
+    from lens_laai.models.bridge import last_position_hooks
 
     model = model_for(models, arch)
     ids = torch.randint(5, 200, (3, 7))
@@ -102,7 +125,11 @@ def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
     gen = torch.Generator().manual_seed(1)
     results = []
     for fast in (True, False):
-        y = (2 * torch.randn(model.cfg.n_heads, model.cfg.d_head, generator=gen.manual_seed(1))).to(DEVICE).requires_grad_(True)
+        y = (
+            (2 * torch.randn(model.cfg.n_heads, model.cfg.d_head, generator=gen.manual_seed(1)))
+            .to(DEVICE)
+            .requires_grad_(True)
+        )
         hooks = [(hook_name(1), delta_hook(y)), (hook_name(2), delta_hook(0.5 * y))]  # two layers: Δ flows through both
         if fast:
             logits, loss = cache.logits(hooks), cache.cross_entropy(hooks, batch.target_ids).sum()
@@ -144,13 +171,17 @@ def test_fit_apply_save_load_evaluate_generate(models, arch, task, tmp_path):
     if fast.selected_heads:
         assert not torch.allclose(plain[:, -1], edited[:, -1])
     real = ids.attention_mask[:, :-1].bool()  # padding positions compute nothing meaningful
-    assert torch.allclose(plain[:, :-1][real], edited[:, :-1][real], atol=1e-6), "Δ at the last token changed earlier tokens"
+    assert torch.allclose(plain[:, :-1][real], edited[:, :-1][real], atol=1e-6), (
+        "Δ at the last token changed earlier tokens"
+    )
 
     result = evaluate(model, task, back)
     assert result.n == len(task) - 12 and 0.0 <= result.accuracy <= 1.0
     many = evaluate_many(model, task, [back])
     assert many.accuracy.iloc[0] == result.accuracy
-    loud = 5.0 * back if fast.selected_heads else HeadIntervention.from_deltas(model, {1: torch.ones(4, model.cfg.d_head)})
+    loud = (
+        5.0 * back if fast.selected_heads else HeadIntervention.from_deltas(model, {1: torch.ones(4, model.cfg.d_head)})
+    )
     prompts = ["Q: hot\nA:", "Q: early\nA:"]
     for where in ("prompt", "every_token"):
         cached = generate(model, prompts, loud, max_new_tokens=5, delta_at=where)
@@ -209,13 +240,22 @@ def test_a_missing_soft_cap_is_caught_by_the_check(models, task, monkeypatch, dt
         assert LastTokenCache.build(model, padded_batch(model, task), layer=1) is None
 
 
-@pytest.mark.parametrize("arch, windowed, dtype", [("mistral", True, torch.float32), ("gemma2", True, torch.float32),
-                                                   ("mistral", True, torch.bfloat16), ("llama", False, torch.float32)])
+@pytest.mark.parametrize(
+    "arch, windowed, dtype",
+    [
+        ("mistral", True, torch.float32),
+        ("gemma2", True, torch.float32),
+        ("mistral", True, torch.bfloat16),
+        ("llama", False, torch.float32),
+    ],
+)
 def test_sliding_windows_come_from_the_recorded_mask(models, arch, windowed, dtype, task, monkeypatch):
     """Without the recorded mask row (every key visible), windowed models disagree and fall back; Llama does not care."""
     model = model_for(models, arch, dtype)
     prompt, target = k_shot_prompts(task, shots=3)[0][0], k_shot_prompts(task, shots=3)[1][0]
-    batch = make_batch(model.tokenizer, [prompt], [target]).to(model.cfg.device)  # one unpadded row, longer than the window
+    batch = make_batch(model.tokenizer, [prompt], [target]).to(
+        model.cfg.device
+    )  # one unpadded row, longer than the window
     assert batch.input_ids.shape[1] > 3 * SLIDING_WINDOW
     cut = fastpath._cut
 
@@ -262,8 +302,15 @@ def test_a_model_split_over_cpu_and_disk_fits_like_the_whole_model(task, tmp_pat
     hf = tiny_hf_model_for("llama")
     hf.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
-                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     fastpath._warned.clear()
     with pytest.warns(RuntimeWarning, match="kernel does not apply.*offloaded"):
         split = load_model(str(tmp_path / "m"), device_map=device_map, offload_folder=str(tmp_path / "offload"))
@@ -276,14 +323,17 @@ def test_a_model_split_over_cpu_and_disk_fits_like_the_whole_model(task, tmp_pat
     assert (fast.history.loss - full.history.loss).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "int8"}, "Unknown dtype"),
-    ({"device": "gpu"}, "not a device"),
-    ({"device": "cpu", "device_map": "auto"}, "not both"),
-    ({"device_map": "auto"}, "use device= instead"),
-    ({"n_devices": 0}, "positive integer"),
-    ({"offload_folder": "x"}, "offload_folder"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "int8"}, "Unknown dtype"),
+        ({"device": "gpu"}, "not a device"),
+        ({"device": "cpu", "device_map": "auto"}, "not both"),
+        ({"device_map": "auto"}, "use device= instead"),
+        ({"n_devices": 0}, "positive integer"),
+        ({"offload_folder": "x"}, "offload_folder"),
+    ],
+)
 def test_placement_arguments_are_checked_with_clear_errors(kwargs, message):
     with pytest.raises(ModelError, match=message):
         load_model("lens-laai-tiny-gpt2", **kwargs)
@@ -305,20 +355,81 @@ def test_load_model_places_and_casts_a_ready_bridge():
 
 
 def test_cli_fits_a_bf16_model_and_saves_a_float32_delta(tmp_path, capsys):
-    from lens_laai.cli import main
     from safetensors.torch import load_file
 
+    from lens_laai.cli.main import main
+
     out = tmp_path / "iv"
-    code = main(["fit", "--task", "antonym", "--model", "lens-laai-tiny-qwen2", "--dtype", "bf16", "--device", DEVICE,
-                 "--layer", "1", "--steps", "3", "--n-train", "8", "--n-valid", "4", "--n-test", "8", "--no-baselines",
-                 "--out", str(out), "--json", "--no-progress"])
+    code = main(
+        [
+            "fit",
+            "--task",
+            "antonym",
+            "--model",
+            "lens-laai-tiny-qwen2",
+            "--dtype",
+            "bf16",
+            "--device",
+            DEVICE,
+            "--layer",
+            "1",
+            "--steps",
+            "3",
+            "--n-train",
+            "8",
+            "--n-valid",
+            "4",
+            "--n-test",
+            "8",
+            "--no-baselines",
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and summary["dtype"] == "bfloat16" and summary["device"].startswith(DEVICE) and summary["fast_path"]
+    assert (
+        code == 0 and summary["dtype"] == "bfloat16" and summary["device"].startswith(DEVICE) and summary["fast_path"]
+    )
     assert all(t.dtype == torch.float32 for t in load_file(next(out.glob("*.safetensors"))).values())
-    assert main(["eval", "--task", "antonym", "--model", "lens-laai-tiny-qwen2", "--dtype", "bf16", "--device", DEVICE,
-                 "--intervention", str(out), "--json", "--no-progress"]) == 0
-    assert main(["fit", "--task", "antonym", "--model", "lens-laai-tiny", "--dtype", "fp8", "--out", str(tmp_path / "x"),
-                 "--json"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "antonym",
+                "--model",
+                "lens-laai-tiny-qwen2",
+                "--dtype",
+                "bf16",
+                "--device",
+                DEVICE,
+                "--intervention",
+                str(out),
+                "--json",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "fit",
+                "--task",
+                "antonym",
+                "--model",
+                "lens-laai-tiny",
+                "--dtype",
+                "fp8",
+                "--out",
+                str(tmp_path / "x"),
+                "--json",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs this module itself")
@@ -326,7 +437,9 @@ def test_device_check_says_plainly_when_there_is_no_gpu(capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("device_check", Path(__file__).parents[1] / "benchmarks" / "device_check.py")
+    spec = importlib.util.spec_from_file_location(
+        "device_check", Path(__file__).parents[1] / "benchmarks" / "device_check.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--quick"]) == 0
@@ -336,23 +449,32 @@ def test_device_check_says_plainly_when_there_is_no_gpu(capsys):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_head_analysis_runs_and_its_patching_replay_is_exact(models, arch, task):
-    from lens_laai.analysis import head_table
+    from lens_laai.analysis.head_table import head_table
 
     model = model_for(models, arch)
     iv = fit(model, task, **{**FIT, "steps": 2}).intervention
     fastpath._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        analysis = head_table(model, task, iv, n_prompts=4, shots=2, patching_prompts=3, n_random=2,
-                              methods=("dla", "act_patch", "attr_patch", "ablation"), progress=False)
+        analysis = head_table(
+            model,
+            task,
+            iv,
+            n_prompts=4,
+            shots=2,
+            patching_prompts=3,
+            n_random=2,
+            methods=("dla", "act_patch", "attr_patch", "ablation"),
+            progress=False,
+        )
     assert not no_fallback_warnings(record)
     assert analysis.scores["act_patch"].shape == (model.cfg.n_layers, model.cfg.n_heads)
     for name in ("dla", "act_patch", "attr_patch", "zero_logprob_drop"):
         assert torch.isfinite(analysis.scores[name]).all(), name
     assert not any(p.requires_grad for p in model.parameters())
 
-    from lens_laai.fastpath import CostMeter
-    from lens_laai.head_effects import _MaskedModel
+    from lens_laai.analysis.effects import _MaskedModel
+    from lens_laai.fastpath.runner import CostMeter
 
     batch = padded_batch(model, task)
     replay = _MaskedModel(model, batch.input_ids, batch.attention_mask, CostMeter())

@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from lens_laai import (
-    FitError, HeadIntervention, InterventionError, ModelError, SaveError, Task, TaskError, evaluate, fit, generate,
+    FitError,
+    HeadIntervention,
+    InterventionError,
+    ModelError,
+    SaveError,
+    Task,
+    TaskError,
+    evaluate,
+    fit,
+    generate,
     load_model,
 )
-from lens_laai.cli import main
+from lens_laai.cli.main import main
 from lens_laai.testing import TINY_PAIRS, tiny_model
 
 TINY = ["--model", "lens-laai-tiny", "--no-progress"]
@@ -91,7 +100,11 @@ def test_compose_and_save_refuse_a_foreign_directory(tmp_path, saved, capsys):
 def test_algebra_keeps_the_split_record(tiny, saved):
     result, _ = saved
     train_inputs = set(result.splits.train.inputs)
-    for derived in (1.0 * result.intervention, result.intervention + result.intervention, result.intervention - 0.5 * result.intervention):
+    for derived in (
+        1.0 * result.intervention,
+        result.intervention + result.intervention,
+        result.intervention - 0.5 * result.intervention,
+    ):
         table = evaluate(tiny, Task("tiny-antonym", list(TINY_PAIRS)), derived).table
         assert not train_inputs & set(table.input), "a training pair was scored as test"
         assert list(table.input) == result.splits.test.inputs
@@ -114,13 +127,17 @@ def test_eval_seed_that_disagrees_with_the_intervention_is_an_error(saved, task_
     _, path = saved
     assert main(["eval", "--task-file", str(task_file), "--intervention", str(path), "--seed", "0", *TINY]) == 2
     assert "seed=0 (fitted with 2)" in capsys.readouterr().err
-    assert main(["eval", "--task-file", str(task_file), "--intervention", str(path), "--seed", "2", *TINY, "--json"]) == 0
+    assert (
+        main(["eval", "--task-file", str(task_file), "--intervention", str(path), "--seed", "2", *TINY, "--json"]) == 0
+    )
     assert last_json(capsys)["n"] == 24 - 14
 
 
 def test_compose_keeps_the_records_of_both_operands(tmp_path, saved, tiny):
     _, path = saved
-    other = fit(tiny, Task("other", [(b, a) for a, b in TINY_PAIRS]), layer=1, n_train=6, n_valid=2, steps=1, progress=False)
+    other = fit(
+        tiny, Task("other", [(b, a) for a, b in TINY_PAIRS]), layer=1, n_train=6, n_valid=2, steps=1, progress=False
+    )
     other.intervention.save(tmp_path / "other")
     assert main(["compose", str(path), str(tmp_path / "other"), "--out", str(tmp_path / "both")]) == 0
     both = HeadIntervention.load(tmp_path / "both")
@@ -165,7 +182,9 @@ def test_nan_tensors_in_a_file_are_refused(tmp_path, saved):
     tensors = load_file(str(path / manifest["tensor_file"]))
     tensors["layer.1"][0, 0] = float("nan")
     save_file(tensors, str(path / manifest["tensor_file"]))
-    rewrite_manifest(path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest()))
+    rewrite_manifest(
+        path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest())
+    )
     with pytest.raises(InterventionError, match="NaN"):
         HeadIntervention.load(path)
 
@@ -175,16 +194,26 @@ def test_corrupt_save_with_a_recomputed_checksum(tmp_path, saved):
     path = copy_save(saved[1], tmp_path / "corrupt")
     manifest = json.loads((path / "manifest.json").read_text())
     (path / manifest["tensor_file"]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    rewrite_manifest(path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest()))
+    rewrite_manifest(
+        path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest())
+    )
     with pytest.raises(InterventionError):
         HeadIntervention.load(path)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: m.pop("fingerprint"), lambda m: m.pop("model_name"), lambda m: m.update(fingerprint=[1, 2]),
-    lambda m: m.update(metadata="x"), lambda m: m["fingerprint"].update(n_heads="4"), lambda m: m.update(positions=1.5),
-    lambda m: m.update(positions=[0.5]), lambda m: m.update(positions="middle"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.pop("fingerprint"),
+        lambda m: m.pop("model_name"),
+        lambda m: m.update(fingerprint=[1, 2]),
+        lambda m: m.update(metadata="x"),
+        lambda m: m["fingerprint"].update(n_heads="4"),
+        lambda m: m.update(positions=1.5),
+        lambda m: m.update(positions=[0.5]),
+        lambda m: m.update(positions="middle"),
+    ],
+)
 def test_manifests_with_missing_keys_or_wrong_types(tmp_path, saved, edit):
     path = copy_save(saved[1], tmp_path / "m")
     rewrite_manifest(path, edit)
@@ -212,9 +241,16 @@ def test_unwritable_paths_are_a_save_error(tmp_path, saved, task_file, monkeypat
     assert "Permission denied" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [(["--layers", ","], "layers is empty"), (["--layers", "1,x"], "comma list"),
-                                            (["--n-test", "0"], "n_test must be"), (["--layer", "sweep", "--layers", "7"], "out of range"),
-                                            (["--layer", "auto", "--layers", "7"], "--layer sweep or --layer joint")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layers", ","], "layers is empty"),
+        (["--layers", "1,x"], "comma list"),
+        (["--n-test", "0"], "n_test must be"),
+        (["--layer", "sweep", "--layers", "7"], "out of range"),
+        (["--layer", "auto", "--layers", "7"], "--layer sweep or --layer joint"),
+    ],
+)
 def test_bad_layer_and_split_options_exit_2_before_writing(tmp_path, task_file, argv, message, capsys):
     out = tmp_path / "out"
     assert main([*FIT, "--task-file", str(task_file), *argv, "--out", str(out)]) == 2
@@ -229,11 +265,17 @@ def test_five_shot_baseline_without_enough_pairs_fails_before_writing(tmp_path, 
     assert "5-shot" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("kwargs, message", [({"layers": []}, "layers is empty"), ({"layer": True}, "layer index"),
-                                             ({"layers": [1.5]}, "not a layer index")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"layers": []}, "layers is empty"), ({"layer": True}, "layer index"), ({"layers": [1.5]}, "not a layer index")],
+)
 def test_fit_layer_arguments(tiny, kwargs, message):
     with pytest.raises(FitError, match=message):
-        fit(tiny, Task("t", list(TINY_PAIRS)), **{"layer": "sweep", "n_train": 8, "n_valid": 4, "progress": False, **kwargs})
+        fit(
+            tiny,
+            Task("t", list(TINY_PAIRS)),
+            **{"layer": "sweep", "n_train": 8, "n_valid": 4, "progress": False, **kwargs},
+        )
 
 
 def test_prompt_longer_than_the_context_is_refused_quickly(tiny):
@@ -271,7 +313,9 @@ def test_duplicate_pairs_are_dropped_and_cannot_leak(tmp_path):
     assert not set(splits.train.pairs) & set(splits.test.pairs) and len(task) == 24
 
 
-@pytest.mark.parametrize("item", [{"input": 3, "output": "x"}, {"input": "a", "output": None}, {"input": ["a"], "output": "b"}])
+@pytest.mark.parametrize(
+    "item", [{"input": 3, "output": "x"}, {"input": "a", "output": None}, {"input": ["a"], "output": "b"}]
+)
 def test_non_string_inputs_and_outputs_are_refused(tmp_path, item):
     path = tmp_path / "t.json"
     path.write_text(json.dumps([item]))
@@ -282,12 +326,16 @@ def test_non_string_inputs_and_outputs_are_refused(tmp_path, item):
 def test_tensor_dtype_and_duplicate_layer_keys_in_a_file(tmp_path, saved):
     from safetensors.torch import load_file, save_file
 
-    for name, change in (("int", lambda t: {"layer.1": t["layer.1"].to(torch.int32)}),
-                         ("dup", lambda t: {"layer.1": t["layer.1"], "layer.01": t["layer.1"].clone()})):
+    for name, change in (
+        ("int", lambda t: {"layer.1": t["layer.1"].to(torch.int32)}),
+        ("dup", lambda t: {"layer.1": t["layer.1"], "layer.01": t["layer.1"].clone()}),
+    ):
         path = copy_save(saved[1], tmp_path / name)
         manifest = json.loads((path / "manifest.json").read_text())
         save_file(change(load_file(str(path / manifest["tensor_file"]))), str(path / manifest["tensor_file"]))
-        rewrite_manifest(path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest()))
+        rewrite_manifest(
+            path, lambda m: m.update(tensors_sha256=hashlib.sha256((path / m["tensor_file"]).read_bytes()).hexdigest())
+        )
         with pytest.raises(InterventionError, match="dtype|distinct layer"):
             HeadIntervention.load(path)
 
@@ -302,9 +350,8 @@ def test_bad_positions_are_refused(saved, positions):
 def test_out_of_range_position_is_a_clear_error(tiny, saved):
     iv = saved[0].intervention
     far = HeadIntervention(dict(iv.deltas), iv.model_name, iv.fingerprint, (40,))
-    with pytest.raises(InterventionError, match="outside this sequence"):
-        with far.apply(tiny):
-            tiny(torch.tensor([[1, 5, 6]]))
+    with pytest.raises(InterventionError, match="outside this sequence"), far.apply(tiny):
+        tiny(torch.tensor([[1, 5, 6]]))
 
 
 def test_generate_checks_the_model_and_its_arguments(tiny, saved):
@@ -334,9 +381,11 @@ def test_same_shaped_model_with_other_weights_warns_or_is_refused(saved, task_fi
 
 # found by a second reader of the diff ------------------------------------------------------------
 def test_saves_from_before_data_records_are_split_by_their_fit_config(tiny):
-    from lens_laai.evaluate import select_split
+    from lens_laai.evaluation.evaluate import select_split
 
-    iv = HeadIntervention.zeros(tiny, [1], metadata={"fit_config": {"seed": 1, "n_train": 10, "n_valid": 4, "n_test": None}})
+    iv = HeadIntervention.zeros(
+        tiny, [1], metadata={"fit_config": {"seed": 1, "n_train": 10, "n_valid": 4, "n_test": None}}
+    )
     task = Task("tiny-antonym", list(TINY_PAIRS))
     part, _ = select_split(task, "test", [iv])
     assert part.pairs == task.split(1, 10, 4).test.pairs
@@ -346,7 +395,7 @@ def test_saves_from_before_data_records_are_split_by_their_fit_config(tiny):
 
 def test_combining_two_kinds_of_intervention_is_a_clear_error(tiny, saved, tmp_path, capsys):
     from lens_laai.baselines import ResidualIntervention
-    from lens_laai.models import model_fingerprint
+    from lens_laai.models.loading import model_fingerprint
 
     residual = ResidualIntervention(torch.ones(tiny.cfg.d_model), 1, "tiny", model_fingerprint(tiny))
     residual.save(tmp_path / "r")
@@ -370,7 +419,7 @@ def test_ablation_positions_outside_the_sequence(tiny):
 
 def test_resample_ablation_repeats_its_draws(tiny):
     from lens_laai import HeadAblation
-    from lens_laai.prompts import k_shot_prompts, model_batches
+    from lens_laai.tasks.prompts import k_shot_prompts, model_batches
 
     task = Task("t", list(TINY_PAIRS))
     ablation = HeadAblation.resample(tiny, [(1, 0), (2, 1)], model_batches(tiny, *k_shot_prompts(task, 2)), seed=3)

@@ -16,9 +16,9 @@ from lens_laai.baselines import (
     prompting_cost,
     shuffled_label_batch,
 )
-from lens_laai.baselines.function_vectors import last_token_z
-from lens_laai.models import model_fingerprint, model_name
-from lens_laai.prompts import iter_batches, k_shot_prompts
+from lens_laai.fastpath.recording import last_token_z
+from lens_laai.models.loading import model_fingerprint, model_name
+from lens_laai.tasks.prompts import iter_batches, k_shot_prompts
 from lens_laai.testing import tiny_model
 
 PROMPT = torch.tensor([[1, 20, 21, 22, 23, 24]])
@@ -31,7 +31,9 @@ def splits(task):
 
 def make_fv(model, layer=1, scale=2.0, seed=0):
     torch.manual_seed(seed)
-    return ResidualIntervention(scale * torch.randn(model.cfg.d_model), layer, model_name(model), model_fingerprint(model))
+    return ResidualIntervention(
+        scale * torch.randn(model.cfg.d_model), layer, model_name(model), model_fingerprint(model)
+    )
 
 
 def test_residual_changes_only_its_layer_and_position(tiny):
@@ -58,10 +60,9 @@ def test_residual_leaves_model_bit_identical_also_after_exception(tiny):
         during = tiny(PROMPT)
     assert not torch.equal(before, during)
     assert torch.equal(tiny(PROMPT), before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with iv.apply(tiny):
-            tiny(PROMPT)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), iv.apply(tiny):
+        tiny(PROMPT)
+        raise RuntimeError("boom")
     assert torch.equal(tiny(PROMPT), before)
     assert torch.equal(tiny.run_with_hooks(PROMPT, fwd_hooks=iv.fwd_hooks()), during)
 
@@ -135,8 +136,17 @@ def test_shuffled_labels_break_the_mapping(tiny, splits):
 
 
 def test_fit_function_vector_end_to_end(tiny, splits):
-    result = fit_function_vector(tiny, splits, top_k=3, layers=[0, 1, 2], shots=3, cie_layers=[1, 2], n_prompts=4,
-                                 scales=(1.0, 3.0), progress=False)
+    result = fit_function_vector(
+        tiny,
+        splits,
+        top_k=3,
+        layers=[0, 1, 2],
+        shots=3,
+        cie_layers=[1, 2],
+        n_prompts=4,
+        scales=(1.0, 3.0),
+        progress=False,
+    )
     assert isinstance(result.intervention, ResidualIntervention) and result.layer in (0, 1, 2)
     assert len(result.sweep) == 6 and len(result.heads) == 3 and result.fast_path and result.scale in (1.0, 3.0)
     unscaled = function_vector(tiny, result.mean_acts, result.cie, top_k=3)
@@ -150,7 +160,9 @@ def test_fit_function_vector_end_to_end(tiny, splits):
 
 
 def test_fit_mean_difference_selects_top_k_heads(tiny, splits):
-    result = fit_mean_difference(tiny, splits, "auto", layers=[1, 2], top_k=2, alphas=(1.0, 4.0), shots=3, progress=False)
+    result = fit_mean_difference(
+        tiny, splits, "auto", layers=[1, 2], top_k=2, alphas=(1.0, 4.0), shots=3, progress=False
+    )
     iv = result.intervention
     assert isinstance(iv, HeadIntervention) and iv.layers == [result.layer]
     assert len(iv.selected_heads()) == 2 and iv.heads().selected.sum() == 2
@@ -161,7 +173,9 @@ def test_fit_mean_difference_selects_top_k_heads(tiny, splits):
     assert evaluate(tiny, splits, iv).n == len(splits.test)
     sep = fit_mean_difference(tiny, splits, 1, top_k=1, alphas=(1.0,), shots=3, select_by="separation", progress=False)
     assert len(sep.intervention.selected_heads()) == 1
-    again = fit_mean_difference(tiny, splits, 1, top_k=1, alphas=(1.0,), shots=3, select_by="separation", progress=False)
+    again = fit_mean_difference(
+        tiny, splits, 1, top_k=1, alphas=(1.0,), shots=3, select_by="separation", progress=False
+    )
     assert torch.equal(again.intervention.deltas[1], sep.intervention.deltas[1])
     with pytest.raises(ValueError, match="top_k"):
         fit_mean_difference(tiny, splits, 1, top_k=5, shots=3, progress=False)

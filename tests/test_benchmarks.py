@@ -28,16 +28,28 @@ TINY = ["--model", "lens-laai-tiny", "--quick", "--json"]
 
 def test_fit_speed_smoke(capsys):
     out = run_script("fit_speed", ["--model", "lens-laai-tiny", "--quick", "--json"], capsys)
-    for key in ("ratio_zero_shot", "ratio_10_shot", "fast_step_seconds_zero_shot", "naive_step_seconds_zero_shot",
-                "max_abs_loss_diff"):
+    for key in (
+        "ratio_zero_shot",
+        "ratio_10_shot",
+        "fast_step_seconds_zero_shot",
+        "naive_step_seconds_zero_shot",
+        "max_abs_loss_diff",
+    ):
         assert key in out
     assert out["max_abs_loss_diff"] < 1e-4
 
 
 def test_rule_tasks_smoke(capsys, tmp_path):
     rows = run_script("rule_tasks", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
-    assert {r["method"] for r in rows} >= {"zero-shot", "5-shot", "function-vector", "function-vector-scaled", "mean-difference",
-                                            "laai", "laai-no-lasso"}
+    assert {r["method"] for r in rows} >= {
+        "zero-shot",
+        "5-shot",
+        "function-vector",
+        "function-vector-scaled",
+        "mean-difference",
+        "laai",
+        "laai-no-lasso",
+    }
     for row in rows:
         assert set(row) == {"task", "method", "n", "seed", "accuracy", "forward_equivalents", "seconds"}
         assert 0.0 <= row["accuracy"] <= 1.0
@@ -53,12 +65,46 @@ def test_rule_tasks_smoke(capsys, tmp_path):
 
 def test_method_by_task_table_averages_seeds_and_skips_blank_seconds():
     module = load_script("rule_tasks")
-    rows = pd.DataFrame([
-        {"task": "antonym", "method": "laai", "n": 5, "seed": 0, "accuracy": 0.2, "fit_forward_equivalents": 100.0, "seconds": 10.0},
-        {"task": "antonym", "method": "laai", "n": 5, "seed": 1, "accuracy": 0.4, "fit_forward_equivalents": 300.0, "seconds": float("nan")},
-        {"task": "synonym", "method": "laai", "n": 5, "seed": 0, "accuracy": 0.1, "fit_forward_equivalents": 200.0, "seconds": 30.0},
-        {"task": "antonym", "method": "zero-shot", "n": 5, "seed": 0, "accuracy": 0.0, "fit_forward_equivalents": 0.0, "seconds": 0.0},
-    ])
+    rows = pd.DataFrame(
+        [
+            {
+                "task": "antonym",
+                "method": "laai",
+                "n": 5,
+                "seed": 0,
+                "accuracy": 0.2,
+                "fit_forward_equivalents": 100.0,
+                "seconds": 10.0,
+            },
+            {
+                "task": "antonym",
+                "method": "laai",
+                "n": 5,
+                "seed": 1,
+                "accuracy": 0.4,
+                "fit_forward_equivalents": 300.0,
+                "seconds": float("nan"),
+            },
+            {
+                "task": "synonym",
+                "method": "laai",
+                "n": 5,
+                "seed": 0,
+                "accuracy": 0.1,
+                "fit_forward_equivalents": 200.0,
+                "seconds": 30.0,
+            },
+            {
+                "task": "antonym",
+                "method": "zero-shot",
+                "n": 5,
+                "seed": 0,
+                "accuracy": 0.0,
+                "fit_forward_equivalents": 0.0,
+                "seconds": 0.0,
+            },
+        ]
+    )
     wide = module.by_method_and_task(rows).set_index("method")
     assert list(wide.index) == ["zero-shot", "laai"], "rows follow METHODS order"
     assert wide.loc["laai", "antonym"] == "0.300 ± 0.141 (2)"
@@ -91,10 +137,14 @@ def test_scripts_have_help(name, capsys):
 
 
 def test_heads_vs_ablation_smoke(capsys, tmp_path):
-    out = run_script("heads_vs_ablation", [*TINY, "--no-progress", "--tasks", "antonym", "--out-dir", str(tmp_path)], capsys)
+    out = run_script(
+        "heads_vs_ablation", [*TINY, "--no-progress", "--tasks", "antonym", "--out-dir", str(tmp_path)], capsys
+    )
     assert {r["score"] for r in out["summary"]} >= {"dla", "act_patch", "attr_patch", "zero_logprob_drop"}
     assert {"percentile", "attr_vs_act_rho"} <= set(out["control"][0])
-    assert (tmp_path / "heads_vs_ablation_antonym.png").exists() and (tmp_path / "heads_vs_ablation_summary.md").exists()
+    assert (tmp_path / "heads_vs_ablation_antonym.png").exists() and (
+        tmp_path / "heads_vs_ablation_summary.md"
+    ).exists()
 
 
 def test_opinions_smoke(capsys, tmp_path):
@@ -112,8 +162,14 @@ def test_opinions_smoke(capsys, tmp_path):
 
 def test_search_cost_smoke(capsys, tmp_path):
     out = run_script("search_cost", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
-    for key in ("old_forward_equivalents", "new_forward_equivalents", "fv_forward_equivalents", "old_accuracy",
-                "new_accuracy", "paired_new_minus_old"):
+    for key in (
+        "old_forward_equivalents",
+        "new_forward_equivalents",
+        "fv_forward_equivalents",
+        "old_accuracy",
+        "new_accuracy",
+        "paired_new_minus_old",
+    ):
         assert key in out
     assert out["new_forward_equivalents"] > 0 and out["units"] == 1
     again = run_script("search_cost", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
@@ -127,8 +183,14 @@ def test_dev_study_smoke(capsys, tmp_path):
     capsys.readouterr()
     out = run_script("dev_study", ["--summarise-only", "--json", "--out-dir", str(tmp_path)], capsys)
     methods = set(out["mean_accuracy"])
-    assert {"laai (CV on the n pairs, accuracy)", "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)", "5-shot",
-            "function-vector", "mean-difference", "laai (joint over layers, CV on the n pairs)"} <= methods
+    assert {
+        "laai (CV on the n pairs, accuracy)",
+        "laai (layer and λ on 40 extra validation pairs: 60 labelled pairs)",
+        "5-shot",
+        "function-vector",
+        "mean-difference",
+        "laai (joint over layers, CV on the n pairs)",
+    } <= methods
     cells = pd.read_csv(tmp_path / "cells.shard0.csv")
     assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
     assert (tmp_path / "dev_study_per_task.md").exists() and (tmp_path / "dev_study_variants.md").exists()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lens_laai.cli import main
+from lens_laai.cli.main import main
 from lens_laai.testing import TINY_PAIRS
 
 TINY = ["--model", "lens-laai-tiny", "--no-progress"]
@@ -23,8 +23,17 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
     args = ["fit", "--task-file", str(task_file), "--layer", "1", "--n-train", "8", "--n-valid", "4", "--steps", "3"]
     assert main([*args, *TINY, "--out", str(tmp_path / "a"), "--json"]) == 0
     out = last_json(capsys)
-    for key in ("layer", "selected_heads", "n_heads_total", "train_accuracy", "valid_accuracy", "test_accuracy",
-                "zero_shot_accuracy", "few_shot_accuracy", "seconds"):
+    for key in (
+        "layer",
+        "selected_heads",
+        "n_heads_total",
+        "train_accuracy",
+        "valid_accuracy",
+        "test_accuracy",
+        "zero_shot_accuracy",
+        "few_shot_accuracy",
+        "seconds",
+    ):
         assert key in out, key
     assert out["layer"] == 1 and out["n_heads_total"] == 4 and out["n_test"] == len(TINY_PAIRS) - 12
 
@@ -34,31 +43,60 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
 
     assert main(["fit", *args[1:], "--seed", "1", "--no-baselines", *TINY, "--out", str(tmp_path / "b")]) == 0
     assert "LAAI intervention" in capsys.readouterr().out
-    assert main(["compose", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1,0.5",
-                 "--out", str(tmp_path / "ab"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--weights",
+                "1,0.5",
+                "--out",
+                str(tmp_path / "ab"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["layers"] == [1]
 
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["eval", "--task", "nope", *TINY], "Unknown task 'nope'"),
-     (["eval", *TINY], "Give --task"),
-     (["fit", "--task", "antonym", "--layer", "9", "--out", "x", *TINY], "out of range"),
-     (["fit", "--task", "antonym", "--layer", "two", "--out", "x", *TINY], "--layer must be an integer"),
-     (["fit", "--task", "antonym", "--group-l1", "nan", "--out", "x", *TINY], "finite"),
-     (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved intervention"),
-     (["fit", "--task", "antonym", "--layers", "0,1", "--out", "x", *TINY], "--layer sweep or --layer joint"),
-     (["fit", "--task", "antonym", "--group-l1", "0.1", "--group-l1-rel", "0.5", "--out", "x", *TINY], "not both"),
-     (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "1", "--out", "x", *TINY], "folds must be"),
-     (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "30", "--out", "x", *TINY], "--folds must be within"),
-     (["fit", "--task", "antonym", "--layer", "deep", "--out", "x", *TINY], "'auto', 'sweep' or 'joint'"),
-     (["fit", "--task", "antonym", "--group-l1-rel", "", "--out", "x", *TINY], "--group-l1-rel needs at least one number"),
-     (["fit", "--task", "antonym", "--group-l1-rel", "-1", "--out", "x", *TINY], "--group-l1-rel values must be ≥ 0"),
-     (["fit", "--task", "antonym", "--group-l1-rel", "nan", "--out", "x", *TINY], "finite"),
-     (["fit", "--task", "antonym", "--layer", "joint", "--layers", "", "--out", "x", *TINY], "layers is empty"),
-     (["fit", "--task", "antonym", "--select", "valid", "--layer", "sweep", "--out", "x", *TINY], "validation split"),
-     (["fit", "--survey", "gss-spending", "--group", "POLVIEWS=Liberal", "--select", "cv", "--out", "x", *TINY],
-      "are for tasks")],
+    [
+        (["eval", "--task", "nope", *TINY], "Unknown task 'nope'"),
+        (["eval", *TINY], "Give --task"),
+        (["fit", "--task", "antonym", "--layer", "9", "--out", "x", *TINY], "out of range"),
+        (["fit", "--task", "antonym", "--layer", "two", "--out", "x", *TINY], "--layer must be an integer"),
+        (["fit", "--task", "antonym", "--group-l1", "nan", "--out", "x", *TINY], "finite"),
+        (["eval", "--task", "antonym", "--intervention", "/no/such/dir", *TINY], "not a saved intervention"),
+        (["fit", "--task", "antonym", "--layers", "0,1", "--out", "x", *TINY], "--layer sweep or --layer joint"),
+        (["fit", "--task", "antonym", "--group-l1", "0.1", "--group-l1-rel", "0.5", "--out", "x", *TINY], "not both"),
+        (["fit", "--task", "antonym", "--layer", "sweep", "--folds", "1", "--out", "x", *TINY], "folds must be"),
+        (
+            ["fit", "--task", "antonym", "--layer", "sweep", "--folds", "30", "--out", "x", *TINY],
+            "--folds must be within",
+        ),
+        (["fit", "--task", "antonym", "--layer", "deep", "--out", "x", *TINY], "'auto', 'sweep' or 'joint'"),
+        (
+            ["fit", "--task", "antonym", "--group-l1-rel", "", "--out", "x", *TINY],
+            "--group-l1-rel needs at least one number",
+        ),
+        (
+            ["fit", "--task", "antonym", "--group-l1-rel", "-1", "--out", "x", *TINY],
+            "--group-l1-rel values must be ≥ 0",
+        ),
+        (["fit", "--task", "antonym", "--group-l1-rel", "nan", "--out", "x", *TINY], "finite"),
+        (["fit", "--task", "antonym", "--layer", "joint", "--layers", "", "--out", "x", *TINY], "layers is empty"),
+        (
+            ["fit", "--task", "antonym", "--select", "valid", "--layer", "sweep", "--out", "x", *TINY],
+            "validation split",
+        ),
+        (
+            ["fit", "--survey", "gss-spending", "--group", "POLVIEWS=Liberal", "--select", "cv", "--out", "x", *TINY],
+            "are for tasks",
+        ),
+    ],
 )
 def test_bad_inputs_exit_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2
@@ -70,12 +108,47 @@ def test_fit_says_what_it_chose_and_how_many_labelled_pairs_it_used(tmp_path, ta
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     out = last_json(capsys)
     assert out["selection"] == "none" and out["labelled_pairs_used"] == 10 and out["relative"] and out["layer"] == 2
-    assert main([*base, "--layer", "sweep", "--layers", "0,1", "--steps", "2", "--no-halving", "--init", "mean-difference",
-                 "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--layer",
+                "sweep",
+                "--layers",
+                "0,1",
+                "--steps",
+                "2",
+                "--no-halving",
+                "--init",
+                "mean-difference",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     out = last_json(capsys)
     assert out["selection"] == "cv" and out["layer"] in (0, 1) and out["labelled_pairs_used"] == 10
-    assert main([*base, "--layer", "sweep", "--layers", "0,1", "--steps", "2", "--n-valid", "4", "--group-l1", "0.1,0.01",
-                 "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--layer",
+                "sweep",
+                "--layers",
+                "0,1",
+                "--steps",
+                "2",
+                "--n-valid",
+                "4",
+                "--group-l1",
+                "0.1,0.01",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     out = last_json(capsys)
     assert out["selection"] == "valid" and out["labelled_pairs_used"] == 14 and not out["relative"]
 

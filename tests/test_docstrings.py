@@ -8,7 +8,9 @@ import pytest
 
 import lens_laai
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(lens_laai.__path__, "lens_laai."))
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(lens_laai.__path__, "lens_laai.") if not m.name.endswith("__main__")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

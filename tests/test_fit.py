@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lens_laai import Task, default_layers, evaluate, fit, fit_path
-from lens_laai.prompts import k_shot_prompts, make_batch
+from lens_laai.tasks.prompts import k_shot_prompts, make_batch
 
 
 def test_padded_batch_matches_one_prompt_at_a_time(tiny, task):
@@ -77,7 +77,7 @@ def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
 
 
 def test_sequence_objective_runs_and_says_it_uses_the_full_forward(tiny, task):
-    from lens_laai import fastpath
+    from lens_laai.fastpath import runner as fastpath
 
     fastpath._warned.discard("objective:sequence")
     with pytest.warns(RuntimeWarning, match="full forward"):
@@ -87,9 +87,16 @@ def test_sequence_objective_runs_and_says_it_uses_the_full_forward(tiny, task):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"layer": 3}, "out of range"), ({"layer": -1}, "out of range"), ({"l1": float("nan")}, "finite"),
-     ({"group_l1": float("inf")}, "finite"), ({"lr": 0.0}, "lr must be > 0"), ({"steps": 0}, "positive"),
-     ({"layer": "best"}, "'auto'"), ({"objective": "kl"}, "objective")],
+    [
+        ({"layer": 3}, "out of range"),
+        ({"layer": -1}, "out of range"),
+        ({"l1": float("nan")}, "finite"),
+        ({"group_l1": float("inf")}, "finite"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"steps": 0}, "positive"),
+        ({"layer": "best"}, "'auto'"),
+        ({"objective": "kl"}, "objective"),
+    ],
 )
 def test_bad_hyperparameters_are_clear_errors(tiny, task, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -101,13 +108,22 @@ def test_evaluate_table_and_split_from_intervention(tiny, task):
     ev = evaluate(tiny, task, result.intervention)
     assert ev.n == len(task) - 14
     assert set(ev.table.input) == set(result.splits.test.inputs)
-    assert list(ev.table.columns) == ["input", "target", "prediction", "correct", "target_logprob", "target_rank", "prompt"]
+    assert list(ev.table.columns) == [
+        "input",
+        "target",
+        "prediction",
+        "correct",
+        "target_logprob",
+        "target_rank",
+        "prompt",
+    ]
     assert ev.accuracy == ev.table.correct.mean()
 
 
 def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
-    result = fit(tiny, task, layer="sweep", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4,
-                 progress=False)
+    result = fit(
+        tiny, task, layer="sweep", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4, progress=False
+    )
     assert len(result.sweep) == 4 and set(result.sweep.group_l1) == {0.01, 1e3}
     best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert (result.layer, result.config.group_l1) == (best.layer, best.group_l1)
@@ -115,7 +131,7 @@ def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
 
 
 def test_fast_path_falls_back_and_says_so_once(tiny, task, monkeypatch):
-    from lens_laai import fastpath
+    from lens_laai.fastpath import runner as fastpath
 
     fastpath._warned.clear()
     monkeypatch.setattr(fastpath.LastTokenCache, "_reproduces_full_forward", lambda self: False)
@@ -146,7 +162,7 @@ def test_evaluate_many_matches_evaluate(tiny, task):
 
 
 def test_last_token_cache_refuses_hooks_it_cannot_honour(tiny, task):
-    from lens_laai.fastpath import LastTokenCache
+    from lens_laai.fastpath.runner import LastTokenCache
 
     prompts, targets = k_shot_prompts(task, shots=0)
     cache = LastTokenCache.build(tiny, make_batch(tiny.tokenizer, prompts[:4], targets[:4]), layer=1)

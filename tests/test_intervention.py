@@ -42,10 +42,9 @@ def test_logits_bit_identical_after_context_and_after_exception(tiny):
         during = tiny(PROMPT)
     assert not torch.equal(before, during)
     assert torch.equal(tiny(PROMPT), before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with iv.apply(tiny):
-            tiny(PROMPT)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), iv.apply(tiny):
+        tiny(PROMPT)
+        raise RuntimeError("boom")
     assert torch.equal(tiny(PROMPT), before)
 
 

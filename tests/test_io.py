@@ -1,4 +1,4 @@
-"""lens_laai.io: atomic, umask-respecting saves that never destroy foreign data, and loads that fail cleanly."""
+"""lens_laai.storage.bundle: atomic, umask-respecting saves that never destroy foreign data, and loads that fail cleanly."""
 
 import json
 import os
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_laai import io
 from lens_laai.errors import InterventionError, SaveError
-from lens_laai.io import check_save_path, is_save, load_bundle, save_bundle
+from lens_laai.storage import bundle as io
+from lens_laai.storage.bundle import check_save_path, is_save, load_bundle, save_bundle
 
 FMT, STEM = "lens_laai.Test", "weights"
 
@@ -155,15 +155,20 @@ def failing(monkeypatch, name, when, exc):
         if when(args):
             raise exc
         return real(*args, **kwargs)
+
     monkeypatch.setattr(os, name, fake)
 
 
-@pytest.mark.parametrize("name, when, exc", [
-    ("replace", lambda a: str(a[1]).endswith("manifest.json"), OSError(5, "Input/output error")),
-    ("replace", lambda a: str(a[1]).endswith(".safetensors"), OSError(28, "No space left on device")),
-    ("fsync", lambda a: True, OSError(5, "Input/output error")),
-    ("replace", lambda a: str(a[1]).endswith("manifest.json"), KeyboardInterrupt()),
-], ids=["manifest-switch", "tensor-rename", "tensor-fsync", "interrupt"])
+@pytest.mark.parametrize(
+    "name, when, exc",
+    [
+        ("replace", lambda a: str(a[1]).endswith("manifest.json"), OSError(5, "Input/output error")),
+        ("replace", lambda a: str(a[1]).endswith(".safetensors"), OSError(28, "No space left on device")),
+        ("fsync", lambda a: True, OSError(5, "Input/output error")),
+        ("replace", lambda a: str(a[1]).endswith("manifest.json"), KeyboardInterrupt()),
+    ],
+    ids=["manifest-switch", "tensor-rename", "tensor-fsync", "interrupt"],
+)
 def test_failed_overwrite_keeps_old_save(tmp_path, monkeypatch, name, when, exc):
     out = save(tmp_path / "s", seed=0)
     before = snapshot(tmp_path)
@@ -188,7 +193,7 @@ KILL_SCRIPT = r"""
 import sys, types
 pkg = types.ModuleType("lens_laai"); pkg.__path__ = [sys.argv[1]]; sys.modules["lens_laai"] = pkg
 import torch
-from lens_laai.io import save_bundle
+from lens_laai.storage.bundle import save_bundle
 i = 0
 while True:
     i += 1
@@ -201,7 +206,7 @@ while True:
 def test_sigkill_mid_save_leaves_a_loadable_save(tmp_path):
     out = tmp_path / "s"
     save_bundle(out, {"w": torch.zeros(64, 64)}, {"format": FMT, "i": 0}, STEM)
-    pkg = str(Path(io.__file__).parent)
+    pkg = str(Path(io.__file__).parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)
     for _ in range(5):
@@ -231,10 +236,14 @@ def test_next_save_removes_leftovers_of_killed_saves(tmp_path):
     lookalike = out / f"{STEM}.0123456789ab.safetensors"  # not ours: its name is not its checksum
     lookalike.write_bytes(b"theirs")
     save(out, seed=2)
-    assert sorted(os.listdir(out)) == sorted(["manifest.json", load_bundle(out, FMT, STEM)[1]["tensor_file"], lookalike.name])
+    assert sorted(os.listdir(out)) == sorted(
+        ["manifest.json", load_bundle(out, FMT, STEM)[1]["tensor_file"], lookalike.name]
+    )
 
 
-@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)], ids=["022", "077"])
+@pytest.mark.parametrize(
+    "umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)], ids=["022", "077"]
+)
 def test_modes_follow_umask(tmp_path, umask, dir_mode, file_mode):
     old = os.umask(umask)
     try:
@@ -272,11 +281,28 @@ def test_atomic_write_error_is_save_error(tmp_path, monkeypatch):
 def test_fsyncs_files_and_directories(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync-" + ("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")), real_fsync(fd)))
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace-" + Path(b).name.split(".")[0]), real_replace(a, b)))
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (
+            events.append("fsync-" + ("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")),
+            real_fsync(fd),
+        ),
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append("replace-" + Path(b).name.split(".")[0]), real_replace(a, b))
+    )
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append("rename-" + Path(b).name), real_rename(a, b)))
     save(tmp_path / "s")
-    assert events == ["fsync-file", "replace-weights", "fsync-file", "replace-manifest", "fsync-dir", "rename-s", "fsync-dir"]
+    assert events == [
+        "fsync-file",
+        "replace-weights",
+        "fsync-file",
+        "replace-manifest",
+        "fsync-dir",
+        "rename-s",
+        "fsync-dir",
+    ]
     events.clear()
     save(tmp_path / "s", seed=1)
     assert events[:6] == ["fsync-file", "replace-weights", "fsync-dir", "fsync-file", "replace-manifest", "fsync-dir"]
@@ -296,23 +322,41 @@ def corrupt_recomputed(folder):
     edit_manifest(folder, lambda m: m.update(tensors_sha256=io.sha256_file(folder / manifest["tensor_file"])))
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda f: (f / "manifest.json").write_text("{nope"), "not a readable JSON"),
-    (lambda f: (f / "manifest.json").write_bytes(b'{"format": "\xff"}'), "not a readable JSON"),
-    (lambda f: (f / "manifest.json").write_text("[1, 2]"), "not a lens_laai.Test manifest"),
-    (lambda f: edit_manifest(f, lambda m: m.pop("format")), "not a lens_laai.Test manifest"),
-    (lambda f: edit_manifest(f, lambda m: m.update(format="lens_laai.Other")), "not a lens_laai.Test manifest"),
-    (lambda f: edit_manifest(f, lambda m: m.update(format_version=3)), "format_version 3"),
-    (lambda f: edit_manifest(f, lambda m: m.update(format_version=True)), "format_version True"),
-    (lambda f: edit_manifest(f, lambda m: m.pop("format_version")), "format_version None"),
-    (lambda f: edit_manifest(f, lambda m: m.update(tensor_file="../s/manifest.json")), "not a plain file name"),
-    (lambda f: edit_manifest(f, lambda m: m.update(tensor_file=["x"])), "not a plain file name"),
-    (lambda f: edit_manifest(f, lambda m: m.update(tensor_file="gone.safetensors")), "not a saved Test"),
-    (lambda f: edit_manifest(f, lambda m: m.update(tensors_sha256="0" * 64)), "checksum"),
-    (lambda f: edit_manifest(f, lambda m: m.pop("tensors_sha256")), "checksum"),
-    (corrupt_recomputed, "not a readable safetensors file"),
-], ids=["bad-json", "bad-utf8", "json-list", "no-format", "other-format", "version-3", "version-bool",
-        "no-version", "traversal", "name-not-str", "missing-tensor", "checksum", "no-checksum", "garbage-tensor"])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda f: (f / "manifest.json").write_text("{nope"), "not a readable JSON"),
+        (lambda f: (f / "manifest.json").write_bytes(b'{"format": "\xff"}'), "not a readable JSON"),
+        (lambda f: (f / "manifest.json").write_text("[1, 2]"), "not a lens_laai.Test manifest"),
+        (lambda f: edit_manifest(f, lambda m: m.pop("format")), "not a lens_laai.Test manifest"),
+        (lambda f: edit_manifest(f, lambda m: m.update(format="lens_laai.Other")), "not a lens_laai.Test manifest"),
+        (lambda f: edit_manifest(f, lambda m: m.update(format_version=3)), "format_version 3"),
+        (lambda f: edit_manifest(f, lambda m: m.update(format_version=True)), "format_version True"),
+        (lambda f: edit_manifest(f, lambda m: m.pop("format_version")), "format_version None"),
+        (lambda f: edit_manifest(f, lambda m: m.update(tensor_file="../s/manifest.json")), "not a plain file name"),
+        (lambda f: edit_manifest(f, lambda m: m.update(tensor_file=["x"])), "not a plain file name"),
+        (lambda f: edit_manifest(f, lambda m: m.update(tensor_file="gone.safetensors")), "not a saved Test"),
+        (lambda f: edit_manifest(f, lambda m: m.update(tensors_sha256="0" * 64)), "checksum"),
+        (lambda f: edit_manifest(f, lambda m: m.pop("tensors_sha256")), "checksum"),
+        (corrupt_recomputed, "not a readable safetensors file"),
+    ],
+    ids=[
+        "bad-json",
+        "bad-utf8",
+        "json-list",
+        "no-format",
+        "other-format",
+        "version-3",
+        "version-bool",
+        "no-version",
+        "traversal",
+        "name-not-str",
+        "missing-tensor",
+        "checksum",
+        "no-checksum",
+        "garbage-tensor",
+    ],
+)
 def test_unreadable_saves_raise_intervention_error(tmp_path, damage, match):
     out = save(tmp_path / "s")
     damage(out)
@@ -329,6 +373,7 @@ def test_not_a_save_raises_intervention_error(tmp_path, make):
 
 def test_v1_layout_still_loads_and_is_upgraded(tmp_path):
     from safetensors.torch import save_file
+
     out = tmp_path / "old"
     out.mkdir()
     save_file(tensors(0), str(out / f"{STEM}.safetensors"))

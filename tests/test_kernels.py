@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens_laai import fastpath
-from lens_laai.fastpath import LastTokenCache
-from lens_laai.intervention import delta_hook, hook_name
-from lens_laai.kernels import LlamaLastToken, last_token_cross_entropy
-from lens_laai.prompts import k_shot_prompts, make_batch
+from lens_laai.fastpath import runner as fastpath
+from lens_laai.fastpath.kernels import LlamaLastToken, last_token_cross_entropy
+from lens_laai.fastpath.runner import LastTokenCache
+from lens_laai.interventions.head import delta_hook
+from lens_laai.models.bridge import hook_name
+from lens_laai.tasks.prompts import k_shot_prompts, make_batch
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -62,13 +63,15 @@ def test_kernel_calls_observer_hooks_and_hands_other_hooks_to_the_bridge(tiny, t
     logits = cache.logits([(hook_name(2), lambda z, hook: seen.append((tuple(z.shape), hook)))])
     assert seen == [((len(batch), 1, tiny.cfg.n_heads, tiny.cfg.d_head), tiny.hook_dict[hook_name(2)])]
     assert torch.allclose(logits, cache.full_logits, atol=1e-4)
+
     def double(x, hook):
         return 2 * x
 
     via_bridge = cache.logits([("blocks.2.hook_resid_post", double)])  # not a hook_z: bridge's blocks
     with torch.no_grad():
-        full = tiny.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
-                                   fwd_hooks=[("blocks.2.hook_resid_post", double)])[:, -1]
+        full = tiny.run_with_hooks(
+            batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=[("blocks.2.hook_resid_post", double)]
+        )[:, -1]
     assert torch.allclose(via_bridge, full, atol=1e-4)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lens_laai.errors import ModelError
-from lens_laai.models import find_embedded_gguf, load_model, model_fingerprint
+from lens_laai.models.loading import find_embedded_gguf, load_model, model_fingerprint
 from lens_laai.testing import tiny_model
 
 
@@ -22,8 +22,18 @@ def test_tiny_model_has_grouped_query_attention(tiny):
     _, cache = tiny.run_with_cache(torch.tensor([[1, 5, 6]]))
     assert cache["blocks.0.attn.hook_z"].shape == (1, 3, 4, 16)
     fp = model_fingerprint(tiny)
-    assert {k: v for k, v in fp.items() if k != "weights_digest"} == {"n_layers": 3, "n_heads": 4, "d_head": 16, "d_model": 64, "d_vocab": len(tiny.tokenizer)}
-    assert fp["weights_digest"] == model_fingerprint(tiny_model())["weights_digest"] != model_fingerprint(tiny_model(seed=1))["weights_digest"]
+    assert {k: v for k, v in fp.items() if k != "weights_digest"} == {
+        "n_layers": 3,
+        "n_heads": 4,
+        "d_head": 16,
+        "d_model": 64,
+        "d_vocab": len(tiny.tokenizer),
+    }
+    assert (
+        fp["weights_digest"]
+        == model_fingerprint(tiny_model())["weights_digest"]
+        != model_fingerprint(tiny_model(seed=1))["weights_digest"]
+    )
 
 
 def test_missing_gguf_is_a_clear_error(monkeypatch, tmp_path):
@@ -50,8 +60,15 @@ def test_local_directory_loads(tmp_path, tiny):
     # A directory saved with save_pretrained is what users with their own checkpoints pass.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tiny.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
     model = load_model(str(tmp_path))

@@ -25,33 +25,55 @@ def run_on_tiny_task(source: str, name: str, monkeypatch) -> None:
 def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
     source = code_of("quickstart.ipynb")
     assert 'MODEL = "smollm2-135m"' in source and "STEPS = 50" in source and "layer=15" in source
-    source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 50", "STEPS = 3")
-              .replace("layer=15", "layer=1").replace("n_train=20, n_test=100", "n_train=8, n_test=8"))
+    source = (
+        source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"')
+        .replace("STEPS = 50", "STEPS = 3")
+        .replace("layer=15", "layer=1")
+        .replace("n_train=20, n_test=100", "n_train=8, n_test=8")
+    )
     run_on_tiny_task(source, "quickstart.ipynb", monkeypatch)
 
 
 def test_heads_notebook_runs_on_tiny_model(monkeypatch):
     source = code_of("heads_vs_ablation.ipynb")
     assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source
-    source = (source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"').replace("STEPS = 10", "STEPS = 3")
-              .replace("n_train=20, seed=0", "n_train=8, seed=0").replace("n_prompts=16, shots=5, patching_prompts=4, n_random=20",
-                                                                          "n_prompts=6, shots=2, patching_prompts=4, n_random=4")
-              .replace('layer="auto"', "layer=1").replace("group_l1=0.3", "group_l1=0.01").replace('"Q: early\\nA:"', '"Q: hot\\nA:"'))
+    source = (
+        source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"')
+        .replace("STEPS = 10", "STEPS = 3")
+        .replace("n_train=20, seed=0", "n_train=8, seed=0")
+        .replace(
+            "n_prompts=16, shots=5, patching_prompts=4, n_random=20",
+            "n_prompts=6, shots=2, patching_prompts=4, n_random=4",
+        )
+        .replace('layer="auto"', "layer=1")
+        .replace("group_l1=0.3", "group_l1=0.01")
+        .replace('"Q: early\\nA:"', '"Q: hot\\nA:"')
+    )
     run_on_tiny_task(source, "heads_vs_ablation.ipynb", monkeypatch)
 
 
 def test_opinion_notebook_runs_on_tiny_model(tmp_path):
-    from lens_laai.survey import toy_survey
+    from lens_laai.opinions.survey import toy_survey
 
     notebook = NOTEBOOK.parent / "opinion_dynamics.ipynb"
     source = code_of("opinion_dynamics.ipynb")
-    defaults = ['MODEL = "smollm2-135m"', 'SURVEY = "gss-spending"', 'GROUP = "POLVIEWS=Extremely conservative"',
-                "N_TRAIN, N_VALID = 8, 4", "LAYERS, STEPS = [7, 13, 19], 10"]
+    defaults = [
+        'MODEL = "smollm2-135m"',
+        'SURVEY = "gss-spending"',
+        'GROUP = "POLVIEWS=Extremely conservative"',
+        "N_TRAIN, N_VALID = 8, 4",
+        "LAYERS, STEPS = [7, 13, 19], 10",
+    ]
     assert all(d in source for d in defaults)
     toy = tmp_path / "toy.json"  # the tiny model's 512-token context cannot hold GSS few-shot prompts
     toy.write_text(json.dumps(toy_survey().to_json()))
-    tiny = ['MODEL = "lens-laai-tiny"', f'SURVEY = "{toy}"', 'GROUP = "PARTY=Red"', "N_TRAIN, N_VALID = 3, 1",
-            "LAYERS, STEPS = [1, 2], 3"]
+    tiny = [
+        'MODEL = "lens-laai-tiny"',
+        f'SURVEY = "{toy}"',
+        'GROUP = "PARTY=Red"',
+        "N_TRAIN, N_VALID = 3, 1",
+        "LAYERS, STEPS = [1, 2], 3",
+    ]
     for old, new in zip(defaults, tiny):
         source = source.replace(old, new)
     import matplotlib

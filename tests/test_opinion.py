@@ -8,13 +8,25 @@ import torch
 from scipy.stats import wasserstein_distance
 
 from lens_laai import HeadIntervention
-from lens_laai.cli import main
+from lens_laai.cli.main import main
 from lens_laai.errors import FitError, InterventionError, TaskError
-from lens_laai.opinion import fit_opinion, opinion_batches
-from lens_laai.opinion_eval import compare_methods, distributions, evaluate_opinion, few_shot_demos
-from lens_laai.opinion_metrics import divergence, question_metrics, representativeness
-from lens_laai.opinion_prompts import OpinionPrompt, answer_distribution, letter_tokens, option_log_probs, question_batches
-from lens_laai.survey import Survey, SurveyQuestion, load_survey, toy_survey
+from lens_laai.opinions.evaluate import (
+    compare_methods,
+    distributions,
+    evaluate_opinion,
+    few_shot_demos,
+)
+from lens_laai.opinions.fit import fit_opinion, opinion_batches
+from lens_laai.opinions.loading import load_survey
+from lens_laai.opinions.metrics import divergence, question_metrics, representativeness
+from lens_laai.opinions.prompts import (
+    OpinionPrompt,
+    answer_distribution,
+    letter_tokens,
+    option_log_probs,
+    question_batches,
+)
+from lens_laai.opinions.survey import Survey, SurveyQuestion, toy_survey
 
 TINY = ["--model", "lens-laai-tiny", "--no-progress"]
 
@@ -73,7 +85,9 @@ def test_readout_matches_opinionqa_get_probabilities(tiny):
 
 
 def test_torch_divergences_agree_with_the_held_out_metrics(tiny):
-    q = SurveyQuestion("c", "z?", ("Positive", "Negative", "Mixed"), (1.0, 2.0, 1.5))  # OpinionQA-style unsorted ordinals
+    q = SurveyQuestion(
+        "c", "z?", ("Positive", "Negative", "Mixed"), (1.0, 2.0, 1.5)
+    )  # OpinionQA-style unsorted ordinals
     target = np.array([0.5, 0.1, 0.4])
     qb = question_batches(tiny, [q], ["p"], [target])[0]
     model_q = torch.tensor([[0.2, 0.5, 0.3]])
@@ -81,7 +95,9 @@ def test_torch_divergences_agree_with_the_held_out_metrics(tiny):
     w1 = divergence("w1", model_q.log(), qb)
     m = question_metrics(target, model_q[0].numpy(), q.ordinal)
     assert float(kl) == pytest.approx(m["kl"], rel=1e-5)
-    assert float(w1) == pytest.approx(wasserstein_distance(q.ordinal, q.ordinal, target, model_q[0].numpy()) / 1.0, rel=1e-5)
+    assert float(w1) == pytest.approx(
+        wasserstein_distance(q.ordinal, q.ordinal, target, model_q[0].numpy()) / 1.0, rel=1e-5
+    )
     assert float(w1) == pytest.approx(m["w1"], rel=1e-5)
     same = torch.tensor(target[None], dtype=torch.float32)
     for kind in ("kl", "js", "w1"):
@@ -99,7 +115,11 @@ def test_fit_lowers_the_training_divergence_and_records_the_split(tiny, survey, 
     assert fitted.train_divergence == pytest.approx(after, rel=1e-3)
     record = iv.metadata["survey"]
     assert record["group"] == "PARTY=Red" and record["hash"] == survey.data_hash()
-    assert (record["train"], record["valid"], record["test"]) == (list(splits.train), list(splits.valid), list(splits.test))
+    assert (record["train"], record["valid"], record["test"]) == (
+        list(splits.train),
+        list(splits.valid),
+        list(splits.test),
+    )
     assert iv.metadata["opinion_prompt"] == OpinionPrompt().to_json()
     assert set(fitted.sweep["group_l1"]) == {0.05, 0.01} and fitted.fast_path
 
@@ -111,8 +131,9 @@ def test_large_group_penalty_switches_every_head_off_exactly(tiny, survey, split
 
 def test_same_seed_same_delta_and_shared_runners_change_nothing(tiny, survey, splits, fitted):
     runners = {}
-    again = fit_opinion(tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.05, 0.01), progress=False,
-                        runners=runners)
+    again = fit_opinion(
+        tiny, survey, "PARTY=Red", 1, splits=splits, steps=8, group_l1=(0.05, 0.01), progress=False, runners=runners
+    )
     assert torch.equal(again.intervention.deltas[1], fitted.intervention.deltas[1])
     blue = fit_opinion(tiny, survey, "PARTY=Blue", 1, splits=splits, steps=8, progress=False, runners=runners)
     alone = fit_opinion(tiny, survey, "PARTY=Blue", 1, splits=splits, steps=8, progress=False)
@@ -120,17 +141,23 @@ def test_same_seed_same_delta_and_shared_runners_change_nothing(tiny, survey, sp
 
 
 def test_auto_layer_is_the_lowest_validation_divergence(tiny, survey, splits):
-    result = fit_opinion(tiny, survey, "AGE=Old", "auto", splits=splits, layers=[0, 1, 2], steps=3, group_l1=0.01,
-                         progress=False)
-    assert len(result.sweep) == 3 and result.layer == int(result.sweep.loc[result.sweep.valid_divergence.idxmin(), "layer"])
+    result = fit_opinion(
+        tiny, survey, "AGE=Old", "auto", splits=splits, layers=[0, 1, 2], steps=3, group_l1=0.01, progress=False
+    )
+    assert len(result.sweep) == 3 and result.layer == int(
+        result.sweep.loc[result.sweep.valid_divergence.idxmin(), "layer"]
+    )
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"group_l1": float("nan")}, FitError, "group_l1 must be"),
-    ({"steps": 0}, FitError, "steps must be"),
-    ({"divergence": "hellinger"}, FitError, "divergence must be one of"),
-    ({"layer": 7}, FitError, "out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"group_l1": float("nan")}, FitError, "group_l1 must be"),
+        ({"steps": 0}, FitError, "steps must be"),
+        ({"divergence": "hellinger"}, FitError, "divergence must be one of"),
+        ({"layer": 7}, FitError, "out of range"),
+    ],
+)
 def test_bad_fit_options_are_refused_before_work(tiny, survey, kwargs, error, message):
     with pytest.raises(error, match=message):
         fit_opinion(tiny, survey, "PARTY=Red", **{"layer": 1, **kwargs}, progress=False)
@@ -170,7 +197,9 @@ def test_baselines_score_the_same_questions_and_zero_delta_is_the_plain_prompt(t
     for _, part in table.groupby("method"):
         assert list(part["key"]) == list(splits.test)
     plain, zero_rows = table[table.method == "plain"], table[table.method == "zero"]
-    np.testing.assert_allclose(np.concatenate(list(plain["model"])), np.concatenate(list(zero_rows["model"])), atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate(list(plain["model"])), np.concatenate(list(zero_rows["model"])), atol=1e-6
+    )
     summary = result.summary().set_index("method")
     assert ((summary["representativeness"] > 0) & (summary["representativeness"] <= 1)).all()
     assert (summary["tv"] >= 0).all() and (summary["refusal_model"] > 0).all()  # toy questions list 'Refused'
@@ -212,8 +241,25 @@ def last_json(capsys):
 
 
 def test_cli_fit_then_eval_round_trip(tmp_path, survey_file, capsys):
-    args = ["fit", "--survey", str(survey_file), "--group", "PARTY=Blue", "--layer", "1", "--n-train-questions", "3",
-            "--n-valid-questions", "1", "--steps", "4", "--out", str(tmp_path / "iv"), "--json", *TINY]
+    args = [
+        "fit",
+        "--survey",
+        str(survey_file),
+        "--group",
+        "PARTY=Blue",
+        "--layer",
+        "1",
+        "--n-train-questions",
+        "3",
+        "--n-valid-questions",
+        "1",
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "iv"),
+        "--json",
+        *TINY,
+    ]
     assert main(args) == 0
     out = last_json(capsys)
     for key in ("layer", "selected_heads", "n_test_questions", "test_representativeness", "test_kl", "test_tv"):
@@ -227,8 +273,26 @@ def test_cli_fit_then_eval_round_trip(tmp_path, survey_file, capsys):
     assert ev["questions"] == out["test_questions"] and ev["group"] == "PARTY=Blue"
     assert ev["representativeness"] == pytest.approx(out["test_representativeness"], abs=1e-9)
     assert ev["kl"] == pytest.approx(out["test_kl"], abs=1e-9)
-    assert main(["eval", "--survey", str(survey_file), "--group", "PARTY=Blue", "--method", "persona",
-                 "--n-train-questions", "3", "--n-valid-questions", "1", "--json", *TINY]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--survey",
+                str(survey_file),
+                "--group",
+                "PARTY=Blue",
+                "--method",
+                "persona",
+                "--n-train-questions",
+                "3",
+                "--n-valid-questions",
+                "1",
+                "--json",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["representativeness"] == pytest.approx(out["baselines"]["persona"]["representativeness"])
 
 
@@ -236,25 +300,80 @@ def test_cli_survey_dir_and_bundled_gss(tmp_path, capsys):
     from test_survey import write_opinionqa
 
     folder = write_opinionqa(tmp_path / "W1")
-    assert main(["fit", "--survey-dir", str(folder), "--group", "SEX=Female", "--layer", "0", "--n-train-questions", "1",
-                 "--n-valid-questions", "0", "--steps", "2", "--out", str(tmp_path / "a"), "--json", *TINY]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--survey-dir",
+                str(folder),
+                "--group",
+                "SEX=Female",
+                "--layer",
+                "0",
+                "--n-train-questions",
+                "1",
+                "--n-valid-questions",
+                "0",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "a"),
+                "--json",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["n_test_questions"] == 1
-    assert main(["fit", "--survey", "gss-spending", "--group", "PARTYID=Strong Republican", "--layer", "2",
-                 "--n-train-questions", "1", "--n-valid-questions", "1", "--steps", "2", "--out", str(tmp_path / "g"),
-                 "--json", *TINY]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--survey",
+                "gss-spending",
+                "--group",
+                "PARTYID=Strong Republican",
+                "--layer",
+                "2",
+                "--n-train-questions",
+                "1",
+                "--n-valid-questions",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "g"),
+                "--json",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["n_test_questions"] == 16
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["fit", "--survey", "gss-spending", "--group", "PARTYID=Whig"], "no group 'PARTYID=Whig'"),
-    (["fit", "--survey", "gss-spending"], "--group ATTRIBUTE=VALUE is required"),
-    (["fit", "--survey", "gss-spending", "--task", "antonym", "--group", "SEX=Male"], "not both"),
-    (["fit", "--survey-dir", "/no/such/dir", "--group", "SEX=Male"], "is not a directory"),
-    (["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--n-train-questions", "17"], "leave 0 for testing"),
-    (["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--group-l1", "-1"], "group_l1 must be a finite number"),
-    (["fit", "--task", "antonym", "--n-train-questions", "3"], "for surveys"),
-    (["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--n-train-questions", "8"], "tokens long, but the model's context holds 512"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--survey", "gss-spending", "--group", "PARTYID=Whig"], "no group 'PARTYID=Whig'"),
+        (["fit", "--survey", "gss-spending"], "--group ATTRIBUTE=VALUE is required"),
+        (["fit", "--survey", "gss-spending", "--task", "antonym", "--group", "SEX=Male"], "not both"),
+        (["fit", "--survey-dir", "/no/such/dir", "--group", "SEX=Male"], "is not a directory"),
+        (
+            ["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--n-train-questions", "17"],
+            "leave 0 for testing",
+        ),
+        (
+            ["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--group-l1", "-1"],
+            "group_l1 must be a finite number",
+        ),
+        (["fit", "--task", "antonym", "--n-train-questions", "3"], "for surveys"),
+        (
+            ["fit", "--survey", "gss-spending", "--group", "SEX=Male", "--n-train-questions", "8"],
+            "tokens long, but the model's context holds 512",
+        ),
+    ],
+)
 def test_cli_bad_survey_inputs_exit_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "x"), *TINY, "--json"]) == 2
     err = capsys.readouterr()
@@ -263,10 +382,46 @@ def test_cli_bad_survey_inputs_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_cli_eval_refuses_another_group(tmp_path, survey_file, capsys):
-    assert main(["fit", "--survey", str(survey_file), "--group", "PARTY=Red", "--layer", "1", "--n-train-questions", "3",
-                 "--n-valid-questions", "1", "--steps", "2", "--no-baselines", "--out", str(tmp_path / "r"), *TINY]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--survey",
+                str(survey_file),
+                "--group",
+                "PARTY=Red",
+                "--layer",
+                "1",
+                "--n-train-questions",
+                "3",
+                "--n-valid-questions",
+                "1",
+                "--steps",
+                "2",
+                "--no-baselines",
+                "--out",
+                str(tmp_path / "r"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", "--survey", str(survey_file), "--group", "PARTY=Blue", "--intervention", str(tmp_path / "r"), *TINY]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--survey",
+                str(survey_file),
+                "--group",
+                "PARTY=Blue",
+                "--intervention",
+                str(tmp_path / "r"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "fitted for group 'PARTY=Red'" in capsys.readouterr().err
 
 
@@ -279,7 +434,12 @@ def test_smollm2_intervention_moves_held_out_answers_toward_the_group():
     gss = load_survey("gss-spending")
     splits = gss.split(0, 8, 4)
     result = fit_opinion(model, gss, "PARTYID=Strong Republican", 13, splits=splits, steps=8, progress=False)
-    scores = compare_methods(model, gss, "PARTYID=Strong Republican", splits, {"laai": result.intervention},
-                             methods=("plain",)).summary().set_index("method")
+    scores = (
+        compare_methods(
+            model, gss, "PARTYID=Strong Republican", splits, {"laai": result.intervention}, methods=("plain",)
+        )
+        .summary()
+        .set_index("method")
+    )
     assert scores.loc["laai", "kl"] < 0.5 * scores.loc["plain", "kl"]
     assert scores.loc["laai", "representativeness"] > scores.loc["plain", "representativeness"] + 0.05

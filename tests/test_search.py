@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from lens_laai import FitConfig, FitError, evaluate, fit, fit_path
-from lens_laai.fastpath import CostMeter, LayerRunner
-from lens_laai.layer_fit import initial_delta, lambda_max, training_batches
-from lens_laai.prompts import PromptTemplate
-from lens_laai.search import choose, cross_validate, fold_splits, summarise
+from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai.fitting.layer_fit import initial_delta, lambda_max, training_batches
+from lens_laai.fitting.selection import choose, cross_validate, fold_splits, summarise
+from lens_laai.tasks.prompts import PromptTemplate
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_lambda_max_is_the_largest_soft_thresholded_head_gradient(tiny, task):
     runner = LayerRunner(tiny, training_batches(tiny, task.subset(list(range(8))), task, cfg, PromptTemplate()), 1)
     lam = lambda_max(runner, cfg)
     zero = torch.zeros(tiny.cfg.n_heads, tiny.cfg.d_head, requires_grad=True)
-    from lens_laai.layer_fit import objective
+    from lens_laai.fitting.layer_fit import objective
 
     _, grad = objective(runner, cfg)[0](zero)
     assert lam == pytest.approx(float(grad.norm(dim=-1).max()), rel=1e-5)
@@ -118,21 +118,33 @@ def test_halving_drops_the_worse_half_of_the_layers_after_each_lambda(tiny, task
     table = cross_validate(tiny, train, [0, 1, 2], [0.6, 0.3, 0.1], cfg, PromptTemplate(), CostMeter(), progress=False)
     per_lam = table.groupby("lam").layer.nunique().sort_index(ascending=False).tolist()
     assert per_lam == [3, 2, 1]
-    first = summarise(table[table.lam == 0.6]).sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable")
+    first = summarise(table[table.lam == 0.6]).sort_values(
+        ["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable"
+    )
     assert set(table[table.lam == 0.3].layer) == set(first.layer.iloc[:2])  # the best two went on
-    full = cross_validate(tiny, train, [0, 1, 2], [0.6, 0.3, 0.1], FitConfig(steps=2, folds=2, halving=False),
-                          PromptTemplate(), CostMeter(), progress=False)
+    full = cross_validate(
+        tiny,
+        train,
+        [0, 1, 2],
+        [0.6, 0.3, 0.1],
+        FitConfig(steps=2, folds=2, halving=False),
+        PromptTemplate(),
+        CostMeter(),
+        progress=False,
+    )
     assert len(full) == 3 * 3 * 2
     shared = table.merge(full, on=["layer", "lam", "fold"], suffixes=("", "_full"))
     assert (shared.held_ce - shared.held_ce_full).abs().max() < 1e-5  # halving changes what runs, not the fits
 
 
 def test_choose_prefers_accuracy_then_cross_entropy():
-    table = pd.DataFrame([
-        {"layer": 0, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 1.0, "n_selected": 1},
-        {"layer": 1, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 0.8, "n_selected": 1},
-        {"layer": 2, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.0, "held_ce": 0.1, "n_selected": 1},
-    ])
+    table = pd.DataFrame(
+        [
+            {"layer": 0, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 1.0, "n_selected": 1},
+            {"layer": 1, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.5, "held_ce": 0.8, "n_selected": 1},
+            {"layer": 2, "lam": 0.5, "fold": 0, "n_held": 2, "held_accuracy": 0.0, "held_ce": 0.1, "n_selected": 1},
+        ]
+    )
     assert choose(table)["layer"] == 1
 
 
@@ -165,8 +177,8 @@ def test_bad_selection_options(tiny, task):
     with pytest.raises(FitError, match="smallest fitting part has 1 of the 3"):
         fit(tiny, task, "sweep", n_train=3, folds=2, init="mean-difference", layers=[0, 1], progress=False)
     with pytest.raises(FitError, match="for tasks"):
-        from lens_laai.opinion import fit_opinion
-        from lens_laai.survey import toy_survey
+        from lens_laai.opinions.fit import fit_opinion
+        from lens_laai.opinions.survey import toy_survey
 
         fit_opinion(tiny, toy_survey(), "AGE=Old", "joint", progress=False)
 
@@ -183,15 +195,15 @@ def test_joint_fit_chooses_layers_and_heads_together(tiny, task):
     assert set(iv.layers) <= {0, 1, 2} and result.layer in iv.layers
     norms = iv.head_norms()
     assert norms.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
-    from lens_laai.fastpath import LayerRunner
-    from lens_laai.layer_fit import delta_hooks, objective
+    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai.fitting.layer_fit import delta_hooks, objective
 
     # the joint objective is the sum of per-layer edits: Δ on layer 1 alone equals a joint Δ zero elsewhere
     cfg = FitConfig()
     runner = LayerRunner(tiny, training_batches(tiny, task.subset(list(range(6))), task, cfg, PromptTemplate()), 0)
     single = torch.randn(tiny.cfg.n_heads, tiny.cfg.d_head) * 0.3
     joint = torch.zeros(3 * tiny.cfg.n_heads, tiny.cfg.d_head)
-    joint[tiny.cfg.n_heads:2 * tiny.cfg.n_heads] = single
+    joint[tiny.cfg.n_heads : 2 * tiny.cfg.n_heads] = single
     _, f_joint = objective(runner, cfg, (0, 1, 2))
     assert f_joint(joint) == pytest.approx(runner.scores(delta_hooks(1, single))[1], rel=1e-4)
     assert len(delta_hooks((0, 1, 2), joint)) == 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lens_laai.errors import FitError
-from lens_laai.solver import fista, penalty, prox_sparse_group_lasso
+from lens_laai.fitting.solver import fista, penalty, prox_sparse_group_lasso
 
 
 def test_prox_matches_hand_computation():

@@ -2,8 +2,14 @@ import json
 
 import pytest
 
-from lens_laai.prompts import PromptTemplate, k_shot_prompts, make_batch
-from lens_laai.tasks import Task, TaskError, bundled_tasks, compose_tasks, load_task
+from lens_laai.tasks.prompts import PromptTemplate, k_shot_prompts, make_batch
+from lens_laai.tasks.task import (
+    Task,
+    TaskError,
+    bundled_tasks,
+    compose_tasks,
+    load_task,
+)
 
 
 def test_bundled_tasks_load_and_are_big_enough():
@@ -34,8 +40,13 @@ def test_loader_reads_function_vectors_format(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "not valid"), ("[]", "non-empty"), ('{"input": "a"}', "non-empty JSON list"),
-     ('[{"input": "a"}]', "needs both"), ('[{"input": "a", "output": ""}]', "non-empty strings")],
+    [
+        ("", "not valid"),
+        ("[]", "non-empty"),
+        ('{"input": "a"}', "non-empty JSON list"),
+        ('[{"input": "a"}]', "needs both"),
+        ('[{"input": "a", "output": ""}]', "non-empty strings"),
+    ],
 )
 def test_bad_task_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"

@@ -1,8 +1,8 @@
 """Baselines for LAAI, run through the same task splits, prompts and metric as the core.
 
-Every method is scored with :func:`lens_laai.evaluate` (top-1 accuracy of the target's first token
+Every method is scored with :func:`lens_laai.evaluation.evaluate` (top-1 accuracy of the target's first token
 at the last prompt position) and reports its cost in forward-pass equivalents (one full forward of
-one zero-shot prompt, :class:`lens_laai.fastpath.CostMeter` semantics).
+one zero-shot prompt, :class:`lens_laai.fastpath.runner.CostMeter` semantics).
 
 * Prompting (:mod:`.prompting`): zero-shot and k-shot prompting with demonstrations from the train
   split; :func:`prompting_cost` gives the per-query price of the longer prompt.
@@ -24,7 +24,7 @@ Example:
     True
 """
 
-from .function_vectors import (
+from lens_laai.baselines.function_vectors import (
     FunctionVectorResult,
     causal_indirect_effect,
     fit_function_vector,
@@ -34,12 +34,27 @@ from .function_vectors import (
     shuffled_label_batch,
     top_heads,
 )
-from .residual import ResidualIntervention
-from .mean_difference import MeanDifferenceResult, fit_mean_difference, head_scores
-from .prompting import prompting_baseline, prompting_cost
+from lens_laai.baselines.mean_difference import (
+    MeanDifferenceResult,
+    fit_mean_difference,
+    head_scores,
+)
+from lens_laai.baselines.prompting import prompting_baseline, prompting_cost
+from lens_laai.interventions.residual import ResidualIntervention
 
 __all__ = [
-    "FunctionVectorResult", "MeanDifferenceResult", "ResidualIntervention", "causal_indirect_effect",
-    "fit_function_vector", "fit_mean_difference", "function_vector", "head_outputs", "head_scores",
-    "mean_head_activations", "prompting_baseline", "prompting_cost", "shuffled_label_batch", "top_heads",
+    "FunctionVectorResult",
+    "MeanDifferenceResult",
+    "ResidualIntervention",
+    "causal_indirect_effect",
+    "fit_function_vector",
+    "fit_mean_difference",
+    "function_vector",
+    "head_outputs",
+    "head_scores",
+    "mean_head_activations",
+    "prompting_baseline",
+    "prompting_cost",
+    "shuffled_label_batch",
+    "top_heads",
 ]

@@ -10,7 +10,7 @@
 4. :func:`fit_function_vector`: add the vector to the hidden state *output* of layer ℓ
    (``blocks.ℓ.hook_resid_post``) at the last token of zero-shot prompts, ℓ chosen on validation.
 
-Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.LayerRunner`),
+Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.runner.LayerRunner`),
 which falls back to full forwards where it is unsupported.
 
 Example:
@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -38,14 +39,26 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from ..fastpath import CostMeter
-from ..intervention import hook_name
-from ..bridge import model_fingerprint, model_name
-from ..provenance import fit_metadata
-from ..prompts import Batch, PromptTemplate, k_shot_prompts, model_batches, make_batch
-from ..tasks import Task, TaskError, TaskSplits
-from .residual import ResidualIntervention
-from ._common import check_shots, count_forward, runner_for, unit_meter
+from lens_laai.baselines.common import (
+    check_shots,
+    count_forward,
+    runner_for,
+    unit_meter,
+)
+from lens_laai.fastpath.recording import last_token_z
+from lens_laai.fastpath.runner import CostMeter
+from lens_laai.interventions.residual import ResidualIntervention
+from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
+from lens_laai.tasks.prompts import (
+    Batch,
+    PromptTemplate,
+    k_shot_prompts,
+    make_batch,
+    model_batches,
+)
+from lens_laai.tasks.provenance import fit_metadata
+from lens_laai.tasks.task import Task, TaskError, TaskSplits
+
 
 def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
     """``layers`` checked against the model (default: all layers), sorted and de-duplicated."""
@@ -57,19 +70,6 @@ def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> 
 
 
 @torch.no_grad()
-def last_token_z(model: TransformerBridge, batches: list[Batch], layers: Sequence[int]) -> Float[Tensor, "prompt layer head d_head"]:
-    """``hook_z`` at the last token of every prompt, for ``layers`` (one forward per batch)."""
-    grabbed: dict[int, list[Tensor]] = {l: [] for l in layers}
-
-    def grab(layer: int) -> Callable:
-        return lambda z, hook: grabbed[layer].append(z[:, -1].detach().clone())
-
-    for batch in batches:
-        with model.hooks(fwd_hooks=[(hook_name(l), grab(l)) for l in layers]):
-            model(batch.input_ids, attention_mask=batch.attention_mask)
-    return torch.stack([torch.cat(grabbed[l]) for l in layers], dim=1)
-
-
 def mean_head_activations(
     model: TransformerBridge, prompts_batches: list[Batch], layers: Sequence[int] | None = None
 ) -> Float[Tensor, "layer head d_head"]:
@@ -85,7 +85,12 @@ def mean_head_activations(
 
 
 def shuffled_label_batch(
-    model: TransformerBridge, task: Task, n_prompts: int, shots: int, seed: int, template: PromptTemplate = PromptTemplate()
+    model: TransformerBridge,
+    task: Task,
+    n_prompts: int,
+    shots: int,
+    seed: int,
+    template: PromptTemplate = PromptTemplate(),
 ) -> Batch:
     """``n_prompts`` k-shot prompts from ``task`` whose demo outputs are deranged among the demos."""
     if shots < 2 or shots > len(task) - 1:
@@ -142,13 +147,17 @@ def causal_indirect_effect(
         rows.append({"layer": layer, "head": head, "cie": float((probs - base).mean())})
     own.merge(runner.meter)
     table = pd.DataFrame(rows, columns=["layer", "head", "cie"])
-    table.attrs.update(forward_passes=len(rows) + 2, forward_equivalents=own.forward_equivalents(), fast_path=runner.is_fast)
+    table.attrs.update(
+        forward_passes=len(rows) + 2, forward_equivalents=own.forward_equivalents(), fast_path=runner.is_fast
+    )
     if meter is not None:
         meter.merge(own)
     return table
 
 
-def head_outputs(model: TransformerBridge, layer: int, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... head d_model"]:
+def head_outputs(
+    model: TransformerBridge, layer: int, z: Float[Tensor, "... head d_head"]
+) -> Float[Tensor, "... head d_model"]:
     """Each head's contribution to the attention output: ``z_h @ W_O[h]`` (no bias)."""
     w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model], layout handled by the bridge
     return torch.einsum("...hd,hdm->...hm", z.to(dtype=w_o.dtype, device=w_o.device), w_o)
@@ -221,11 +230,14 @@ def fit_function_vector(
         raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}.")
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
-    clean = model_batches(model, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size, template)
+    clean = model_batches(
+        model, *k_shot_prompts(splits.train, shots, splits.train, seed, template), batch_size, template
+    )
     mean_acts = mean_head_activations(model, clean, cie_layers)
     count_forward(meter, clean, model.cfg.n_layers)
-    cie = causal_indirect_effect(model, splits, mean_acts, n_prompts, shots, seed, cie_layers,
-                                 template=template, meter=meter, progress=progress)
+    cie = causal_indirect_effect(
+        model, splits, mean_acts, n_prompts, shots, seed, cie_layers, template=template, meter=meter, progress=progress
+    )
     vector = function_vector(model, mean_acts, cie, top_k)
     chooser = splits.valid if len(splits.valid) else splits.train
     valid = model_batches(model, *k_shot_prompts(chooser, 0, None, seed, template), batch_size, template)
@@ -241,13 +253,35 @@ def fit_function_vector(
     meter.merge(runner.meter)
     (valid_acc, _), layer, scale = best
     heads = top_heads(cie, top_k)
-    config = {"method": "function_vector", "seed": splits.seed, "n_train": len(splits.train), "n_valid": len(splits.valid),
-              "n_test": len(splits.test), "shots": shots, "top_k": top_k, "n_prompts": n_prompts, "prompt_seed": seed,
-              "scales": [float(a) for a in scales], "layers": add_layers, "cie_layers": cie_layers}
-    metadata = fit_metadata(splits, None, template, config, heads=[list(h) for h in heads], scale=scale, valid_accuracy=valid_acc)
+    config = {
+        "method": "function_vector",
+        "seed": splits.seed,
+        "n_train": len(splits.train),
+        "n_valid": len(splits.valid),
+        "n_test": len(splits.test),
+        "shots": shots,
+        "top_k": top_k,
+        "n_prompts": n_prompts,
+        "prompt_seed": seed,
+        "scales": [float(a) for a in scales],
+        "layers": add_layers,
+        "cie_layers": cie_layers,
+    }
+    metadata = fit_metadata(
+        splits, None, template, config, heads=[list(h) for h in heads], scale=scale, valid_accuracy=valid_acc
+    )
     return FunctionVectorResult(
-        ResidualIntervention(scale * vector, layer, name, fp, "last", metadata), layer, scale, valid_acc, heads, pd.DataFrame(rows),
-        cie, mean_acts, time.perf_counter() - start, meter.forward_equivalents(), bool(cie.attrs["fast_path"] and runner.is_fast),
+        ResidualIntervention(scale * vector, layer, name, fp, "last", metadata),
+        layer,
+        scale,
+        valid_acc,
+        heads,
+        pd.DataFrame(rows),
+        cie,
+        mean_acts,
+        time.perf_counter() - start,
+        meter.forward_equivalents(),
+        bool(cie.attrs["fast_path"] and runner.is_fast),
     )
 
 

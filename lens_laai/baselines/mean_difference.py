@@ -27,8 +27,9 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -37,13 +38,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from ..intervention import HeadIntervention
-from ..bridge import model_fingerprint, model_name
-from ..provenance import fit_metadata
-from ..prompts import PromptTemplate, k_shot_prompts, model_batches
-from ..tasks import TaskError, TaskSplits
-from .function_vectors import candidate_layers, last_token_z
-from ._common import check_shots, count_forward, runner_for, unit_meter
+from lens_laai.baselines.common import (
+    check_shots,
+    count_forward,
+    runner_for,
+    unit_meter,
+)
+from lens_laai.baselines.function_vectors import candidate_layers
+from lens_laai.fastpath.recording import last_token_z
+from lens_laai.interventions.head import HeadIntervention
+from lens_laai.models.bridge import model_fingerprint, model_name
+from lens_laai.tasks.prompts import PromptTemplate, k_shot_prompts, model_batches
+from lens_laai.tasks.provenance import fit_metadata
+from lens_laai.tasks.task import TaskError, TaskSplits
 
 SelectBy = Literal["norm", "separation"]
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -132,7 +139,9 @@ def fit_mean_difference(
     meter = unit_meter(model, splits.train, template)
     per_shots = {}
     for k in (0, shots):
-        batches = model_batches(model, *k_shot_prompts(splits.train, k, splits.train, seed, template), batch_size, template)
+        batches = model_batches(
+            model, *k_shot_prompts(splits.train, k, splits.train, seed, template), batch_size, template
+        )
         per_shots[k] = last_token_z(model, batches, todo)
         count_forward(meter, batches, model.cfg.n_layers)
     chooser = splits.valid if len(splits.valid) else splits.train  # no validation split: choose on the n pairs
@@ -143,8 +152,10 @@ def fit_mean_difference(
     for i, L in enumerate(tqdm(todo, desc="mean-diff layers", disable=not progress)):
         diff, norm, sep = head_scores(per_shots[shots][:, i], per_shots[0][:, i])
         mask = top_k_mask(norm if select_by == "norm" else sep, top_k)
-        score_rows += [{"layer": L, "head": h, "norm": float(norm[h]), "separation": float(sep[h]),
-                        "selected": bool(mask[h])} for h in range(n_heads)]
+        score_rows += [
+            {"layer": L, "head": h, "norm": float(norm[h]), "separation": float(sep[h]), "selected": bool(mask[h])}
+            for h in range(n_heads)
+        ]
         for alpha in alphas:
             delta = float(alpha) * diff.float().cpu() * mask[:, None]
             acc, ce = runner.scores(HeadIntervention({L: delta}, name, fp).fwd_hooks())
@@ -153,12 +164,30 @@ def fit_mean_difference(
                 best = ((acc, -ce), L, float(alpha), delta)
     meter.merge(runner.meter)
     (valid_acc, _), L, alpha, delta = best
-    config = {"method": "mean_difference", "seed": splits.seed, "n_train": len(splits.train),
-              "n_valid": len(splits.valid), "n_test": len(splits.test), "shots": shots, "top_k": top_k,
-              "select_by": select_by, "alphas": [float(a) for a in alphas], "layers": todo, "prompt_seed": seed}
+    config = {
+        "method": "mean_difference",
+        "seed": splits.seed,
+        "n_train": len(splits.train),
+        "n_valid": len(splits.valid),
+        "n_test": len(splits.test),
+        "shots": shots,
+        "top_k": top_k,
+        "select_by": select_by,
+        "alphas": [float(a) for a in alphas],
+        "layers": todo,
+        "prompt_seed": seed,
+    }
     metadata = fit_metadata(splits, None, template, config, alpha=alpha, valid_accuracy=valid_acc)
     iv = HeadIntervention({L: delta}, name, fp, "last", metadata)
     return MeanDifferenceResult(
-        iv, L, alpha, valid_acc, iv.selected_heads(), pd.DataFrame(rows), pd.DataFrame(score_rows),
-        time.perf_counter() - start, meter.forward_equivalents(), runner.is_fast,
+        iv,
+        L,
+        alpha,
+        valid_acc,
+        iv.selected_heads(),
+        pd.DataFrame(rows),
+        pd.DataFrame(score_rows),
+        time.perf_counter() - start,
+        meter.forward_equivalents(),
+        runner.is_fast,
     )

@@ -1,6 +1,6 @@
 """Prompting baselines (zero-shot, k-shot) and their cost per query.
 
-Costs are in forward-pass equivalents with :class:`lens_laai.fastpath.CostMeter` semantics: one
+Costs are in forward-pass equivalents with :class:`lens_laai.fastpath.runner.CostMeter` semantics: one
 unit is one full forward of one *zero-shot* prompt, so a k-shot prompt costs its token count over
 the mean zero-shot token count.
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from ..evaluate import EvalResult, evaluate, select_split
-from ..prompts import PromptTemplate, k_shot_prompts, model_batches
-from ..tasks import TaskSplits
-from ._common import check_shots, count_forward, unit_meter
+from lens_laai.baselines.common import check_shots, count_forward, unit_meter
+from lens_laai.evaluation.evaluate import EvalResult, evaluate, select_split
+from lens_laai.tasks.prompts import PromptTemplate, k_shot_prompts, model_batches
+from lens_laai.tasks.task import TaskSplits
 
 
 def prompting_baseline(
@@ -36,7 +36,9 @@ def prompting_baseline(
 ) -> EvalResult:
     """Accuracy of plain k-shot prompting (demonstrations from the train split) on ``split``."""
     check_shots(splits, shots, split)
-    return evaluate(model, splits, shots=shots, split=split, demo_seed=demo_seed, template=template, batch_size=batch_size)
+    return evaluate(
+        model, splits, shots=shots, split=split, demo_seed=demo_seed, template=template, batch_size=batch_size
+    )
 
 
 def prompting_cost(

@@ -1,0 +1,123 @@
+"""One self-contained HTML report of a head analysis: tables, heatmaps, the λ path and circuitsvis views.
+
+The page works with no network: circuitsvis' JavaScript bundle is inlined once (not once per
+view), figures are inlined as data URIs, and nothing refers to a CDN or any remote address.
+
+Example:
+    >>> from lens_laai.analysis.report import render_page
+    >>> html = render_page("Empty", [("Notes", "<p>nothing yet</p>")], views=[])
+    >>> html.startswith("<!DOCTYPE html>") and "https://" not in html
+    True
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lens_laai.analysis.views import View
+from lens_laai.errors import SaveError
+from lens_laai.storage.bundle import atomic_write_text
+
+GENERATOR = "lens_laai report"
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f3f3f3; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+img { max-width: 100%; } .view { border: 1px solid #eee; padding: 8px; margin: 1em 0; }
+"""
+
+
+def circuitsvis_bundle() -> str:
+    """circuitsvis' browser bundle (shipped inside the Python package), safe to inline in a script tag."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    return path.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
+
+
+def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
+    return frame.to_html(index=False, float_format=lambda x: f"{x:.{digits}f}", border=0, na_rep="–")
+
+
+def render_page(title: str, sections: Sequence[tuple[str, str]], views: Sequence[View]) -> str:
+    """The whole page: ``sections`` are (heading, HTML) pairs; ``views`` become divs rendered by one inlined bundle."""
+    body = [f"<h1>{html_lib.escape(title)}</h1>"]
+    for heading, content in sections:
+        body.append(f"<h2>{html_lib.escape(heading)}</h2>\n{content}")
+    calls = []
+    if views:
+        body.append("<h2>circuitsvis views</h2>")
+        for i, view in enumerate(views):
+            body.append(
+                f'<div class="view"><h3>{html_lib.escape(view.title)}</h3><div id="cv-{i}" class="cv"></div></div>'
+            )
+            calls.append(f'CircuitsVis.render("cv-{i}", CircuitsVis.{view.name}, {json.dumps(view.props)});')
+    script = f"<script>{circuitsvis_bundle()}</script>\n<script>\n" + "\n".join(calls) + "\n</script>" if views else ""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="generator" content="{GENERATOR}"><title>{html_lib.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + f"\n{script}\n</body></html>\n"
+    )
+
+
+def check_report_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse a directory, or an existing file that is not one of our reports (unless ``force``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaveError(f"{path} is a directory; give the path of an .html file.")
+    if path.exists() and not force and GENERATOR not in _head(path):
+        raise SaveError(
+            f"{path} exists and is not a lens_laai report; refusing to overwrite it. "
+            "Choose a new path, or pass --force."
+        )
+    return path
+
+
+def _head(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(2000)
+    except OSError as err:
+        raise SaveError(f"{path} exists and cannot be read ({err.strerror}); choose another path.") from err
+
+
+def write_report(path: str | os.PathLike, page: str, force: bool = False) -> Path:
+    """Write ``page`` atomically; an existing file is replaced only if it is one of our reports, or with ``force``."""
+    path = check_report_path(path, force)
+    atomic_write_text(path, page)
+    return path
+
+
+def analysis_sections(analysis: Any, figures: dict[str, str], extra: dict[str, Any]) -> list[tuple[str, str]]:
+    """Report sections for a :class:`lens_laai.analysis.head_table.HeadAnalysis` (figures as data URIs)."""
+    settings = {**extra, **analysis.settings}
+    sections = [
+        (
+            "Settings",
+            table_html(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
+        )
+    ]
+    sections.append(("Summary: the selected heads against each method", table_html(analysis.summary)))
+    for name, uri in figures.items():
+        sections.append((name, f'<img alt="{html_lib.escape(name)}" src="{uri}">'))
+    if len(analysis.random_control):
+        percentile = analysis.random_control.attrs.get("percentile")
+        sections.append(
+            (
+                f"Random-head control (selected set at percentile {percentile:.0f} of random sets)",
+                table_html(analysis.random_control),
+            )
+        )
+    if len(analysis.logit_lens):
+        sections.append(("Logit lens of each selected head's Δ_h", table_html(analysis.logit_lens)))
+    sections.append(("Cost of each column", table_html(analysis.costs, 1)))
+    sections.append(("All heads", table_html(analysis.table)))
+    return sections

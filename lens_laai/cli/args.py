@@ -1,0 +1,102 @@
+"""Command-line arguments every ``lens-laai`` command shares, and their parsing into checked values.
+
+Each parser raises :class:`~lens_laai.errors.LensLaaiError` with the flag's name, so a bad value
+reaches the user as ``lens-laai CMD: error: ...`` rather than a traceback.
+
+Example:
+    >>> parse_floats("0.5,0.2", "--group-l1-rel")
+    [0.5, 0.2]
+    >>> parse_int("16", "--layer")
+    16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from lens_laai.errors import FitError, LensLaaiError
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """The options of every command that reads a task and loads a model."""
+    p.add_argument("--task", default=None, help="bundled task name (antonym, synonym, english-french, english-german)")
+    p.add_argument("--task-file", default=None, help="a Function Vectors-format JSON file; overrides --task")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a hub name or a local dir")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs: cpu, cuda, cuda:N (default: the CPU for the embedded model)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="model weights: float32 (default), bfloat16 / bf16, float16 / fp16; Δ is always fitted in float32",
+    )
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_out_args(p: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--force`` of every command that saves."""
+    p.add_argument("--out", required=True, help="directory to save the intervention in (new, or one of our saves)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an existing directory that is not a lens_laai save (nothing in it is deleted)",
+    )
+
+
+def model_from_args(args: argparse.Namespace):
+    """The model ``--model`` names, placed and cast by ``--device`` / ``--dtype`` (every command that loads one)."""
+    from lens_laai.models.loading import load_model
+
+    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
+def task_from_args(args: argparse.Namespace):
+    """The task ``--task`` or ``--task-file`` names."""
+    from lens_laai.tasks.task import Task, TaskError, load_task
+
+    if args.task_file:
+        return Task.from_json(args.task_file, name=args.task or None)
+    if not args.task:
+        raise TaskError("Give --task NAME or --task-file PATH (or --survey / --survey-dir for a survey).")
+    return load_task(args.task)
+
+
+def parse_int(text: str, flag: str, words: str = "'auto'") -> int:
+    """An integer flag that also takes the words ``words``, which the caller handles first."""
+    try:
+        return int(text)
+    except ValueError:
+        raise LensLaaiError(f"{flag} must be an integer or {words}, got {text!r}.") from None
+
+
+def parse_penalties(text: str | None, flag: str) -> float | list[float] | None:
+    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0."""
+    if text is None:
+        return None
+    values = parse_floats(text, flag)
+    if any(v < 0 for v in (values if isinstance(values, list) else [values])):
+        raise FitError(f"{flag} values must be ≥ 0, got {text!r}.")
+    return values
+
+
+def parse_floats(text: str, flag: str) -> float | list[float]:
+    """One finite number, or a comma list of them (a list of one is the number)."""
+    values = [parse_float(v, flag) for v in text.split(",") if v.strip()]
+    if not values:
+        raise LensLaaiError(f"{flag} needs at least one number, got {text!r}.")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_float(text: str, flag: str) -> float:
+    """One finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise LensLaaiError(f"{flag} must be numbers, got {text!r}.") from None
+    if not math.isfinite(value):
+        raise LensLaaiError(f"{flag} must be finite numbers, got {text!r}.")
+    return value

@@ -1,0 +1,1 @@
+"""Evaluation and generation with any intervention: accuracy, per-example tables, text."""

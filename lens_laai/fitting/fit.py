@@ -1,0 +1,523 @@
+"""Fitting: find a sparse Δ at one layer that makes the model produce a task's targets.
+
+Objective (model frozen): mean cross-entropy of each target's first token at the last prompt
+position (or, with ``objective="sequence"``, of the whole target under teacher forcing),
+plus ``l1‖Δ‖₁ + group_l1 Σ_h ‖Δ_h‖₂``, minimised by accelerated proximal gradient
+(:func:`lens_laai.fitting.solver.fista`) so unselected heads are exactly zero. The fit uses the training
+pairs alone: by default the layer comes from a rule fixed on the development study
+(:func:`auto_layer`) and λ₂ from a path relative to λ_max; ``layer="sweep"`` / ``"joint"`` choose
+by cross-validation on the training pairs (``lens_laai.fitting.selection``).
+
+Example:
+    >>> from lens_laai import fit, load_task
+    >>> from lens_laai.testing import tiny_model, tiny_task
+    >>> result = fit(tiny_model(), tiny_task(), layer=1, n_train=8, n_valid=4, steps=5, progress=False)
+    >>> result.intervention.layers
+    [1]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import pandas as pd
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lens_laai.errors import FitError, TaskError
+from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
+    Init,
+    LayerFit,
+    layer_path,
+    solve_layer,
+    training_batches,
+)
+from lens_laai.fitting.selection import choose, cross_validate, summarise
+from lens_laai.interventions.head import HeadIntervention
+from lens_laai.tasks.prompts import PromptTemplate
+from lens_laai.tasks.task import Task, TaskSplits
+
+Objective = Literal["first_token", "sequence"]
+TaskLike = Task | TaskSplits | Sequence[tuple[str, str]]
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The candidate layers unless told otherwise: every fourth layer from 15% to 70% of the depth.
+
+    Task vectors live in the first two thirds of the network (Function Vectors, LAAI; on the
+    development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
+    20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
+    layers try every layer of that range.
+    """
+    lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
+    return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints."""
+    if spec is None or spec == "default":
+        return default_layers(n_layers)
+    if spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        try:
+            spec = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise FitError(f"layers must be 'all', 'default' or a comma list of integers, got {spec!r}.") from None
+    layers = list(spec)
+    if not layers:
+        raise FitError("layers is empty; give at least one layer index, 'default' or 'all'.")
+    for l in layers:
+        if not isinstance(l, int) or isinstance(l, bool):
+            raise FitError(f"Layer {l!r} is not a layer index (an int), in layers {layers!r}.")
+        if not 0 <= l < n_layers:
+            raise FitError(f"Layer {l} is out of range: this model has layers 0..{n_layers - 1}.")
+    return sorted(set(layers))
+
+
+Select = Literal["auto", "cv", "valid"]
+DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.2, 0.05)
+STEP_BUDGET = 30  # proximal steps in all unless ``steps`` is given: split evenly over the λ₂ path
+AUTO_DEPTH = 16 / 30  # layer="auto": the layer at this fraction of the depth (development study, docs/results.md)
+
+
+def auto_layer(n_layers: int) -> int:
+    """The layer ``layer="auto"`` fits: ``round(AUTO_DEPTH × n_layers)`` (16 of SmolLM2's 30, 17 of 32).
+
+    A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
+    did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
+    """
+    return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig:
+    """Everything that, with the data and model, reproduces a fit.
+
+    With ``relative`` (the default) ``group_l1`` is a fraction of λ_max at the fitted layer (see
+    :func:`lens_laai.fitting.layer_fit.lambda_max`); otherwise it is λ₂ itself. ``select`` says how the
+    layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
+    ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
+    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+    """
+
+    layer: int | str = "auto"
+    layers: tuple[int, ...] | None = None
+    l1: float = 1e-3
+    group_l1: float = DEFAULT_GROUP_L1_REL[-1]
+    relative: bool = True
+    steps: int = STEP_BUDGET // len(DEFAULT_GROUP_L1_REL)
+    lr: float = 1.0
+    n_train: int = 20
+    n_valid: int = 0
+    n_test: int | None = None
+    seed: int = 0
+    shots: int = 0
+    init: Init = "zero"
+    select: str = "cv"
+    folds: int = 2
+    halving: bool = True
+    objective: Objective = "first_token"
+    batch_size: int = 32
+    fast: bool = True
+
+    def validate(self, n_layers: int) -> None:
+        """Raise :class:`FitError` naming the first bad setting."""
+        for name in ("l1", "group_l1", "lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise FitError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+        if self.lr <= 0:
+            raise FitError(f"lr must be > 0, got {self.lr}.")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FitError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots < 0:
+            raise FitError(f"shots must be an integer ≥ 0, got {self.shots!r}.")
+        if self.objective not in ("first_token", "sequence"):
+            raise FitError(f"objective must be 'first_token' or 'sequence', got {self.objective!r}.")
+        if self.init not in ("zero", "mean-difference"):
+            raise FitError(f"init must be 'zero' or 'mean-difference', got {self.init!r}.")
+        if self.select not in ("auto", "cv", "valid", "none"):
+            raise FitError(f"select must be 'auto', 'cv' or 'valid', got {self.select!r}.")
+        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
+            raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
+        if not isinstance(self.halving, bool):
+            raise FitError(f"halving must be True or False, got {self.halving!r}.")
+        self.candidate_layers(n_layers)
+
+    def candidate_layers(self, n_layers: int) -> list[int]:
+        if self.layer == "auto":
+            if self.layers is not None:
+                raise FitError(
+                    "layers= lists candidates for layer='sweep' or 'joint'; layer='auto' fits the layer at "
+                    f"{AUTO_DEPTH:.0%} of the depth. Use layer='sweep' to choose among your layers."
+                )
+            return [auto_layer(n_layers)]
+        if self.layer in ("joint", "sweep"):
+            return parse_layers(self.layers, n_layers)
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise FitError(f"layer must be a layer index, 'auto', 'joint' or 'sweep', got {self.layer!r}.")
+        return parse_layers([self.layer], n_layers)
+
+
+@dataclass
+class FitResult:
+    """A fitted intervention with its training record and selection scores.
+
+    ``valid_accuracy`` is the score the choice was made on: the pooled held-out accuracy of
+    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``, and
+    ``"none"`` with a validation split), or the training accuracy when there was nothing to choose
+    and no validation split. ``sweep`` has one row per
+    candidate (layer, λ₂) with that score.
+    """
+
+    intervention: HeadIntervention
+    layer: int
+    history: pd.DataFrame
+    train_accuracy: float
+    valid_accuracy: float
+    selected_heads: list[tuple[int, int]]
+    config: FitConfig
+    sweep: pd.DataFrame
+    splits: TaskSplits
+    seconds: float
+    forward_equivalents: float
+    fast_path: bool = True
+    selection: str = "none"
+
+
+def fit(
+    model: TransformerBridge,
+    task: TaskLike,
+    layer: int | str = "auto",
+    *,
+    layers: Sequence[int] | str | None = None,
+    l1: float = FitConfig.l1,
+    group_l1: float | Sequence[float] | None = None,
+    group_l1_rel: float | Sequence[float] | None = None,
+    steps: int | None = None,
+    lr: float = FitConfig.lr,
+    n_train: int | None = None,
+    n_valid: int | None = None,
+    n_test: int | None = None,
+    seed: int | None = None,
+    shots: int = 0,
+    init: Init = "zero",
+    select: Select = "auto",
+    folds: int = FitConfig.folds,
+    halving: bool = FitConfig.halving,
+    objective: Objective = "first_token",
+    batch_size: int = 32,
+    fast: bool = True,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit a sparse per-head intervention; see the module docstring.
+
+    Args:
+        task: a :class:`Task` (split here by ``seed`` into ``n_train``/``n_valid``/rest, defaults
+            0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
+            your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
+            (e.g. :meth:`PromptTemplate.chat`).
+        layer: a layer index; ``"joint"``: one fit over all candidate ``layers`` at once with a
+            group per (layer, head), so the group Lasso picks layers and heads together (the
+            result may act on several layers; ``FitResult.layer`` is then the one with the largest
+            ‖Δ‖); ``"sweep"``: the paper's single layer, each candidate fitted and the best kept;
+            ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed on the development
+            study). Candidates of sweep and joint: ``layers`` (default :func:`default_layers`;
+            ``"all"`` for every layer).
+        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.2, 0.05)``, a path
+            fitted largest first with warm starts). At one layer the path is a schedule and its
+            last value is the fit; with several candidates the choice covers it too.
+            ``group_l1``: absolute λ₂ instead (one value or a path); give one of the two.
+        l1: λ₁ (absolute).
+        select: how the layer and λ₂ are chosen when there is more than one candidate. ``"cv"``:
+            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled
+            data beyond ``n_train``. ``"valid"``: on the validation split (``n_valid`` more
+            labelled pairs; the older protocol). ``"auto"``: ``"valid"`` when there is a
+            validation split, else ``"cv"`` when there are several layers, else no choice. The
+            chosen candidate is refitted on all training pairs.
+        folds, halving: cross-validation folds; with ``halving`` only the better half of the layers
+            go on to each next λ₂ (successive halving, see :func:`lens_laai.fitting.selection.cross_validate`).
+        steps, lr: proximal steps per λ₂ (default: 30 in all, split over the path) and the initial
+            step size (adapted by backtracking).
+        shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
+        init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
+            ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
+        objective: ``"first_token"`` or ``"sequence"`` (whole target, teacher forcing; uses the
+            full forward).
+        template: how pairs become prompts; recorded in the intervention and reused by evaluation.
+        fast: use the last-token fast path when the model supports it.
+
+    Raises:
+        FitError: a bad setting (before any work), or a loss that is not finite.
+    """
+    lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
+    steps = max(1, STEP_BUDGET // len(lambdas)) if steps is None else steps
+    cfg = FitConfig(
+        layer=layer,
+        layers=_layers_arg(layers),
+        l1=l1,
+        group_l1=lambdas[0],
+        relative=relative,
+        steps=steps,
+        lr=lr,
+        shots=shots,
+        init=init,
+        select=select,
+        folds=folds,
+        halving=halving,
+        objective=objective,
+        batch_size=batch_size,
+        fast=fast,
+    )
+    for lam in lambdas:
+        replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
+    splits, source, template = _prepare_data(task, template, n_train, n_valid, n_test, seed)
+    candidates: list = cfg.candidate_layers(model.cfg.n_layers)
+    if layer == "joint":
+        candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
+    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint")
+    cfg = replace(
+        cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed, select=how
+    )
+    _check_splits(splits, shots, how, cfg)
+    start, meter = time.perf_counter(), CostMeter()
+    if how == "cv":
+        best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
+    elif how == "none":  # one layer: the λ₂ path is a warm-start schedule and its last value is the fit
+        fits = list(
+            layer_path(
+                model,
+                splits.train,
+                splits.valid,
+                candidates[0],
+                lambdas,
+                cfg,
+                template,
+                meter,
+                progress and len(lambdas) == 1,
+            )
+        )
+        best, sweep = fits[-1], pd.DataFrame([f.row() for f in fits])
+    else:
+        best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
+    chosen = replace(
+        cfg,
+        layer="joint" if layer == "joint" else best.layer,
+        group_l1=best.group_l1_rel if relative else best.group_l1,
+    )
+    extra = {
+        "group_l1_absolute": best.group_l1,
+        "lambda_max": best.lambda_max,
+        "selection": how,
+        "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1],
+    }
+    iv = best.intervention(model, splits, source, chosen, template, **extra)
+    return FitResult(
+        intervention=iv,
+        layer=best.main_layer,
+        history=pd.DataFrame([asdict(r) for r in best.history]),
+        train_accuracy=best.train_accuracy,
+        valid_accuracy=best.valid_accuracy,
+        selected_heads=iv.selected_heads(),
+        config=chosen,
+        sweep=sweep,
+        splits=splits,
+        seconds=time.perf_counter() - start,
+        forward_equivalents=meter.forward_equivalents(),
+        fast_path=best.fast_path,
+        selection=how,
+    )
+
+
+def _fit_on_validation(
+    model, splits, candidates, lambdas, cfg, template, meter, progress
+) -> tuple[LayerFit, pd.DataFrame]:
+    """Every candidate fitted on the training pairs and scored on the validation split (or on training, alone)."""
+    show_steps = progress and len(candidates) == 1 and len(lambdas) == 1
+    rows, best = [], None
+    bar = tqdm(candidates, desc="layers", disable=not progress or len(candidates) == 1)
+    for L in bar:
+        for fitted in layer_path(model, splits.train, splits.valid, L, lambdas, cfg, template, meter, show_steps):
+            rows.append(fitted.row())
+            if best is None or fitted.key() > best.key():
+                best = fitted
+        bar.set_postfix(best_layer=best.layer, valid_acc=f"{best.valid_accuracy:.2f}")
+    return best, pd.DataFrame(rows)
+
+
+def _fit_cross_validated(
+    model, splits, candidates, lambdas, cfg, template, meter, progress
+) -> tuple[LayerFit, pd.DataFrame]:
+    """Choose (layer, λ₂) by cross-validation on the training pairs, then refit it on all of them."""
+    table = cross_validate(model, splits.train, candidates, lambdas, cfg, template, meter, progress)
+    choice = choose(table)
+    path = [lam for lam in lambdas if lam >= choice["lam"]]
+    fitted = list(layer_path(model, splits.train, splits.valid, choice["layer"], path, cfg, template, meter))[-1]
+    fitted.valid_accuracy, fitted.valid_ce = choice["cv_accuracy"], choice["cv_ce"]
+    return fitted, summarise(table)
+
+
+def _selection(select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False) -> str:
+    """``"cv"``, ``"valid"`` or ``"none"`` (one layer: no choice; a λ₂ path ends at its last value).
+
+    A joint fit chooses its λ₂ on the path by cross-validation (as measured in the development study)."""
+    if select not in ("auto", "cv", "valid"):
+        raise FitError(f"select must be 'auto', 'cv' or 'valid', got {select!r}.")
+    if n_layers * n_lambdas == 1:
+        return "none"
+    if select == "valid" and not len(splits.valid):
+        raise FitError(
+            "select='valid' chooses on the validation split, which is empty; use n_valid ≥ 1 or select='cv'."
+        )
+    if select == "auto":
+        if len(splits.valid):
+            return "valid"
+        return "cv" if n_layers > 1 or joint else "none"
+    return select
+
+
+def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bool]:
+    """(λ₂ values, whether they are relative to λ_max)."""
+    if group_l1 is not None and group_l1_rel is not None:
+        raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
+    if group_l1 is not None:
+        return _as_tuple(group_l1, "group_l1"), False
+    values = _as_tuple(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
+    return values, True
+
+
+def _prepare_data(
+    task: TaskLike,
+    template: PromptTemplate | None,
+    n_train: int | None,
+    n_valid: int | None,
+    n_test: int | None,
+    seed: int | None,
+) -> tuple[TaskSplits, Task | None, PromptTemplate]:
+    """Splits, the task they were cut from (if known), and the template."""
+    if isinstance(task, TaskSplits):
+        given = [
+            k
+            for k, v in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test), ("seed", seed))
+            if v is not None
+        ]
+        if given:
+            raise FitError(f"{', '.join(given)} split a Task, but these TaskSplits are already split; drop them.")
+        return task, None, template or PromptTemplate()
+    if not isinstance(task, Task):
+        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
+            raise FitError(
+                f"task must be a Task, TaskSplits or a list of (prompt, target) strings, got {type(task).__name__}."
+            )
+        task, template = Task.from_pairs(task), template or PromptTemplate.verbatim()
+    splits = task.split(
+        0 if seed is None else seed,
+        FitConfig.n_train if n_train is None else n_train,
+        FitConfig.n_valid if n_valid is None else n_valid,
+        n_test,
+    )
+    return splits, task, template or PromptTemplate()
+
+
+def _check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
+    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use."""
+    n = len(splits.train)
+    if not n:
+        raise TaskError("The training split is empty; use n_train ≥ 1.")
+    if shots > n - 1:
+        raise FitError(
+            f"{shots}-shot training prompts need {shots + 1} or more training pairs; use n_train ≥ {shots + 1}."
+        )
+    if how == "cv" and cfg is not None:
+        if not 2 <= cfg.folds <= n:
+            raise FitError(
+                f"folds must be an integer within 2..n_train ({n}), got {cfg.folds!r}; "
+                "use more training pairs or fewer folds."
+            )
+        smallest = n - -(-n // cfg.folds)  # the fitting part of the fold with the most held-out pairs
+        need = max(shots + 1, 2 if cfg.init == "mean-difference" else 1)
+        if smallest < need:
+            raise FitError(
+                f"with {cfg.folds} folds the smallest fitting part has {smallest} of the {n} training pairs; "
+                f"shots={shots} and init={cfg.init!r} need {need}. Use more training pairs or fewer folds."
+            )
+
+
+def _layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:
+    if layers is None or isinstance(layers, str):
+        return layers
+    return tuple(layers)
+
+
+def fit_path(
+    model: TransformerBridge,
+    splits: TaskSplits,
+    layer: int,
+    group_l1s: Sequence[float],
+    *,
+    l1: float = 0.0,
+    relative: bool = False,
+    steps: int = FitConfig.steps,
+    lr: float = FitConfig.lr,
+    shots: int = 0,
+    fast: bool = True,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[HeadIntervention]]:
+    """A λ₂ path at one layer, largest first, each fit warm-started from the previous one.
+
+    ``group_l1s`` are absolute, or fractions of λ_max with ``relative=True``. Returns a DataFrame
+    (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
+    and the interventions in the same order: accuracy against head budget.
+    """
+    template = template or PromptTemplate()
+    lambdas = tuple(sorted(_as_tuple(group_l1s), reverse=True))
+    cfg = FitConfig(
+        layer=layer,
+        l1=l1,
+        group_l1=lambdas[0],
+        relative=relative,
+        steps=steps,
+        lr=lr,
+        n_train=len(splits.train),
+        n_valid=len(splits.valid),
+        n_test=len(splits.test),
+        seed=splits.seed,
+        shots=shots,
+        select="none",
+        fast=fast,
+    )
+    for lam in lambdas:
+        replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
+    _check_splits(splits, shots, "none")
+    fits = list(
+        tqdm(
+            layer_path(model, splits.train, splits.valid, layer, lambdas, cfg, template, CostMeter()),
+            desc="λ path",
+            total=len(lambdas),
+            disable=not progress,
+        )
+    )
+    ivs = [
+        f.intervention(model, splits, None, replace(cfg, group_l1=f.group_l1_rel if relative else f.group_l1), template)
+        for f in fits
+    ]
+    return pd.DataFrame([f.row() for f in fits]).drop(columns=["layer"]), ivs
+
+
+def _as_tuple(group_l1: float | Sequence[float], name: str = "group_l1") -> tuple[float, ...]:
+    values = tuple(group_l1) if isinstance(group_l1, (list, tuple)) else (group_l1,)
+    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        raise FitError(f"{name} must be a number or a non-empty list of numbers, got {group_l1!r}.")
+    return tuple(float(v) for v in values)

@@ -1,0 +1,349 @@
+"""Fitting Δ at one layer: the penalised objective, λ_max, the starting point and a warm-started λ₂ path.
+
+:func:`lens_laai.fitting.fit` decides *which* layer and λ₂ (see :mod:`lens_laai.fitting.selection`); this module fits
+one layer. λ₂ may be given relative to :func:`lambda_max`, the smallest λ₂ at which the proximal
+step keeps every head at zero from Δ = 0 (as glmnet scales its path): a relative value means the
+same thing at every layer and on every task, an absolute one does not, since the gradient's size
+varies by orders of magnitude between layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from lens_laai.errors import FitError
+from lens_laai.fastpath.runner import CostMeter, LayerRunner, block_device, warn_once
+from lens_laai.fitting.solver import StepRecord, fista
+from lens_laai.interventions.head import HeadIntervention, delta_hook
+from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
+from lens_laai.tasks.prompts import (
+    Batch,
+    PromptTemplate,
+    k_shot_prompts,
+    left_pad,
+    model_batches,
+    pad_id,
+)
+from lens_laai.tasks.provenance import fit_metadata
+from lens_laai.tasks.task import Task, TaskSplits
+
+Init = Literal["zero", "mean-difference"]
+
+
+@dataclass
+class LayerFit:
+    """One fitted (layer, λ₂) candidate with its scores (``valid_*`` on whatever split was scored)."""
+
+    layer: int | tuple[int, ...]
+    group_l1: float
+    group_l1_rel: float | None
+    lambda_max: float | None
+    delta: Tensor
+    history: list[StepRecord]
+    train_accuracy: float
+    valid_accuracy: float
+    valid_ce: float
+    fast_path: bool
+
+    def key(self) -> tuple[float, float]:
+        return (self.valid_accuracy, -self.valid_ce)
+
+    @property
+    def n_selected(self) -> int:
+        return int((self.delta.norm(dim=-1) > 0).sum())
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "group_l1": self.group_l1,
+            "group_l1_rel": self.group_l1_rel,
+            "lambda_max": self.lambda_max,
+            "n_selected": self.n_selected,
+            "train_accuracy": self.train_accuracy,
+            "valid_accuracy": self.valid_accuracy,
+            "valid_ce": self.valid_ce,
+            "train_loss": self.history[-1].loss,
+        }
+
+    @property
+    def sites(self) -> tuple[int, ...]:
+        """The layers Δ acts on: one, or every candidate layer of a joint fit."""
+        return sites_of(self.layer)
+
+    @property
+    def main_layer(self) -> int:
+        """The layer with the largest ‖Δ‖ (the only one, for a single-layer fit)."""
+        norms = self.delta.reshape(len(self.sites), -1).norm(dim=-1)
+        return self.sites[int(norms.argmax())]
+
+    def intervention(
+        self,
+        model: TransformerBridge,
+        splits: TaskSplits,
+        source: Task | None,
+        cfg: Any,
+        template: PromptTemplate,
+        **extra: Any,
+    ) -> HeadIntervention:
+        metadata = fit_metadata(
+            splits,
+            source,
+            template,
+            asdict(cfg),
+            train_accuracy=self.train_accuracy,
+            valid_accuracy=self.valid_accuracy,
+            **extra,
+        )
+        # Δ leaves the fit as plain data (CPU, float32), exactly as a saved one loads; hooks move and cast it.
+        delta = self.delta.detach().to("cpu", torch.float32).clone()
+        parts = dict(zip(self.sites, delta.chunk(len(self.sites))))
+        kept = {L: d for L, d in parts.items() if d.abs().sum() > 0} or {self.sites[0]: parts[self.sites[0]]}
+        return HeadIntervention(kept, model_name(model), model_fingerprint(model), "last", metadata)
+
+
+def sites_of(layer: int | Sequence[int]) -> tuple[int, ...]:
+    """``(layer,)`` for one layer; the sorted layers of a joint fit."""
+    return (layer,) if isinstance(layer, int) else tuple(sorted(layer))
+
+
+def layer_path(
+    model: TransformerBridge,
+    train: Task,
+    valid: Task | None,
+    layer: int,
+    lambdas: Sequence[float],
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+    show_steps: bool = False,
+    runners: dict | None = None,
+) -> Iterator[LayerFit]:
+    """Fit each λ₂ (largest first, each warm-started from the last) at ``layer``; yield a scored :class:`LayerFit`.
+
+    ``layer`` may be a tuple of layers: a *joint* fit, one group per (layer, head), so the group
+    Lasso chooses layers and heads together (the cache starts at the lowest of them).
+
+    ``cfg`` is a :class:`lens_laai.FitConfig`: with ``cfg.relative`` the ``lambdas`` are fractions of
+    :func:`lambda_max` at this layer; ``cfg.init`` picks the starting point of the first λ₂.
+    ``runners`` (a dict) shares prefix caches between paths whose prompts coincide, e.g. one
+    fold's held-out pairs and another fold's training pairs.
+    """
+    fast = cfg.fast and cfg.objective == "first_token"
+    if cfg.fast and cfg.objective == "sequence":
+        warn_once(
+            "objective:sequence",
+            "objective='sequence' scores tokens after the prompt, which the last-token "
+            "fast path does not compute; fitting with the full forward.",
+        )
+    sites = sites_of(layer)
+    if len(sites) > 1 and cfg.objective == "sequence":
+        raise FitError("a joint fit over several layers supports objective='first_token' only.")
+    runner = _runner(model, train, train, sites[0], cfg, template, meter, fast, runners)
+    valid_runner = (
+        _runner(model, valid, train, sites[0], cfg, template, meter, cfg.fast, runners)
+        if valid is not None and len(valid)
+        else None
+    )
+    lam_max = lambda_max(runner, cfg, sites) if cfg.relative else None
+    delta = initial_delta(model, train, sites, cfg, template, meter)
+    for lam in sorted(lambdas, reverse=True):
+        absolute = lam * lam_max if lam_max is not None else lam
+        delta, history = _solve_with_bar(runner, replace(cfg, group_l1=absolute), delta, show_steps, sites)
+        train_acc, train_ce = runner.scores(delta_hooks(sites, delta))
+        valid_acc, valid_ce = valid_runner.scores(delta_hooks(sites, delta)) if valid_runner else (train_acc, train_ce)
+        yield LayerFit(
+            layer,
+            absolute,
+            lam if lam_max is not None else None,
+            lam_max,
+            delta,
+            history,
+            train_acc,
+            valid_acc,
+            valid_ce,
+            runner.is_fast,
+        )
+
+
+def _runner(
+    model: TransformerBridge,
+    task: Task,
+    demos: Task,
+    layer: int,
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+    fast: bool,
+    runners: dict | None,
+) -> LayerRunner:
+    """A :class:`LayerRunner` for ``task``'s prompts, reused from ``runners`` when the same prompts were seen."""
+    batches = training_batches(model, task, demos, cfg, template)
+    key = (layer, fast, tuple((tuple(b.prompts), tuple(b.targets)) for b in batches))
+    if runners is not None and key in runners:
+        return runners[key]
+    runner = LayerRunner(model, batches, layer, fast, meter)
+    if runners is not None:
+        runners[key] = runner
+    return runner
+
+
+def training_batches(
+    model: TransformerBridge, task: Task, demos: Task, cfg: Any, template: PromptTemplate
+) -> list[Batch]:
+    """Prompts of ``task`` (with ``cfg.shots`` demonstrations from ``demos``) in batches."""
+    prompts, targets = k_shot_prompts(task, cfg.shots, demos, cfg.seed, template)
+    return model_batches(model, prompts, targets, cfg.batch_size, template)
+
+
+def objective(
+    runner: LayerRunner, cfg: Any, sites: tuple[int, ...] | None = None
+) -> tuple[Callable[[Tensor], tuple[float, Tensor]], Callable[[Tensor], float]]:
+    """``(smooth_and_grad, smooth)``: the mean training cross-entropy as a function of Δ at ``sites``
+    (default: ``runner.layer`` alone)."""
+    train = runner.batches
+    sites = sites or (runner.layer,)
+    n_rows = sum(len(b) for b in train)
+
+    def loss(delta: Tensor, backward: bool) -> Tensor:
+        total = torch.zeros((), device=delta.device)
+        for i, batch in enumerate(train):
+            if cfg.objective == "sequence":
+                part = _sequence_ce(runner, batch, delta, backward) * len(batch)
+            else:
+                part = runner.cross_entropy(i, delta_hooks(sites, delta), backward)
+            total = total + part.to(total.device)  # the loss may come off another device than Δ's
+        return total / n_rows
+
+    def smooth_and_grad(y: Tensor) -> tuple[float, Tensor]:
+        y = y.detach().requires_grad_(True)
+        value = loss(y, backward=True)
+        (grad,) = torch.autograd.grad(value, y)
+        return float(value.detach()), grad
+
+    def smooth(x: Tensor) -> float:
+        with torch.no_grad():
+            return float(loss(x, backward=False))
+
+    return smooth_and_grad, smooth
+
+
+def lambda_max(runner: LayerRunner, cfg: Any, sites: tuple[int, ...] | None = None) -> float:
+    """The smallest λ₂ whose proximal step leaves every head at zero from Δ = 0, given λ₁ = ``cfg.l1``.
+
+    For the sparse group lasso that is ``max_h ‖S(∇_h f(0), λ₁)‖₂`` (S: soft-thresholding); one
+    gradient evaluation. Raises :class:`FitError` when the gradient is not finite or is zero.
+    """
+    sites = sites or (runner.layer,)
+    smooth_and_grad, _ = objective(runner, cfg, sites)
+    zero = torch.zeros(len(sites) * runner.model.cfg.n_heads, runner.model.cfg.d_head, device=runner.delta_device)
+    value, grad = smooth_and_grad(zero)
+    soft = torch.sign(grad) * torch.clamp(grad.abs() - cfg.l1, min=0.0)
+    lam = float(soft.norm(dim=-1).max())
+    if not torch.isfinite(grad).all() or not lam > 0:
+        raise FitError(
+            f"λ_max at layer {runner.layer} is {lam} (loss {value}): the gradient at Δ = 0 is not finite "
+            f"or is zeroed by l1={cfg.l1}; use a smaller l1, or absolute group_l1 values."
+        )
+    return lam
+
+
+def initial_delta(
+    model: TransformerBridge,
+    train: Task,
+    layer: int | Sequence[int],
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+) -> Tensor:
+    """Where the path starts: zeros, or every head's mean ``hook_z`` shift from zero-shot to k-shot prompts.
+
+    ``"mean-difference"`` uses ``k = min(10, n_train − 1)`` demonstrations from the training pairs
+    (two forwards of them, charged to ``meter``); the fit then shrinks or reshapes that direction.
+    """
+    sites = sites_of(layer)
+    shape = (len(sites) * model.cfg.n_heads, model.cfg.d_head)
+    device = block_device(model, sites[0])
+    if cfg.init == "zero":
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    from lens_laai.fastpath.recording import last_token_z
+
+    shots = min(10, len(train) - 1)
+    if shots < 1:
+        raise FitError("init='mean-difference' needs k-shot prompts, so n_train ≥ 2; use init='zero'.")
+    means = []
+    for k in (0, shots):
+        batches = model_batches(model, *k_shot_prompts(train, k, train, cfg.seed, template), cfg.batch_size, template)
+        for batch in batches:
+            meter.add(float(batch.attention_mask.sum()), model.cfg.n_layers, backward=False)
+        means.append(last_token_z(model, batches, list(sites)).float().mean(0))
+    return (means[1] - means[0]).reshape(shape).to(device)
+
+
+def solve_layer(
+    runner: LayerRunner,
+    train: list[Batch],
+    cfg: Any,
+    init: Tensor,
+    on_step: Callable[[StepRecord], None] | None,
+    sites: tuple[int, ...] | None = None,
+) -> tuple[Tensor, list[StepRecord]]:
+    """Minimise the penalised objective over Δ at ``runner.layer`` from ``init`` (FISTA); ``train`` must be ``runner.batches``."""
+    if train is not runner.batches:
+        raise FitError("solve_layer: train must be the runner's own batches.")
+    init = init.to(device=runner.delta_device, dtype=torch.float32)
+    smooth_and_grad, smooth = objective(runner, cfg, sites)
+    return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
+
+
+def delta_hooks(layer: int | Sequence[int], delta: Tensor) -> list[tuple[str, Callable]]:
+    """``fwd_hooks`` adding Δ at ``hook_z`` at each row's last position: one layer, or (joint) one
+    ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``."""
+    sites = sites_of(layer)
+    return [(hook_name(L), delta_hook(part)) for L, part in zip(sites, delta.chunk(len(sites)))]
+
+
+def _solve_with_bar(
+    runner: LayerRunner, cfg: Any, init: Tensor, show: bool, sites: tuple[int, ...]
+) -> tuple[Tensor, list[StepRecord]]:
+    bar = tqdm(total=cfg.steps, desc=f"fit layer {runner.layer}", disable=not show)
+
+    def on_step(r: StepRecord) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.loss:.3f}", heads=r.n_selected)
+
+    delta, history = solve_layer(runner, runner.batches, cfg, init, on_step, sites)
+    bar.close()
+    return delta, history
+
+
+def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:
+    """Teacher-forced CE of every target token, Δ at each row's last prompt token only."""
+    model = runner.model
+    rows = [
+        ids[ids_mask.bool()].tolist() + tgt[:-1]
+        for ids, ids_mask, tgt in zip(batch.input_ids, batch.attention_mask, batch.target_tokens)
+    ]
+    ids, mask = left_pad(rows, pad_id(model.tokenizer))
+    ids, mask = ids.to(batch.input_ids.device), mask.to(batch.input_ids.device)
+    width = ids.shape[1]
+    target_lens = torch.tensor([len(t) for t in batch.target_tokens])
+    last_prompt = width - target_lens  # index of each row's last prompt token
+    runner.meter.add(float(mask.sum()), model.cfg.n_layers, backward)
+    logits = model.run_with_hooks(
+        ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), delta_hook(delta, last_prompt))]
+    )
+    total = torch.zeros((), device=logits.device)
+    for i, tgt in enumerate(batch.target_tokens):
+        start = int(last_prompt[i])
+        total = total + F.cross_entropy(
+            logits[i, start : start + len(tgt)].float(), torch.tensor(tgt, device=logits.device), reduction="mean"
+        )
+    return total / len(batch.target_tokens)

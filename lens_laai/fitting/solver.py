@@ -1,0 +1,197 @@
+"""The sparse-group-lasso penalty, its exact proximal operator, and an accelerated proximal solver.
+
+Penalty: ``λ₁‖Δ‖₁ + λ₂ Σ_h ‖Δ_h‖₂`` with one group per attention head (a row of Δ). Its
+proximal operator is elementwise soft-thresholding followed by group shrinkage (Friedman,
+Hastie & Tibshirani 2010), so a head whose row shrinks to zero is *exactly* zero: heads are
+switched off by the step itself, not by a threshold applied afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_laai.errors import FitError
+
+
+def penalty(delta: Float[Tensor, "head d_head"], l1: float, group_l1: float) -> Tensor:
+    """``l1 * ‖Δ‖₁ + group_l1 * Σ_h ‖Δ_h‖₂``."""
+    return l1 * delta.abs().sum() + group_l1 * delta.norm(dim=-1).sum()
+
+
+def prox_sparse_group_lasso(
+    v: Float[Tensor, "head d_head"], step_l1: float, step_group: float
+) -> Float[Tensor, "head d_head"]:
+    """``argmin_x ½‖x − v‖² + step_l1‖x‖₁ + step_group Σ_h ‖x_h‖₂`` in closed form."""
+    u = torch.sign(v) * torch.clamp(v.abs() - step_l1, min=0.0)
+    norms = u.norm(dim=-1, keepdim=True)
+    scale = torch.clamp(1.0 - step_group / torch.where(norms > 0, norms, torch.ones_like(norms)), min=0.0)
+    return torch.where(norms > 0, u * scale, torch.zeros_like(u))
+
+
+@dataclass
+class StepRecord:
+    """One iteration of :func:`fista`: the objective at the iterate it ends on, and how it got there.
+
+    ``lr`` is the step size the iteration used (the last one tried when ``accepted`` is false),
+    ``backtracks`` the number of trial steps it rejected, ``accepted`` whether it moved (false
+    when backtracking ran out), ``restarted`` whether it reset the momentum.
+    """
+
+    step: int
+    loss: float
+    smooth: float
+    penalty: float
+    n_selected: int
+    lr: float
+    backtracks: int
+    accepted: bool
+    restarted: bool
+
+
+def _is_finite(value: float, tensor: Tensor | None = None) -> bool:
+    """Whether ``value`` (and every entry of ``tensor``, if given) is finite."""
+    return math.isfinite(value) and (tensor is None or bool(torch.isfinite(tensor).all()))
+
+
+def fista(
+    smooth_and_grad: Callable[[Tensor], tuple[float, Tensor]],
+    smooth: Callable[[Tensor], float],
+    x0: Tensor,
+    l1: float,
+    group_l1: float,
+    steps: int,
+    lr: float,
+    on_step: Callable[[StepRecord], None] | None = None,
+    shrink: float = 0.5,
+    grow: float = 1.25,
+    max_backtracks: int = 30,
+) -> tuple[Tensor, list[StepRecord]]:
+    """Minimise ``f(x) + penalty(x, l1, group_l1)`` by FISTA with backtracking and adaptive restart.
+
+    ``smooth_and_grad(y)`` returns ``f(y)`` and its gradient, ``smooth(x)`` returns ``f(x)`` alone.
+    A trial step from ``y`` is accepted when it passes the sufficient-decrease test of Beck &
+    Teboulle (2009); otherwise the step size shrinks by ``shrink`` (by ``min(shrink, 0.01)`` when
+    the trial point or its loss is not finite, so a wildly large ``lr`` recovers within the
+    budget). A step that passed outright lets the next one grow by ``grow``, so a too-small
+    ``lr`` recovers too. Losses within round-off of the test (relative 1e-6; 1e-12 for float64
+    ``x0``) are accepted, since float32 noise must not shrink the step forever, but the next step
+    is shrunk instead of grown. If ``max_backtracks`` trials all fail, the iteration does not
+    move: it restarts the momentum and warns (``RuntimeWarning``) that ``lr`` is too large.
+
+    Momentum follows Scheinberg, Goldfarb & Bai (2014) so that it stays consistent with steps that
+    change size: ``t_{k+1} = (1 + sqrt(1 + 4 (lr_k / lr_{k+1}) t_k²)) / 2`` with ``lr_{k+1}`` the
+    step proposed for the next iteration (backtracking can only make it smaller, which keeps
+    ``lr_{k+1} t_{k+1}(t_{k+1} − 1) ≤ lr_k t_k²``, the condition of their analysis). Momentum
+    restarts (O'Donoghue & Candès 2015) when the objective goes up, and when the extrapolated
+    point has a non-finite loss or gradient (the gradient is then taken at the iterate instead).
+
+    Returns the iterate with the lowest objective among ``x0`` and every accepted iterate (FISTA
+    is not monotone, so the last one can be worse) and one :class:`StepRecord` per iteration.
+    Raises :class:`~lens_laai.errors.FitError` for non-finite or out-of-range options or ``x0``,
+    and when the loss or gradient is not finite at an accepted iterate (``x0`` included).
+    """
+    _check_options(x0, l1, group_l1, steps, lr, shrink, grow, max_backtracks)
+    rel_slack = 1e-12 if x0.dtype == torch.float64 else 1e-6
+    x = x0.detach().clone()
+    f_x = pen_x = math.nan  # f(x) and penalty(x), known once the gradient at y = x0 comes back
+    y, t = x, 1.0
+    objective = best_objective = math.inf
+    best = x
+    history: list[StepRecord] = []
+    for k in range(steps):
+        restarted = False
+        f_y, g_y = smooth_and_grad(y)
+        if not _is_finite(f_y, g_y) and y is not x:  # extrapolated too far: restart from x
+            y, t, restarted = x, 1.0, True
+            f_y, g_y = smooth_and_grad(y)
+        if not _is_finite(f_y, g_y):
+            where = "the starting point" if k == 0 else "the current iterate"
+            raise FitError(
+                f"the loss or its gradient is not finite (loss {f_y}) at step {k}, at {where}; "
+                "the model or data produce non-finite logits: check the prompts and the model dtype "
+                "(float32 rather than float16), and try a smaller lr."
+            )
+        if k == 0:
+            f_x, pen_x = f_y, float(penalty(x, l1, group_l1))
+            objective = best_objective = f_x + pen_x
+        slack = rel_slack * max(1.0, abs(f_y))
+        accepted, backtracks, used, next_lr = False, 0, lr, lr
+        for backtracks in range(max_backtracks):
+            used = lr
+            x_new = prox_sparse_group_lasso(y - lr * g_y, lr * l1, lr * group_l1)
+            f_new = smooth(x_new) if bool(torch.isfinite(x_new).all()) else math.nan
+            if not math.isfinite(f_new):
+                lr *= min(shrink, 0.01)
+                continue
+            d = x_new - y
+            bound = f_y + float((g_y * d).sum()) + float((d * d).sum()) / (2 * lr)
+            if f_new <= bound:  # grow only after a step that passed outright
+                accepted, next_lr = True, lr * grow if backtracks == 0 else lr
+                break
+            if f_new <= bound + slack:  # passed within round-off: the step is at its limit
+                accepted, next_lr = True, lr * shrink
+                break
+            lr *= shrink
+        if accepted:
+            pen_new = float(penalty(x_new, l1, group_l1))
+            new_objective = f_new + pen_new
+            if new_objective > objective:
+                y, t, restarted = x_new, 1.0, True
+            else:
+                t_next = (1.0 + math.sqrt(1.0 + 4.0 * (lr / next_lr) * t * t)) / 2.0
+                y = x_new + ((t - 1.0) / t_next) * (x_new - x)
+                t = t_next
+            x, f_x, pen_x, objective, lr = x_new, f_new, pen_new, new_objective, next_lr
+            if objective < best_objective:
+                best, best_objective = x, objective
+        else:
+            backtracks = max_backtracks
+            y, t, restarted = x, 1.0, True
+            warnings.warn(
+                f"fista: backtracking ran out at step {k} with step size {used:.3g} (after "
+                f"{max_backtracks} trials); the step was not taken. Use a smaller lr.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        record = StepRecord(
+            k,
+            objective,
+            f_x,
+            pen_x,
+            int((x.norm(dim=-1) > 0).sum()),
+            used,
+            backtracks,
+            accepted,
+            restarted,
+        )
+        history.append(record)
+        if on_step is not None:
+            on_step(record)
+    return best, history
+
+
+def _check_options(
+    x0: Tensor, l1: float, group_l1: float, steps: int, lr: float, shrink: float, grow: float, max_backtracks: int
+) -> None:
+    """Raise :class:`FitError` for options under which :func:`fista` cannot run."""
+    problems = []
+    if not (math.isfinite(l1) and l1 >= 0) or not (math.isfinite(group_l1) and group_l1 >= 0):
+        problems.append(f"l1 and group_l1 must be finite and >= 0 (got {l1}, {group_l1})")
+    if not (math.isfinite(lr) and lr > 0):
+        problems.append(f"lr must be finite and > 0 (got {lr})")
+    if not 0 < shrink < 1 or not (math.isfinite(grow) and grow >= 1) or max_backtracks < 1 or steps < 0:
+        problems.append(
+            f"need 0 < shrink < 1, grow >= 1, max_backtracks >= 1, steps >= 0 "
+            f"(got {shrink}, {grow}, {max_backtracks}, {steps})"
+        )
+    if not bool(torch.isfinite(x0).all()):
+        problems.append("the starting point has non-finite entries")
+    if problems:
+        raise FitError("fista cannot run: " + "; ".join(problems) + ".")

@@ -1,0 +1,316 @@
+"""The intervention protocol: what every intervention object offers, and the shared implementation.
+
+:class:`lens_laai.HeadIntervention` (Δ on ``hook_z``), :class:`lens_laai.baselines.ResidualIntervention`
+(a vector on the residual stream) and the ablations share it, so evaluation, generation, the CLI
+and analysis treat them alike:
+
+* ``fwd_hooks(positions=None, attention_mask=None)``: a TransformerLens ``fwd_hooks`` list;
+* ``apply(model, scale=1.0)``: a context manager; the hooks live only inside the block, also on
+  an exception, and ``"last"`` follows the attention mask of each forward call;
+* ``check_model(model, strict=False)``: refuse a model of another shape, warn on other weights;
+* ``save(path, force=False)`` / ``load(path, model=None)``: safetensors + a JSON manifest, atomic,
+  never pickle, refusing to overwrite anything that is not one of our saves;
+* algebra (``a + b``, ``a - b``, ``2.0 * a``, ``-a``) that keeps the record of the data every
+  operand was fitted on (``metadata["data"]``), so evaluation can still refuse training pairs;
+* ``to(device, dtype)``.
+
+Subclasses say what their tensors are (``_tensors``, ``_with_tensors``), how two combine
+(``_combined_tensors``) and what hooks they make (``_hooks``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import (
+    Any,
+    ClassVar,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
+
+import torch
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from lens_laai.errors import InterventionError
+from lens_laai.interventions.positions import (
+    LastTokenTracker,
+    Positions,
+    add_at_positions,
+    check_positions,
+    positions_to_json,
+)
+from lens_laai.models.bridge import SHAPE_KEYS, check_fingerprint
+from lens_laai.storage.bundle import load_bundle, save_bundle
+
+Hook = tuple[str, Callable[..., Any]]
+Where = Positions | Tensor | LastTokenTracker
+T = TypeVar("T", bound="InterventionBase")
+CARRIED_METADATA = ("data", "template")
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """What evaluation, generation and analysis need of any intervention."""
+
+    metadata: dict[str, Any]
+    positions: Positions
+
+    @property
+    def layers(self) -> list[int]: ...
+
+    def fwd_hooks(self, positions: Positions | None = None, attention_mask: Tensor | None = None) -> list[Hook]: ...
+
+    def apply(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None): ...
+
+    def check_model(self, model: TransformerBridge, strict: bool = False) -> None: ...
+
+
+class InterventionBase:
+    """Shared implementation of the protocol; subclasses are dataclasses with these attributes."""
+
+    FORMAT: ClassVar[str]
+    TENSOR_STEM: ClassVar[str]
+    registry: ClassVar[dict[str, type[InterventionBase]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "FORMAT" in cls.__dict__:
+            InterventionBase.registry[cls.FORMAT] = cls
+
+    model_name: str
+    fingerprint: dict[str, Any]
+    positions: Positions
+    metadata: dict[str, Any]
+
+    # to implement --------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _with_tensors(self: T, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> T:
+        raise NotImplementedError
+
+    def _combined_tensors(self, other: Any, sign: float) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _hooks(self, where: Where) -> list[Hook]:
+        raise NotImplementedError
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {}
+
+    # hooks -------------------------------------------------------------------------------------
+    def fwd_hooks(self, positions: Positions | None = None, attention_mask: Tensor | None = None) -> list[Hook]:
+        """A TransformerLens ``fwd_hooks`` list, for ``model.run_with_hooks`` or ``model.hooks``.
+
+        With ``positions="last"`` (the default) and right-padded batches, pass ``attention_mask``
+        so each row gets its own last real token; without it ``"last"`` is position -1.
+        """
+        where = check_positions(self.positions if positions is None else positions)
+        if where == "last" and attention_mask is not None:
+            return self._hooks(LastTokenTracker(None, attention_mask))
+        return self._hooks(where)
+
+    @contextmanager
+    def apply(
+        self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None, strict: bool = False
+    ) -> Iterator[TransformerBridge]:
+        """Context manager: the model computes with this intervention (times ``scale``) inside the block.
+
+        On exit, also after an exception, exactly the hooks added here are removed; the caller's
+        own hooks stay. ``"last"`` is each row's last real token of every forward call, read from
+        the ``attention_mask`` the model is given (or builds for a batch of strings).
+        """
+        self.check_model(model, strict)
+        scaled = self if scale == 1.0 else self * scale
+        where = check_positions(self.positions if positions is None else positions)
+        tracker = LastTokenTracker(model)
+        with tracker.watching(), model.hooks(fwd_hooks=scaled._hooks(tracker if where == "last" else where)):
+            yield model
+
+    def check_model(self, model: TransformerBridge, strict: bool = False) -> None:
+        """Refuse ``model`` unless its shapes match; warn (refuse if ``strict``) when its weights differ."""
+        check_fingerprint(self.fingerprint, self.model_name, model, strict)
+
+    # algebra -----------------------------------------------------------------------------------
+    def __add__(self: T, other: T) -> T:
+        return self._combine(other, 1.0, "+")
+
+    def __sub__(self: T, other: T) -> T:
+        return self._combine(other, -1.0, "-")
+
+    def __mul__(self: T, scale: float) -> T:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return NotImplemented
+        if not math.isfinite(scale):
+            raise InterventionError(f"Cannot scale an intervention by {scale}: the scale must be a finite number.")
+        name = f"{float(scale):g}·({self.metadata.get('name', 'a')})"
+        return self._with_tensors({k: t * float(scale) for k, t in self._tensors().items()}, self._derived(name))
+
+    __rmul__ = __mul__
+
+    def __neg__(self: T) -> T:
+        return self * -1.0
+
+    def _combine(self: T, other: Any, sign: float, op: str) -> T:
+        if isinstance(other, InterventionBase) and type(other) is not type(self):
+            raise InterventionError(
+                f"Cannot combine a {type(self).__name__} with a {type(other).__name__}; "
+                "apply them together instead (evaluate(model, task, [a, b]) or nested apply())."
+            )
+        if type(other) is not type(self):
+            return NotImplemented
+        for what, ours, theirs in (
+            ("models", self._shapes(), other._shapes()),
+            ("positions", self.positions, other.positions),
+        ):
+            if ours != theirs:
+                raise InterventionError(
+                    f"Cannot combine interventions for different {what} ({ours!r} vs {theirs!r}); "
+                    "rebuild one to match the other."
+                )
+        name = f"({self.metadata.get('name', 'a')}) {op} ({other.metadata.get('name', 'b')})"
+        return self._with_tensors(self._combined_tensors(other, sign), self._derived(name, other))
+
+    def _derived(self, name: str, other: InterventionBase | None = None) -> dict[str, Any]:
+        """Metadata of a result of algebra: its name, and every operand's data records and template."""
+        out: dict[str, Any] = {"name": name}
+        records = list(self.metadata.get("data", []))
+        if other is not None:
+            records += [r for r in other.metadata.get("data", []) if r not in records]
+        if records:
+            out["data"] = records
+        templates = [m["template"] for m in (self.metadata, other.metadata if other else {}) if "template" in m]
+        if templates and all(t == templates[0] for t in templates):
+            out["template"] = templates[0]
+        return out
+
+    def _shapes(self) -> dict[str, Any]:
+        return {k: self.fingerprint.get(k) for k in SHAPE_KEYS}
+
+    def to(self: T, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> T:
+        """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+        return self._with_tensors(
+            {k: t.to(device=device, dtype=dtype) for k, t in self._tensors().items()}, dict(self.metadata)
+        )
+
+    # persistence -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write ``path/`` (safetensors + ``manifest.json``) atomically; refuse a path that is not our save.
+
+        ``force=True`` writes into an existing directory that is not one of our saves, deleting
+        nothing of what is there.
+        """
+        manifest = {
+            "format": self.FORMAT,
+            "model_name": self.model_name,
+            "fingerprint": self.fingerprint,
+            "positions": positions_to_json(self.positions),
+            **self._manifest_extra(),
+            "metadata": self.metadata,
+            **versions(),
+        }
+        tensors = {k: t.detach().to("cpu", torch.float32) for k, t in self._tensors().items()}
+        return save_bundle(Path(path), tensors, manifest, self.TENSOR_STEM, force=force)
+
+    @classmethod
+    def load(cls: type[T], path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False) -> T:
+        """Read what :meth:`save` wrote (never pickle); with ``model``, check that it fits."""
+        tensors, manifest = load_bundle(Path(path), cls.FORMAT, cls.TENSOR_STEM)
+        where = f"{Path(path) / 'manifest.json'}"
+        for key, kind in (("model_name", str), ("fingerprint", dict), ("metadata", dict)):
+            if not isinstance(manifest.get(key), kind):
+                raise InterventionError(f"{where}: {key!r} is missing or not a {kind.__name__}; the save is damaged.")
+        bad = [k for k in SHAPE_KEYS if not isinstance(manifest["fingerprint"].get(k), int)]
+        if bad:
+            raise InterventionError(f"{where}: the fingerprint lacks integer {bad}; the save is damaged.")
+        for name, tensor in tensors.items():
+            if not tensor.dtype.is_floating_point:
+                raise InterventionError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected a float type.")
+        try:
+            iv = cls._from_saved(tensors, manifest)
+        except InterventionError as err:
+            raise InterventionError(f"{Path(path)}: {err}") from None
+        if model is not None:
+            iv.check_model(model, strict)
+        return iv
+
+    @classmethod
+    def _from_saved(cls: type[T], tensors: dict[str, Tensor], manifest: dict[str, Any]) -> T:
+        """Build from a checked manifest (``positions`` still in JSON form: see :func:`positions_from_json`)."""
+        raise NotImplementedError
+
+
+def load_intervention(
+    path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False
+) -> InterventionBase:
+    """Load any saved intervention (head, residual, ablation), whichever kind the manifest names."""
+    import json
+
+    manifest_path = Path(path) / "manifest.json"
+    try:
+        fmt = json.loads(manifest_path.read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    kind = InterventionBase.registry.get(fmt) if isinstance(fmt, str) else None
+    if kind is None:
+        known = ", ".join(sorted(InterventionBase.registry))
+        raise InterventionError(
+            f"{path} is not a saved intervention (no readable manifest.json naming one of: {known})."
+        )
+    return kind.load(path, model, strict)
+
+
+def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
+    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01")."""
+    out: dict[int, Tensor] = {}
+    for name, tensor in tensors.items():
+        prefix, _, index = name.partition(".")
+        if prefix != "layer" or not index.isdigit() or str(int(index)) != index or int(index) in out:
+            raise InterventionError(f"tensor name {name!r} is not 'layer.N' for a distinct layer N.")
+        out[int(index)] = tensor
+    return out
+
+
+def check_tensor(name: str, tensor: Any, shape: tuple[int, ...]) -> Tensor:
+    """Refuse anything but a finite floating tensor of ``shape``."""
+    if not isinstance(tensor, Tensor) or not tensor.dtype.is_floating_point:
+        raise InterventionError(
+            f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}."
+        )
+    if tuple(tensor.shape) != shape:
+        raise InterventionError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}.")
+    if not bool(torch.isfinite(tensor.detach()).all()):
+        raise InterventionError(f"{name} holds NaN or infinite values; an intervention must be finite.")
+    return tensor
+
+
+def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:
+    """A hook function adding ``value`` at ``where`` (positions, per-row indices, or a tracker)."""
+
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        positions = where.index(activation) if isinstance(where, LastTokenTracker) else where
+        return add_at_positions(activation, value, positions)
+
+    return hook
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every manifest."""
+    import transformer_lens
+
+    from lens_laai.version import __version__
+
+    return {
+        "lens_laai_version": __version__,
+        "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
+    }

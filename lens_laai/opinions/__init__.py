@@ -1,0 +1,1 @@
+"""Opinion tasks: surveys and their loaders, prompts, divergences, the survey fit and its evaluation."""

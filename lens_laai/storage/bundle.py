@@ -1,0 +1,285 @@
+"""Atomic saves: safetensors tensors + a JSON manifest in a directory; nothing half-written, nothing pickled.
+
+Files are written under temporary names, fsynced and renamed, and the manifest is switched last,
+so a reader (or a crash) always sees the old save or the new one. Files follow the umask, and a
+path holding anything that is not one of our saves is never overwritten or emptied.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lens_laai.errors import InterventionError, SaveError
+
+if TYPE_CHECKING:
+    import torch
+
+BUNDLE_VERSION = 2
+MANIFEST = "manifest.json"
+TMP_TAG = ".lens_laai-tmp-"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step (temp file, fsync, rename, directory fsync)."""
+    path = Path(path)
+    with _save_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(path, data)
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def is_save(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory whose manifest.json is an object with a ``lens_laai.*`` format."""
+    return _our_manifest(Path(path)) is not None
+
+
+def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Raise :class:`SaveError` if :func:`save_bundle` would refuse ``path``; write nothing; return it resolved.
+
+    Allowed: a missing path, an empty directory, one of our saves and (with ``force``) a foreign
+    directory without a manifest.json. Files and other foreign directories are refused, so that a
+    wrong path cannot destroy someone's data.
+    """
+    with _save_errors(Path(path)):
+        target = Path(path).expanduser().resolve()
+        if not target.exists() or (target.is_dir() and (is_save(target) or not any(target.iterdir()))):
+            return target
+        refusal = f"{target} exists and is not a lens_laai save; refusing to overwrite it. Choose a new path"
+        if not target.is_dir():
+            raise SaveError(f"{refusal}.")
+        if os.path.lexists(target / MANIFEST):
+            raise SaveError(f"{refusal}: it holds another program's {MANIFEST}, which even force would overwrite.")
+        if not force:
+            raise SaveError(f"{refusal}, or pass force=True / --force to write into it (nothing in it is deleted).")
+    return target
+
+
+def save_bundle(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    tensor_stem: str,
+    *,
+    force: bool = False,
+) -> Path:
+    """Save ``tensors`` and ``manifest`` as directory ``path`` (layout v2) atomically; return the resolved path.
+
+    The tensors go to ``{tensor_stem}.{sha256[:12]}.safetensors``; the manifest gains
+    ``format_version``, ``tensor_file`` and ``tensors_sha256``. A new save is built in a hidden
+    sibling and renamed into place; an existing one gets the new tensor file first and its manifest
+    switched last, so a crash at any point leaves the old or the new save loadable.
+    """
+    from safetensors.torch import save
+
+    if not _plain_name(f"{tensor_stem}.safetensors"):
+        raise SaveError(f"Tensor file stem {tensor_stem!r} must be a plain file name.")
+    target = check_save_path(path, force=force)
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"{tensor_stem}.{digest[:12]}.safetensors"
+    full = {**manifest, "format_version": BUNDLE_VERSION, "tensor_file": name, "tensors_sha256": digest}
+    text = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    with _save_errors(target):
+        (_write_into if target.exists() else _create)(target, name, data, text, tensor_stem)
+    return target
+
+
+def load_bundle(path: str | os.PathLike, fmt: str, tensor_stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a save of format ``fmt`` (layout v1 or v2): its tensors (safetensors, never pickle) and manifest.
+
+    Anything unreadable raises :class:`InterventionError` naming the file and the problem: missing
+    files, bad JSON, another format or version, an unsafe tensor file name, a checksum mismatch
+    (a corrupt or edited save) or bytes safetensors cannot parse.
+    """
+    from safetensors.torch import load
+
+    root, manifest_path, kind = Path(path), Path(path) / MANIFEST, fmt.rsplit(".", 1)[-1]
+    if not manifest_path.is_file():
+        raise InterventionError(f"{root} is not a saved {kind} (needs {MANIFEST} and a tensor file).")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InterventionError(f"{manifest_path} is not a readable JSON manifest ({err}).") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = (
+            f"format {manifest.get('format')!r}"
+            if isinstance(manifest, dict)
+            else f"a {type(manifest).__name__}, not an object"
+        )
+        raise InterventionError(f"{manifest_path} is not a {fmt} manifest (it holds {found}).")
+    if type(manifest.get("format_version")) is not int or manifest["format_version"] not in (1, BUNDLE_VERSION):
+        raise InterventionError(
+            f"{manifest_path} has format_version {manifest.get('format_version')!r}; "
+            f"this lens_laai reads 1 and {BUNDLE_VERSION}. Upgrade lens_laai."
+        )
+    name = _tensor_file(manifest, tensor_stem)
+    if name is None:
+        raise InterventionError(
+            f"{manifest_path}: tensor_file {manifest.get('tensor_file')!r} is not a plain file name."
+        )
+    try:
+        data = (root / name).read_bytes()
+    except OSError as err:
+        raise InterventionError(
+            f"{root} is not a saved {kind}: cannot read its tensor file {name} ({err.strerror or err})."
+        ) from err
+    if hashlib.sha256(data).hexdigest() != manifest.get("tensors_sha256"):
+        raise InterventionError(
+            f"{root / name} does not match the checksum in its manifest; the save is corrupt or was edited."
+        )
+    try:
+        return load(data), manifest
+    except Exception as err:
+        raise InterventionError(
+            f"{root / name} is not a readable safetensors file ({err}); the save is corrupt."
+        ) from err
+
+
+def _create(target: Path, name: str, data: bytes, manifest: bytes, stem: str) -> None:
+    """Build a new save in a hidden sibling directory, then rename it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_temps(target.parent, f".{target.name}{TMP_TAG}")
+    tmp = _temp_name(target)
+    os.mkdir(tmp, 0o777)
+    try:
+        _write_file(tmp / name, data)
+        _write_file(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _write_into(target: Path, name: str, data: bytes, manifest: bytes, stem: str) -> None:
+    """Add the new tensor file to directory ``target``, switch its manifest, then drop superseded files."""
+    old = _tensor_file(_our_manifest(target) or {}, stem)
+    fresh = not os.path.lexists(target / name)
+    try:
+        _write_file(target / name, data)
+        _fsync_dir(target)
+        _write_file(target / MANIFEST, manifest)
+    except BaseException:
+        if fresh and _tensor_file(_our_manifest(target) or {}, stem) != name:
+            (target / name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target)
+    if old and old != name:
+        (target / old).unlink(missing_ok=True)
+    _remove_superseded(target, stem, name)
+    _remove_temps(target, ".")
+    _fsync_dir(target)
+
+
+def _remove_superseded(directory: Path, stem: str, keep: str) -> None:
+    """Delete our tensor files other than ``keep``: named ``stem.<12 hex>`` and matching their own SHA-256.
+
+    A save killed between switching the manifest and deleting the old tensor file leaves one.
+    """
+    pattern = re.compile(rf"{re.escape(stem)}\.([0-9a-f]{{12}})\.safetensors")
+    for entry in directory.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if entry.name != keep and match and entry.is_file() and sha256_file(entry).startswith(match[1]):
+            entry.unlink(missing_ok=True)
+
+
+def _remove_temps(directory: Path, prefix: str) -> None:
+    """Delete leftovers of killed saves in ``directory``: entries starting with ``prefix`` that hold our tag."""
+    for entry in directory.iterdir():
+        if entry.name.startswith(prefix) and TMP_TAG in entry.name:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a temp sibling of ``path`` (mode 0666 minus umask), fsync it and rename it over ``path``."""
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temp_name(path: Path) -> Path:
+    """A new hidden sibling of ``path``: ``.{name}.lens_laai-tmp-{random}``, recognisable as our leftover."""
+    return path.with_name(f".{path.name}{TMP_TAG}{secrets.token_hex(8)}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames in ``directory`` durable; skipped where directories cannot be fsynced (Windows, some file systems)."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _our_manifest(directory: Path) -> dict[str, Any] | None:
+    """``directory``'s manifest if it is a UTF-8 JSON object with a ``lens_laai.*`` format, else None."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ours = (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("format"), str)
+        and manifest["format"].startswith("lens_laai.")
+    )
+    return manifest if ours else None
+
+
+def _tensor_file(manifest: dict[str, Any], stem: str) -> str | None:
+    """The tensor file a manifest names (fixed in layout v1, recorded in v2), or None if it is not a plain name."""
+    name = f"{stem}.safetensors" if manifest.get("format_version") == 1 else manifest.get("tensor_file")
+    return name if _plain_name(name) else None
+
+
+def _plain_name(name: Any) -> bool:
+    """Whether ``name`` is a file name that stays inside its directory (no separators, not hidden)."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+@contextmanager
+def _save_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError while saving to ``path`` into a :class:`SaveError` naming the path, the reason and a fix."""
+    try:
+        yield
+    except SaveError:
+        raise
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+        raise SaveError(
+            f"Cannot save to {path}{where}: {err.strerror or err}. Check that the folder is writable "
+            "and the disk has space, or choose another path."
+        ) from err

@@ -1,0 +1,1 @@
+"""Task data, prompts and padded batches, and the record of which pairs a fit saw."""

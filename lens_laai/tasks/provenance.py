@@ -1,0 +1,175 @@
+"""Which data an intervention was fitted on, and the held-out split that follows from it.
+
+A fit writes one :class:`DataRecord` into ``intervention.metadata["data"]``: the task's name and
+content hash, the seed and split sizes, a hash of each split, and a short hash of every pair the
+fit saw (training and validation). Algebra keeps the records of every operand. Evaluation then
+
+* reproduces the held-out split from a record and checks the split hashes, so a task file of the
+  same name that changed since the fit (one pair added reshuffles everything) is refused instead
+  of re-split; another task (a transfer test) is split by the settings given, or 0 / 20 / 40;
+* refuses ``seed`` / ``n_train`` / ``n_valid`` that disagree with the record rather than ignoring
+  them;
+* and, whatever the split came from, refuses to score a "test" pair that any operand saw while
+  fitting.
+
+Example:
+    >>> from lens_laai.tasks.provenance import DataRecord, held_out
+    >>> from lens_laai.testing import tiny_task
+    >>> task = tiny_task()
+    >>> record = DataRecord.of(task.split(2, 10, 4), task)
+    >>> held_out(task, [record]).test == task.split(2, 10, 4).test
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lens_laai.errors import TaskError
+from lens_laai.tasks.task import Pair, Task, TaskSplits
+
+DEFAULT_SPLIT = {"seed": 0, "n_train": 20, "n_valid": 0}
+
+
+def pair_hash(pair: Pair) -> str:
+    """A 16-hex-digit hash of one (input, output) pair."""
+    return hashlib.sha256(json.dumps(list(pair), ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """What one fit saw: enough to reproduce its held-out split and to recognise its pairs."""
+
+    task: str
+    task_hash: str | None
+    seed: int
+    n_train: int
+    n_valid: int
+    n_test: int
+    train_hash: str
+    valid_hash: str
+    test_hash: str
+    seen: tuple[str, ...]
+
+    @classmethod
+    def of(cls, splits: TaskSplits, task: Task | None = None) -> DataRecord:
+        """The record of a fit on ``splits`` (cut from ``task``, when known)."""
+        seen = sorted({pair_hash(p) for p in splits.train.pairs + splits.valid.pairs})
+        return cls(
+            splits.train.name,
+            task.data_hash() if task is not None else None,
+            splits.seed,
+            len(splits.train),
+            len(splits.valid),
+            len(splits.test),
+            splits.train.data_hash(),
+            splits.valid.data_hash(),
+            splits.test.data_hash(),
+            tuple(seen),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "seen": list(self.seen)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> DataRecord:
+        try:
+            return cls(**{**data, "seen": tuple(data["seen"])})
+        except (TypeError, KeyError) as err:
+            raise TaskError(f"An intervention's data record is malformed ({err}): {str(data)[:200]}") from None
+
+    def describe(self) -> str:
+        return f"{self.task!r} (seed={self.seed}, n_train={self.n_train}, n_valid={self.n_valid}, n_test={self.n_test})"
+
+    def reproduce(self, task: Task) -> TaskSplits | None:
+        """The same split of ``task``, or ``None`` if ``task`` is not the data this record was cut from."""
+        if self.task_hash is not None and task.data_hash() != self.task_hash:
+            return None
+        try:
+            splits = task.split(self.seed, self.n_train, self.n_valid, self.n_test)
+        except TaskError:
+            return None
+        hashes = (splits.train.data_hash(), splits.valid.data_hash(), splits.test.data_hash())
+        return splits if hashes == (self.train_hash, self.valid_hash, self.test_hash) else None
+
+
+def records_of(metadata_list: Iterable[dict[str, Any]]) -> list[DataRecord]:
+    """Every distinct record in the ``metadata["data"]`` lists given (operands of algebra, or several interventions)."""
+    out: list[DataRecord] = []
+    for metadata in metadata_list:
+        for item in metadata.get("data", []) or []:
+            record = DataRecord.from_json(item)
+            if record not in out:
+                out.append(record)
+    return out
+
+
+def held_out(
+    task: Task,
+    records: Sequence[DataRecord],
+    seed: int | None = None,
+    n_train: int | None = None,
+    n_valid: int | None = None,
+    n_test: int | None = None,
+) -> TaskSplits:
+    """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them."""
+    asked = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)) if v is not None}
+    if not records:
+        return task.split(**{**DEFAULT_SPLIT, **asked}, n_test=n_test)
+    fitted_here = [r for r in records if r.reproduce(task) is not None]
+    if not fitted_here and not any(r.task == task.name for r in records):
+        return task.split(**{**DEFAULT_SPLIT, **asked})  # another task: any split, as long as check_unseen passes
+    if not fitted_here:
+        raise TaskError(
+            f"Cannot reproduce the held-out split: the intervention was fitted on "
+            f"{', '.join(r.describe() for r in records)}, and task {task.name!r} "
+            f"({len(task)} pairs, hash {task.data_hash()}) is not that data. Pass the same task file, or "
+            "explicit TaskSplits whose test pairs the fit never saw."
+        )
+    disagree = [
+        f"{k}={v} (fitted with {getattr(fitted_here[0], k)})"
+        for k, v in asked.items()
+        if getattr(fitted_here[0], k) != v
+    ]
+    if disagree:
+        raise TaskError(
+            f"{', '.join(disagree)}: these settings disagree with the intervention's own split and would "
+            "score pairs it was fitted on. Leave them out (the split is read from the intervention)."
+        )
+    splits = {r.test_hash: r for r in fitted_here}
+    if len(splits) > 1:
+        raise TaskError(
+            "The intervention combines fits with different splits of this task "
+            f"({'; '.join(r.describe() for r in fitted_here)}); pass explicit TaskSplits to evaluate on."
+        )
+    return fitted_here[0].reproduce(task)  # type: ignore[return-value]
+
+
+def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
+    """Refuse a held-out ``part`` that contains pairs any record's fit saw."""
+    seen = {h for r in records for h in r.seen}
+    leaked = [p for p in part.pairs if pair_hash(p) in seen]
+    if leaked:
+        raise TaskError(
+            f"{len(leaked)} of the {len(part)} test pairs (e.g. {leaked[0]!r}) were used to fit this "
+            "intervention (training or validation); scoring them would overstate accuracy. Evaluate on "
+            "pairs the fit never saw, or ask for split='train' / 'valid' / 'all' explicitly."
+        )
+
+
+def fit_metadata(
+    splits: TaskSplits, task: Task | None, template: Any, config: dict[str, Any], **scores: Any
+) -> dict[str, Any]:
+    """The metadata every fitted intervention carries: name, data record, prompt template, config, scores."""
+    return {
+        "name": splits.train.name,
+        "task": splits.train.name,
+        "data": [DataRecord.of(splits, task).to_json()],
+        "template": template.to_json(),
+        "fit_config": config,
+        **scores,
+    }
