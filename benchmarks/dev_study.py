@@ -59,10 +59,9 @@ from lens_laai import (
     fit,
 )
 from lens_laai.baselines import fit_function_vector, fit_mean_difference
-from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.layer_fit import layer_path
-from lens_laai.fitting.selection import cross_validate
-from lens_laai.fitting.selection import summarise as cv_summary
+from lens_laai.fitting.selection import cross_validate, pooled_cv_scores
 
 TASKS = [
     "antonym",
@@ -155,7 +154,7 @@ def run_unit(
         start, meter = time.perf_counter(), CostMeter()
         full = list(layer_path(model, splits.train, splits.test, L, rel, cfg, template, meter))
         seconds = time.perf_counter() - start
-        cv = cv_summary(cross_validate(model, splits.train, [L], rel, cfg, template, CostMeter(), progress=False))
+        cv = pooled_cv_scores(cross_validate(model, splits.train, [L], rel, cfg, template, CostMeter(), progress=False))
         for lam, f, (_, c) in zip(sorted(rel, reverse=True), full, cv.iterrows()):
             valid_acc, valid_ce = _score(model, splits, f, runners)
             cells.append(
@@ -276,7 +275,7 @@ def run_methods(model, splits: TaskSplits, layers: list[int], args) -> list[dict
 
 def _score(model, splits: TaskSplits, f, runners: dict) -> tuple[float, float]:
     """Accuracy and CE of a cell on the 40 extra validation pairs (one prefix cache per layer)."""
-    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai.fastpath import LayerRunner
     from lens_laai.fitting.layer_fit import delta_hooks, training_batches
 
     if not len(splits.valid):
@@ -310,7 +309,7 @@ def protocols(
 
     With ``joint`` rows, also "single layer at the joint fit's main layer and λ": the cell the
     two-stage rule (joint fit to pick the layer, then the paper's single-layer fit) would return.
-    The default fit is the cell at :func:`lens_laai.auto_layer` and the path's last λ₂ (the same
+    The default fit is the cell at :func:`lens_laai.fitting.auto_layer` and the path's last λ₂ (the same
     computation as ``fit(model, task, n_train=n)``).
     """
     rows = []

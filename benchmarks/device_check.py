@@ -125,7 +125,7 @@ def architecture_matrix(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from lens_laai import fit
-    from lens_laai.fastpath.runner import LastTokenCache
+    from lens_laai.fastpath import LastTokenCache
     from lens_laai.interventions.head import delta_hook
     from lens_laai.models.bridge import hook_name
     from lens_laai.tasks.prompts import k_shot_prompts, make_batch
@@ -179,8 +179,9 @@ def load_fit_speed():
 
 def time_dtype(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
     """Full-forward and fast-path step times at zero and 10 shots for the model in ``dtype``."""
-    from lens_laai import FitConfig, load_model, load_task
-    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai import load_model, load_task
+    from lens_laai.fastpath import LayerRunner
+    from lens_laai.fitting import FitConfig
     from lens_laai.fitting.fit import training_batches
     from lens_laai.tasks.prompts import PromptTemplate
     from lens_laai.testing import tiny_task

@@ -25,8 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lens_laai import FitConfig, fit, load_model, load_task
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai import fit, load_model, load_task
+from lens_laai.fastpath import CostMeter, LayerRunner
+from lens_laai.fitting import FitConfig
 from lens_laai.fitting.fit import parse_layers, solve_layer, training_batches
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.testing import tiny_task

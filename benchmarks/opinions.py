@@ -37,7 +37,7 @@ from lens_laai.opinions.evaluate import (
 )
 from lens_laai.opinions.fit import fit_opinion
 from lens_laai.opinions.loading import load_survey
-from lens_laai.opinions.metrics import summarise
+from lens_laai.opinions.metrics import mean_metrics
 from lens_laai.opinions.survey import toy_survey
 from lens_laai.storage.bundle import atomic_write_text
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in METHODS:
                 table = tables[method].assign(group=g, seed=seed, method=method)
                 questions.append(table)
-                row = summarise(table).iloc[0].to_dict()
+                row = mean_metrics(table).iloc[0].to_dict()
                 rows.append({"group": g, "seed": seed, **row, **spread(table, survey), **info.get(method, {})})
     rows = pd.DataFrame(rows)
     per_question = pd.concat(questions, ignore_index=True)

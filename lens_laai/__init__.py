@@ -3,8 +3,15 @@
 Implements Task-driven Layerwise Additive Activation Intervention (Nguyen et al., NAACL 2025):
 a learned Δ ∈ R^{n_heads × d_head} added to ``blocks.L.attn.hook_z`` at the last prompt token,
 fitted on a few examples with a sparse-group-lasso penalty so that whole heads switch off.
+
+The top level holds what a notebook calls: load a model and a task, :func:`fit`, :func:`evaluate`
+or :func:`generate` with the intervention, :func:`head_table` to see which heads carry the task,
+and the survey entry points. Settings and policy helpers (``FitConfig``, ``default_layers``,
+``auto_layer``) live in :mod:`lens_laai.fitting`; the fast path in :mod:`lens_laai.fastpath`;
+the baselines in :mod:`lens_laai.baselines`.
 """
 
+from lens_laai.analysis.head_table import HeadAnalysis, head_table
 from lens_laai.errors import (
     FitError,
     InterventionError,
@@ -14,17 +21,11 @@ from lens_laai.errors import (
     TaskError,
 )
 from lens_laai.evaluation.evaluate import EvalResult, evaluate, evaluate_many, generate
-from lens_laai.fitting.fit import (
-    FitConfig,
-    FitResult,
-    auto_layer,
-    default_layers,
-    fit,
-    fit_path,
-)
+from lens_laai.fitting.fit import FitResult, fit, fit_path
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.interventions.protocol import Intervention, load_intervention
+from lens_laai.interventions.residual import ResidualIntervention
 from lens_laai.models.loading import load_model
 from lens_laai.opinions.evaluate import OpinionEval, compare_methods, evaluate_opinion
 from lens_laai.opinions.fit import OpinionFitResult, fit_opinion
@@ -42,40 +43,40 @@ from lens_laai.version import __version__
 
 __all__ = [
     "EvalResult",
-    "FitConfig",
-    "HeadAblation",
     "FitError",
     "FitResult",
+    "HeadAblation",
+    "HeadAnalysis",
     "HeadIntervention",
     "Intervention",
     "InterventionError",
     "LensLaaiError",
     "ModelError",
+    "OpinionEval",
+    "OpinionFitResult",
     "PromptTemplate",
+    "ResidualIntervention",
     "SaveError",
+    "Survey",
+    "SurveySplits",
     "Task",
     "TaskError",
     "TaskSplits",
     "__version__",
-    "auto_layer",
+    "bundled_surveys",
     "bundled_tasks",
+    "compare_methods",
     "compose_tasks",
-    "default_layers",
     "evaluate",
     "evaluate_many",
+    "evaluate_opinion",
     "fit",
+    "fit_opinion",
     "fit_path",
     "generate",
+    "head_table",
     "load_intervention",
     "load_model",
-    "load_task",
-    "OpinionEval",
-    "OpinionFitResult",
-    "Survey",
-    "SurveySplits",
-    "bundled_surveys",
-    "compare_methods",
-    "evaluate_opinion",
-    "fit_opinion",
     "load_survey",
+    "load_task",
 ]

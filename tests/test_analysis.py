@@ -140,7 +140,7 @@ def test_activation_patching_matches_a_hand_patch(tiny, fitted):
     task, iv = fitted
     from lens_laai.analysis.effects import activation_patching
     from lens_laai.analysis.head_table import _AnalysisData
-    from lens_laai.fastpath.runner import CostMeter
+    from lens_laai.fastpath import CostMeter
     from lens_laai.tasks.prompts import PromptTemplate
 
     data = _AnalysisData.build(tiny, task, iv, PromptTemplate(), 6, 2, 6, 0, 32)

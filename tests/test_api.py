@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lens_laai import (
-    FitConfig,
     FitError,
     HeadIntervention,
     Intervention,
@@ -20,6 +19,7 @@ from lens_laai import (
     load_intervention,
 )
 from lens_laai.baselines import ResidualIntervention
+from lens_laai.fitting import FitConfig
 from lens_laai.models.loading import model_fingerprint
 from lens_laai.testing import TINY_PAIRS
 
@@ -192,7 +192,7 @@ def test_fit_arguments(tiny):
 
 
 def test_default_layer_policy_is_shared(tiny):
-    from lens_laai import default_layers
+    from lens_laai.fitting import default_layers
     from lens_laai.fitting.fit import parse_layers
 
     assert parse_layers("default", 30) == default_layers(30) == [4, 8, 12, 16, 20]

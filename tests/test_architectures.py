@@ -25,9 +25,8 @@ from lens_laai import (
     generate,
     load_model,
 )
-from lens_laai.fastpath import runner as fastpath
+from lens_laai.fastpath import LastTokenCache, LayerRunner, blocks, notices, prefix, tolerance
 from lens_laai.fastpath.kernels import LlamaLastToken
-from lens_laai.fastpath.runner import LastTokenCache, LayerRunner, tolerance
 from lens_laai.interventions.head import delta_hook
 from lens_laai.models.bridge import hook_name
 from lens_laai.tasks.prompts import k_shot_prompts, make_batch
@@ -115,7 +114,7 @@ def test_unembedding_only_the_last_position_is_exact(models, arch):
 def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
     model = model_for(models, arch)
     batch = padded_batch(model, task)
-    fastpath._warned.clear()
+    notices._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         cache = LastTokenCache.build(model, batch, layer=1)
@@ -146,7 +145,7 @@ def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fit_apply_save_load_evaluate_generate(models, arch, task, tmp_path):
     model = model_for(models, arch)
-    fastpath._warned.clear()
+    notices._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fast = fit(model, task, fast=True, **FIT)
@@ -224,7 +223,7 @@ def test_the_kernel_refuses_a_modified_llama_block_and_says_so(task):
     attn = model.original_model.model.layers[2].self_attn
     inner = getattr(attn, "original_component", None) or attn._original_component
     inner.__class__ = PatchedAttention
-    fastpath._warned.clear()
+    notices._warned.clear()
     with pytest.warns(RuntimeWarning, match="kernel does not apply.*PatchedAttention"):
         cache = LastTokenCache.build(model, padded_batch(model, task), layer=1)
     assert cache.path == "blocks" and torch.allclose(cache.logits(), cache.full_logits, atol=1e-4)
@@ -234,8 +233,9 @@ def test_the_kernel_refuses_a_modified_llama_block_and_says_so(task):
 def test_a_missing_soft_cap_is_caught_by_the_check(models, task, monkeypatch, dtype):
     model = model_for(models, "gemma2", dtype)
     assert model.original_model.config.final_logit_softcapping
-    monkeypatch.setattr(fastpath, "_soft_cap", lambda logits, cap: logits)
-    fastpath._warned.clear()
+    monkeypatch.setattr(blocks, "soft_cap", lambda logits, cap: logits)
+    monkeypatch.setattr(prefix, "soft_cap", lambda logits, cap: logits)
+    notices._warned.clear()
     with pytest.warns(RuntimeWarning, match="disagrees with the full forward"):
         assert LastTokenCache.build(model, padded_batch(model, task), layer=1) is None
 
@@ -257,14 +257,14 @@ def test_sliding_windows_come_from_the_recorded_mask(models, arch, windowed, dty
         model.cfg.device
     )  # one unpadded row, longer than the window
     assert batch.input_ids.shape[1] > 3 * SLIDING_WINDOW
-    cut = fastpath._cut
+    cut = blocks._cut
 
     def see_everything(name, value, width):
         out = cut(name, value, width)
         return torch.zeros_like(out) if name == "attention_mask" and isinstance(out, torch.Tensor) else out
 
-    monkeypatch.setattr(fastpath, "_cut", see_everything)
-    fastpath._warned.clear()
+    monkeypatch.setattr(blocks, "_cut", see_everything)
+    notices._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         cache = LastTokenCache.build(model, batch, layer=0)
@@ -287,10 +287,10 @@ def test_a_block_argument_that_cannot_be_cut_means_the_announced_full_forward(mo
     model = model_for(models, "phi3")
 
     def refuse(name, value, width):
-        raise fastpath._Unsupported(f"argument {name!r} of type {type(value).__name__}")
+        raise blocks.ReplayUnsupported(f"argument {name!r} of type {type(value).__name__}")
 
-    monkeypatch.setattr(fastpath, "_cut", refuse)
-    fastpath._warned.clear()
+    monkeypatch.setattr(blocks, "_cut", refuse)
+    notices._warned.clear()
     with pytest.warns(RuntimeWarning, match="unsupported for Phi3ForCausalLM"):
         runner = LayerRunner(model, [padded_batch(model, task)], 1)
     assert runner.path == "full forward" and not runner.is_fast
@@ -311,7 +311,7 @@ def test_a_model_split_over_cpu_and_disk_fits_like_the_whole_model(task, tmp_pat
         "model.rotary_emb": "cpu",
         "lm_head": "cpu",
     }
-    fastpath._warned.clear()
+    notices._warned.clear()
     with pytest.warns(RuntimeWarning, match="kernel does not apply.*offloaded"):
         split = load_model(str(tmp_path / "m"), device_map=device_map, offload_folder=str(tmp_path / "offload"))
         assert split.cfg.n_devices == 2 and split.original_model.hf_device_map["model.layers.2"] == "disk"
@@ -453,7 +453,7 @@ def test_the_head_analysis_runs_and_its_patching_replay_is_exact(models, arch, t
 
     model = model_for(models, arch)
     iv = fit(model, task, **{**FIT, "steps": 2}).intervention
-    fastpath._warned.clear()
+    notices._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         analysis = head_table(
@@ -473,11 +473,10 @@ def test_the_head_analysis_runs_and_its_patching_replay_is_exact(models, arch, t
         assert torch.isfinite(analysis.scores[name]).all(), name
     assert not any(p.requires_grad for p in model.parameters())
 
-    from lens_laai.analysis.effects import _MaskedModel
-    from lens_laai.fastpath.runner import CostMeter
+    from lens_laai.fastpath import BlockReplayModel, CostMeter
 
     batch = padded_batch(model, task)
-    replay = _MaskedModel(model, batch.input_ids, batch.attention_mask, CostMeter())
+    replay = BlockReplayModel(model, batch.input_ids, batch.attention_mask, CostMeter())
     assert replay.calls is not None, "blocks replayed, not the full-forward fallback"
     hook = [(hook_name(1), lambda z, hook: z + 0.5)]
     full = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hook)[:, -1]

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from lens_laai import Task, default_layers, evaluate, fit, fit_path
+from lens_laai import Task, evaluate, fit, fit_path
+from lens_laai.fitting import default_layers
 from lens_laai.tasks.prompts import k_shot_prompts, make_batch
 
 
@@ -77,9 +78,9 @@ def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
 
 
 def test_sequence_objective_runs_and_says_it_uses_the_full_forward(tiny, task):
-    from lens_laai.fastpath import runner as fastpath
+    from lens_laai.fastpath import notices
 
-    fastpath._warned.discard("objective:sequence")
+    notices._warned.discard("objective:sequence")
     with pytest.warns(RuntimeWarning, match="full forward"):
         result = fit(tiny, task, layer=1, n_train=8, n_valid=4, steps=5, objective="sequence", progress=False)
     assert not result.fast_path and math.isfinite(result.history.loss.iloc[-1])
@@ -131,18 +132,18 @@ def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
 
 
 def test_fast_path_falls_back_and_says_so_once(tiny, task, monkeypatch):
-    from lens_laai.fastpath import runner as fastpath
+    from lens_laai.fastpath import notices, prefix
 
-    fastpath._warned.clear()
-    monkeypatch.setattr(fastpath.LastTokenCache, "_reproduces_full_forward", lambda self: False)
+    notices._warned.clear()
+    monkeypatch.setattr(prefix.LastTokenCache, "_reproduces_full_forward", lambda self: False)
     kwargs = dict(layer=1, n_train=8, n_valid=4, steps=3, progress=False)
     with pytest.warns(RuntimeWarning, match="disagrees with the full forward") as record:
         result = fit(tiny, task, **kwargs)
         fit(tiny, task, **kwargs)
     assert not result.fast_path
     assert sum("disagrees" in str(w.message) for w in record) == 1
-    fastpath._warned.clear()
-    monkeypatch.setattr(fastpath, "REQUIRED_PARTS", ("layers", "no_such_part"))
+    notices._warned.clear()
+    monkeypatch.setattr(prefix, "REQUIRED_PARTS", ("layers", "no_such_part"))
     with pytest.warns(RuntimeWarning, match="unsupported"):
         assert not fit(tiny, task, **kwargs).fast_path
 
@@ -162,7 +163,7 @@ def test_evaluate_many_matches_evaluate(tiny, task):
 
 
 def test_last_token_cache_refuses_hooks_it_cannot_honour(tiny, task):
-    from lens_laai.fastpath.runner import LastTokenCache
+    from lens_laai.fastpath import LastTokenCache
 
     prompts, targets = k_shot_prompts(task, shots=0)
     cache = LastTokenCache.build(tiny, make_batch(tiny.tokenizer, prompts[:4], targets[:4]), layer=1)

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens_laai.fastpath import runner as fastpath
+from lens_laai.fastpath import LastTokenCache, notices, prefix
 from lens_laai.fastpath.kernels import LlamaLastToken, last_token_cross_entropy
-from lens_laai.fastpath.runner import LastTokenCache
 from lens_laai.interventions.head import delta_hook
 from lens_laai.models.bridge import hook_name
 from lens_laai.tasks.prompts import k_shot_prompts, make_batch
@@ -76,7 +75,7 @@ def test_kernel_calls_observer_hooks_and_hands_other_hooks_to_the_bridge(tiny, t
 
 
 def test_kernel_that_disagrees_is_dropped_with_a_warning(tiny, task, monkeypatch):
-    fastpath._warned.clear()
+    notices._warned.clear()
     monkeypatch.setattr(LlamaLastToken, "hidden", lambda self, h, *args: torch.zeros_like(h[:, -1]))
     with pytest.warns(RuntimeWarning, match="kernel disagrees"):
         cache, _ = _cache(tiny, task)
@@ -96,8 +95,8 @@ def test_kernel_declines_architectures_it_does_not_know(tiny):
 
 
 def test_kernel_that_mishandles_hook_z_is_caught_by_the_probe(tiny, task, monkeypatch):
-    fastpath._warned.clear()
-    monkeypatch.setattr(fastpath, "_call_hook", lambda fn, z, point: z)  # hooks silently ignored
+    notices._warned.clear()
+    monkeypatch.setattr(prefix, "_call_hook", lambda fn, z, point: z)  # hooks silently ignored
     with pytest.warns(RuntimeWarning, match="kernel disagrees"):
         cache, batch = _cache(tiny, task)
     assert cache.kernel is None

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_laai import FitConfig, FitError, evaluate, fit, fit_path
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai import FitError, evaluate, fit, fit_path
+from lens_laai.fastpath import CostMeter, LayerRunner
+from lens_laai.fitting import FitConfig
 from lens_laai.fitting.layer_fit import initial_delta, lambda_max, training_batches
-from lens_laai.fitting.selection import choose, cross_validate, fold_splits, summarise
+from lens_laai.fitting.selection import choose, cross_validate, fold_splits, pooled_cv_scores
 from lens_laai.tasks.prompts import PromptTemplate
 
 
@@ -40,7 +41,7 @@ def test_folds_partition_the_training_pairs(task):
 
 
 def test_default_fit_uses_only_the_training_pairs(tiny, task):
-    from lens_laai import auto_layer
+    from lens_laai.fitting import auto_layer
 
     result = fit(tiny, task, n_train=10, progress=False)
     assert result.selection == "none" and result.config.select == "none"
@@ -59,7 +60,7 @@ def test_default_fit_uses_only_the_training_pairs(tiny, task):
 
 
 def test_auto_layer_rule():
-    from lens_laai import auto_layer
+    from lens_laai.fitting import auto_layer
 
     assert auto_layer(30) == 16 and auto_layer(32) == 17 and auto_layer(1) == 0 and auto_layer(2) == 1
 
@@ -118,7 +119,7 @@ def test_halving_drops_the_worse_half_of_the_layers_after_each_lambda(tiny, task
     table = cross_validate(tiny, train, [0, 1, 2], [0.6, 0.3, 0.1], cfg, PromptTemplate(), CostMeter(), progress=False)
     per_lam = table.groupby("lam").layer.nunique().sort_index(ascending=False).tolist()
     assert per_lam == [3, 2, 1]
-    first = summarise(table[table.lam == 0.6]).sort_values(
+    first = pooled_cv_scores(table[table.lam == 0.6]).sort_values(
         ["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable"
     )
     assert set(table[table.lam == 0.3].layer) == set(first.layer.iloc[:2])  # the best two went on
@@ -195,7 +196,7 @@ def test_joint_fit_chooses_layers_and_heads_together(tiny, task):
     assert set(iv.layers) <= {0, 1, 2} and result.layer in iv.layers
     norms = iv.head_norms()
     assert norms.shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
-    from lens_laai.fastpath.runner import LayerRunner
+    from lens_laai.fastpath import LayerRunner
     from lens_laai.fitting.layer_fit import delta_hooks, objective
 
     # the joint objective is the sum of per-layer edits: Δ on layer 1 alone equals a joint Δ zero elsewhere

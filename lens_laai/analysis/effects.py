@@ -2,7 +2,7 @@
 
 The shape is the one ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos`` returns, so
 every score can go straight to ``imshow``. Each function also charges its compute to a
-:class:`lens_laai.fastpath.runner.CostMeter` (forward-pass equivalents of one zero-shot prompt).
+:class:`lens_laai.fastpath.CostMeter` (forward-pass equivalents of one zero-shot prompt).
 
 * :func:`direct_logit_attribution`: what each head's Δ_h adds to the target's logit, read linearly
   through the final norm (its scale taken from the intervened run) and the unembedding, minus the
@@ -26,8 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from lens_laai.fastpath import BlockReplayModel, CostMeter, LayerRunner
 from lens_laai.fastpath.kernels import unwrap
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.models.bridge import head_output_weights
@@ -128,84 +128,6 @@ def logit_lens(
 
 
 # activation and attribution patching -------------------------------------------------------------
-class _MaskedModel:
-    """The bridge as TransformerLens' patching functions call it, run from the patched layer up.
-
-    ``generic_activation_patch`` runs ``model.run_with_hooks(tokens, fwd_hooks=...)`` once per head.
-    This stand-in runs the corrupted prompts (left-padded, with their attention mask) once while
-    recording what every block was called with, and answers each patched run by replaying the
-    blocks from the patched layer up on those recorded inputs, unembedding only the last
-    position, the one the metric reads. A patch at layer L cannot change anything below L, so
-    this is exact (tests compare it with a hand-made full-forward patch); it costs (n − L)/n of a
-    forward. Architectures whose blocks cannot be replayed use the full forward, with a warning.
-    """
-
-    def __init__(self, model: TransformerBridge, tokens: Tensor, mask: Tensor, meter: CostMeter) -> None:
-        self.model, self.tokens, self.mask, self.cfg, self.meter = model, tokens, mask, model.cfg, meter
-        self.calls = _record_blocks(model, tokens, mask)
-        self.softcap = getattr(getattr(model.original_model, "config", None), "final_logit_softcapping", None)
-        meter.add(float(mask.sum()), model.cfg.n_layers, backward=False)
-
-    @torch.no_grad()
-    def run_with_hooks(self, tokens: Tensor, fwd_hooks: Sequence[tuple[str, Callable]] = (), **kwargs: Any) -> Tensor:
-        start = min((_layer_of(name) for name, _ in fwd_hooks), default=0)
-        if self.calls is None:
-            self.meter.add(float(self.mask.sum()), self.cfg.n_layers, backward=False)
-            return self.model.run_with_hooks(tokens, attention_mask=self.mask, fwd_hooks=list(fwd_hooks), **kwargs)
-        self.meter.add(float(self.mask.sum()), self.cfg.n_layers - start, backward=False)
-        hidden = self.calls[start][0]
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
-            for layer in range(start, self.cfg.n_layers):
-                out = self.model.blocks[layer](hidden, **self.calls[layer][1])
-                hidden = out[0] if isinstance(out, tuple) else out
-            logits = self.model.unembed(self.model.ln_final(hidden[:, -1:]))
-        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
-
-
-def _record_blocks(
-    model: TransformerBridge, tokens: Tensor, mask: Tensor
-) -> dict[int, tuple[Tensor, dict[str, Any]]] | None:
-    """Each block's hidden-state input and other arguments in one full forward (caches dropped), or ``None``."""
-    from lens_laai.fastpath.runner import _bind, _is_cache, _Unsupported, warn_once
-
-    calls: dict[int, Any] = {}
-
-    def record(index: int, module: Any, args: tuple, kwargs: dict) -> None:
-        try:
-            hidden, named = _bind(module, args, kwargs)
-        except _Unsupported as err:
-            calls[index] = err
-            return
-        named = {k: (None if _is_cache(v) else v) for k, v in named.items()}
-        if "use_cache" in named:
-            named["use_cache"] = False
-        calls[index] = (hidden.detach(), named)
-
-    handles = [
-        model.blocks[i].register_forward_pre_hook(lambda m, a, k, i=i: record(i, m, a, k), with_kwargs=True)
-        for i in range(model.cfg.n_layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(tokens, attention_mask=mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(calls) != model.cfg.n_layers or any(not isinstance(c, tuple) for c in calls.values()):
-        warn_once(
-            f"replay:{type(model.original_model).__name__}",
-            "Activation patching cannot replay this model's "
-            "blocks; every patched run is a full forward (same numbers, slower).",
-        )
-        return None
-    return calls
-
-
-def _layer_of(hook: str) -> int:
-    parts = hook.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else 0
-
-
 def _target_logprob(targets: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda logits: (
         torch.log_softmax(logits[:, -1].float(), -1).gather(1, targets[:, None].to(logits.device)).mean()
@@ -232,7 +154,7 @@ def activation_patching(
         clean_logits, cache = model.run_with_cache(
             clean.input_ids, attention_mask=clean.attention_mask, names_filter=lambda n: n.endswith("attn.hook_z")
         )
-    adapter = _MaskedModel(model, corrupt.input_ids, corrupt.attention_mask, meter)
+    adapter = BlockReplayModel(model, corrupt.input_ids, corrupt.attention_mask, meter)
     meter.add(float(clean.attention_mask.sum()), model.cfg.n_layers, backward=False)
     corrupted_metric = float(metric(adapter.run_with_hooks(corrupt.input_ids)))
     index = pd.DataFrame([(l, h) for l in layers for h in range(model.cfg.n_heads)], columns=["layer", "head"])

@@ -41,7 +41,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from lens_laai.analysis import effects as fx
 from lens_laai.errors import TaskError
 from lens_laai.evaluation.evaluate import resolve_template, select_split
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.fitting.fit import parse_layers
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention
@@ -49,14 +49,8 @@ from lens_laai.tasks.prompts import Batch, PromptTemplate, make_batch, model_bat
 from lens_laai.tasks.task import Pair, Task, TaskSplits
 
 METHODS = ("dla", "act_patch", "attr_patch", "fv_cie", "ablation", "necessity", "random_control", "logit_lens")
-RANKED = {  # score column -> larger means more important for the task
-    "dla": "dla",
-    "act_patch": "act_patch",
-    "attr_patch": "attr_patch",
-    "fv_cie": "fv_cie",
-    "zero_logprob_drop": "zero_logprob_drop",
-    "mean_logprob_drop": "mean_logprob_drop",
-}
+# the score columns where larger means more important for the task; each is ranked against ‖Δ_h‖
+IMPORTANCE_SCORES = ("dla", "act_patch", "attr_patch", "fv_cie", "zero_logprob_drop", "mean_logprob_drop")
 
 
 @dataclass
@@ -453,7 +447,7 @@ def summarise(table: pd.DataFrame, seed: int = 0, n_permutations: int = 2000) ->
     selected = set(map(tuple, table.loc[table.selected, ["layer", "head"]].itertuples(index=False)))
     k = len(selected)
     intervened = table.layer.isin(table.loc[table.norm > 0, "layer"].unique()) if k else table.layer < 0
-    for column in RANKED:
+    for column in IMPORTANCE_SCORES:
         if column not in table:
             continue
         scored = table[table[column].notna()]

@@ -2,7 +2,7 @@
 
 Every method is scored with :func:`lens_laai.evaluation.evaluate` (top-1 accuracy of the target's first token
 at the last prompt position) and reports its cost in forward-pass equivalents (one full forward of
-one zero-shot prompt, :class:`lens_laai.fastpath.runner.CostMeter` semantics).
+one zero-shot prompt, :class:`lens_laai.fastpath.CostMeter` semantics).
 
 * Prompting (:mod:`.prompting`): zero-shot and k-shot prompting with demonstrations from the train
   split; :func:`prompting_cost` gives the per-query price of the longer prompt.

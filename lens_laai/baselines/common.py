@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import TaskError
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.tasks.prompts import Batch, PromptTemplate, k_shot_prompts, model_batches
 from lens_laai.tasks.task import Task, TaskSplits
 

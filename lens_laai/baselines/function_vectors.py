@@ -10,7 +10,7 @@
 4. :func:`fit_function_vector`: add the vector to the hidden state *output* of layer ℓ
    (``blocks.ℓ.hook_resid_post``) at the last token of zero-shot prompts, ℓ chosen on validation.
 
-Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.runner.LayerRunner`),
+Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.LayerRunner`),
 which falls back to full forwards where it is unsupported.
 
 Example:
@@ -45,8 +45,8 @@ from lens_laai.baselines.common import (
     runner_for,
     unit_meter,
 )
+from lens_laai.fastpath import CostMeter
 from lens_laai.fastpath.recording import last_token_z
-from lens_laai.fastpath.runner import CostMeter
 from lens_laai.interventions.residual import ResidualIntervention
 from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
 from lens_laai.tasks.prompts import (

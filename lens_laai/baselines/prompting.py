@@ -1,6 +1,6 @@
 """Prompting baselines (zero-shot, k-shot) and their cost per query.
 
-Costs are in forward-pass equivalents with :class:`lens_laai.fastpath.runner.CostMeter` semantics: one
+Costs are in forward-pass equivalents with :class:`lens_laai.fastpath.CostMeter` semantics: one
 unit is one full forward of one *zero-shot* prompt, so a k-shot prompt costs its token count over
 the mean zero-shot token count.
 

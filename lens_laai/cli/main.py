@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--layers",
         default="default",
-        help="candidate layers for 'sweep' and 'joint': comma list, 'all', or 'default' (lens_laai.default_layers)",
+        help="candidate layers for 'sweep' and 'joint': comma list, 'all', or 'default' (lens_laai.fitting.default_layers)",
     )
     f.add_argument(
         "--n-train", type=int, default=FitConfig.n_train, help="labelled pairs to fit on (default %(default)s)"

@@ -1,1 +1,9 @@
-"""Evaluation and generation with any intervention: accuracy, per-example tables, text."""
+"""Evaluation and generation with any intervention: accuracy, per-example tables, text.
+
+Every number called accuracy is :func:`lens_laai.fastpath.score_logits`' top-1 accuracy of the
+target's first token at the last prompt position, on a split the intervention did not see.
+"""
+
+from lens_laai.evaluation.evaluate import EvalResult, evaluate, evaluate_many, generate
+
+__all__ = ["EvalResult", "evaluate", "evaluate_many", "generate"]

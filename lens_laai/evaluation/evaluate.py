@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import TaskError
-from lens_laai.fastpath.runner import LayerRunner
+from lens_laai.fastpath import LayerRunner
 from lens_laai.fastpath.scoring import score_logits
 from lens_laai.interventions.protocol import Intervention
 from lens_laai.models.bridge import last_position_hooks
@@ -210,7 +210,7 @@ def evaluate_many(
     """Score many interventions on the same prompts: one row each (``accuracy``, ``mean_target_logprob``).
 
     Any intervention of the protocol works. Those acting at the last token share one prefix
-    pass per batch and layer (the fast path of :mod:`lens_laai.fastpath.runner`), so scoring a λ path
+    pass per batch and layer (the fast path of :mod:`lens_laai.fastpath`), so scoring a λ path
     or an α grid costs little more than scoring one. The split must be held out for all of them.
     """
     for iv in interventions:

@@ -5,7 +5,7 @@
   plain tensor ops and calls ``hook_z`` hook functions itself. The bridge's own blocks compute
   the same numbers, but at one token per row their ~20 hook points and wrappers per block cost
   about a fifth of a step. The attention mask and the rotary tables of each block are the ones
-  the full forward handed that block (see :class:`lens_laai.fastpath.runner.BlockCall`), so sliding
+  the full forward handed that block (see :class:`lens_laai.fastpath.blocks.BlockCall`), so sliding
   windows, padding and any rotary scaling are reproduced exactly rather than re-derived.
 * :func:`last_token_cross_entropy` fuses the unembedding, the cross-entropy and its gradient
   with respect to the final hidden state into one pass over the unembedding matrix (an online
@@ -17,7 +17,7 @@ Which models the kernel accepts is a positive list (:data:`VERIFIED_BLOCKS`): th
 Face module classes whose forward was read against the kernel's math (Llama, Mistral, Qwen2).
 Anything else (Gemma's soft-capping and ``(1 + w)`` norms, Phi-3's fused projections, Qwen3's
 query/key norms, a subclass with changed code, offloaded weights) uses the bridge's own blocks.
-:class:`lens_laai.fastpath.runner.LastTokenCache` also checks the kernel against the full forward on
+:class:`lens_laai.fastpath.prefix.LastTokenCache` also checks the kernel against the full forward on
 every batch it builds and falls back to the bridge's blocks, with a warning, if they disagree.
 
 Example:
@@ -131,14 +131,12 @@ class LlamaLastToken:
     """One token per row through Llama-family blocks ``first..n-1``, keys/values of earlier positions given."""
 
     def __init__(self, hf_model: nn.Module, first: int) -> None:
-        cfg = hf_model.config
-        self.n_heads, self.n_kv = (
-            cfg.num_attention_heads,
-            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        )
-        self.d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cfg: Any = hf_model.config  # a Hugging Face config: its attributes depend on the architecture
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv: int = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.d_head: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         names = VERIFIED_BLOCKS[cfg.model_type]
-        backbone = hf_model.model
+        backbone: Any = hf_model.model
         self.blocks = {l: self._block(backbone.layers[l], names) for l in range(first, len(backbone.layers))}
         self.final_norm = _norm(backbone.norm)
         if type(unwrap(backbone.norm)).__name__ != names[4]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError, TaskError
-from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
     Init,
     LayerFit,
@@ -37,7 +37,8 @@ from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
     solve_layer,
     training_batches,
 )
-from lens_laai.fitting.selection import choose, cross_validate, summarise
+from lens_laai.fitting.penalties import lambda_values
+from lens_laai.fitting.selection import choose, cross_validate, pooled_cv_scores
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import Task, TaskSplits
@@ -363,7 +364,7 @@ def _fit_cross_validated(
     path = [lam for lam in lambdas if lam >= choice["lam"]]
     fitted = list(layer_path(model, splits.train, splits.valid, choice["layer"], path, cfg, template, meter))[-1]
     fitted.valid_accuracy, fitted.valid_ce = choice["cv_accuracy"], choice["cv_ce"]
-    return fitted, summarise(table)
+    return fitted, pooled_cv_scores(table)
 
 
 def _selection(select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False) -> str:
@@ -390,8 +391,8 @@ def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], b
     if group_l1 is not None and group_l1_rel is not None:
         raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
     if group_l1 is not None:
-        return _as_tuple(group_l1, "group_l1"), False
-    values = _as_tuple(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
+        return lambda_values(group_l1, "group_l1"), False
+    values = lambda_values(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
     return values, True
@@ -482,7 +483,7 @@ def fit_path(
     and the interventions in the same order: accuracy against head budget.
     """
     template = template or PromptTemplate()
-    lambdas = tuple(sorted(_as_tuple(group_l1s), reverse=True))
+    lambdas = tuple(sorted(lambda_values(group_l1s), reverse=True))
     cfg = FitConfig(
         layer=layer,
         l1=l1,
@@ -514,10 +515,3 @@ def fit_path(
         for f in fits
     ]
     return pd.DataFrame([f.row() for f in fits]).drop(columns=["layer"]), ivs
-
-
-def _as_tuple(group_l1: float | Sequence[float], name: str = "group_l1") -> tuple[float, ...]:
-    values = tuple(group_l1) if isinstance(group_l1, (list, tuple)) else (group_l1,)
-    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
-        raise FitError(f"{name} must be a number or a non-empty list of numbers, got {group_l1!r}.")
-    return tuple(float(v) for v in values)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
-from lens_laai.fastpath.runner import CostMeter, LayerRunner, block_device, warn_once
+from lens_laai.fastpath import CostMeter, LayerRunner, block_device, cached_runner, warn_once
 from lens_laai.fitting.solver import StepRecord, fista
 from lens_laai.interventions.head import HeadIntervention, delta_hook
 from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
@@ -131,7 +131,7 @@ def layer_path(
     ``layer`` may be a tuple of layers: a *joint* fit, one group per (layer, head), so the group
     Lasso chooses layers and heads together (the cache starts at the lowest of them).
 
-    ``cfg`` is a :class:`lens_laai.FitConfig`: with ``cfg.relative`` the ``lambdas`` are fractions of
+    ``cfg`` is a :class:`lens_laai.fitting.FitConfig`: with ``cfg.relative`` the ``lambdas`` are fractions of
     :func:`lambda_max` at this layer; ``cfg.init`` picks the starting point of the first λ₂.
     ``runners`` (a dict) shares prefix caches between paths whose prompts coincide, e.g. one
     fold's held-out pairs and another fold's training pairs.
@@ -184,15 +184,8 @@ def _runner(
     fast: bool,
     runners: dict | None,
 ) -> LayerRunner:
-    """A :class:`LayerRunner` for ``task``'s prompts, reused from ``runners`` when the same prompts were seen."""
-    batches = training_batches(model, task, demos, cfg, template)
-    key = (layer, fast, tuple((tuple(b.prompts), tuple(b.targets)) for b in batches))
-    if runners is not None and key in runners:
-        return runners[key]
-    runner = LayerRunner(model, batches, layer, fast, meter)
-    if runners is not None:
-        runners[key] = runner
-    return runner
+    """A :class:`LayerRunner` for ``task``'s prompts, shared through ``runners`` (:func:`~lens_laai.fastpath.cached_runner`)."""
+    return cached_runner(model, training_batches(model, task, demos, cfg, template), layer, fast, meter, runners)
 
 
 def training_batches(

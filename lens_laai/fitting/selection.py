@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
-from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.layer_fit import layer_path
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import Task
@@ -100,7 +100,7 @@ def cross_validate(
                 )
                 bar.update(1)
         if cfg.halving and step + 1 < len(path) and len(running) > 1:
-            ranked = summarise(pd.DataFrame(rows)).sort_values(
+            ranked = pooled_cv_scores(pd.DataFrame(rows)).sort_values(
                 ["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable"
             )
             order = list(dict.fromkeys(int(L) for L in ranked.layer if int(L) in running))
@@ -112,7 +112,7 @@ def cross_validate(
     return pd.DataFrame(rows)
 
 
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
+def pooled_cv_scores(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (layer, lam): pooled held-out accuracy and cross-entropy, mean heads kept."""
     t = table.assign(correct=table.held_accuracy * table.n_held, ce_sum=table.held_ce * table.n_held)
     g = t.groupby(["layer", "lam"], sort=False)
@@ -125,8 +125,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose(table: pd.DataFrame) -> dict[str, Any]:
-    """The (layer, lam) row of :func:`summarise` with the best held-out accuracy, ties by lower cross-entropy."""
-    summary = summarise(table)
+    """The (layer, lam) row of :func:`pooled_cv_scores` with the best held-out accuracy, ties by lower cross-entropy."""
+    summary = pooled_cv_scores(table)
     best = summary.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     layer = best.layer if isinstance(best.layer, tuple) else int(best.layer)
     return {"layer": layer, "lam": float(best.lam), "cv_accuracy": float(best.cv_accuracy), "cv_ce": float(best.cv_ce)}

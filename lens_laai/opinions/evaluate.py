@@ -39,7 +39,7 @@ from lens_laai.errors import InterventionError, TaskError
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.models.bridge import last_position_hooks
 from lens_laai.opinions.fit import group_questions
-from lens_laai.opinions.metrics import question_metrics, summarise
+from lens_laai.opinions.metrics import mean_metrics, question_metrics
 from lens_laai.opinions.prompts import (
     OpinionPrompt,
     answer_distribution,
@@ -60,7 +60,7 @@ class OpinionEval:
 
     def summary(self) -> pd.DataFrame:
         """Per method: questions, mean KL, mean TV, representativeness, mean refusal shares."""
-        return summarise(self.table)
+        return mean_metrics(self.table)
 
     def scores(self, method: str | None = None) -> dict[str, float]:
         """``{"kl", "tv", "representativeness", "n_questions", ...}`` of one method (the only one if ``None``)."""

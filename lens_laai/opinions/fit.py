@@ -4,7 +4,7 @@ The paper's opinion-dynamics experiment: for one group (``ATTRIBUTE=VALUE``), mi
 one layer the mean divergence (default KL(target ‖ model)) between the group's answer distribution
 and the model's distribution over the option letters of each training question, plus
 ``l1‖Δ‖₁ + group_l1 Σ_h ‖Δ_h‖₂``, with the same proximal solver (:func:`lens_laai.fitting.solver.fista`)
-and last-token fast path (:class:`lens_laai.fastpath.runner.LayerRunner`) as task fitting: the answer
+and last-token fast path (:class:`lens_laai.fastpath.LayerRunner`) as task fitting: the answer
 letter is one token at the last position. The layer (from :func:`lens_laai.fitting.fit.default_layers`
 unless told) and λ₂ (a path, largest first, warm-started) are chosen on the validation questions'
 divergence. The intervention records the survey, its content hash, the group and the question
@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError, TaskError
-from lens_laai.fastpath.runner import CostMeter, LayerRunner
+from lens_laai.fastpath import CostMeter, LayerRunner, cached_runner
 from lens_laai.fitting.fit import FitConfig
+from lens_laai.fitting.penalties import lambda_values
 from lens_laai.fitting.solver import fista
 from lens_laai.interventions.head import HeadIntervention, delta_hook
 from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
@@ -142,7 +143,7 @@ def fit_opinion(
         FitError: a bad option (before any work) or a non-finite loss. TaskError: an unknown group,
         or no training question the group answered.
     """
-    lambdas = tuple(sorted(_floats(group_l1), reverse=True))
+    lambdas = tuple(sorted(lambda_values(group_l1), reverse=True))
     layers_arg = layers if layers is None or isinstance(layers, str) else tuple(layers)
     # a survey's "auto" sweeps the candidate layers on validation questions (a task's "auto" is a fixed layer)
     if layer in ("joint", "sweep"):
@@ -198,8 +199,8 @@ def fit_opinion(
     rows, best = [], None
     bar = tqdm(total=len(candidates) * len(lambdas) * steps, desc=f"fit {grp.name}", disable=not progress)
     for L in candidates:
-        runner = _runner(model, train, L, fast, meter, runners)
-        valid_runner = _runner(model, valid, L, fast, meter, runners) if valid else None
+        runner = cached_runner(model, [qb.batch for qb in train], L, fast, meter, runners)
+        valid_runner = cached_runner(model, [qb.batch for qb in valid], L, fast, meter, runners) if valid else None
         delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
         for lam in lambdas:
             objective = _Objective(runner, train, letters, divergence)
@@ -288,25 +289,6 @@ def opinion_metadata(
     }
 
 
-def _runner(
-    model: TransformerBridge,
-    batches: list[QuestionBatch],
-    layer: int,
-    fast: bool,
-    meter: CostMeter,
-    cache: dict[Any, LayerRunner] | None,
-) -> LayerRunner:
-    """A :class:`LayerRunner` for these prompts at ``layer``, from ``cache`` when the same prompts were seen."""
-    key = (id(model), layer, fast, tuple(tuple(qb.batch.prompts) for qb in batches))
-    if cache is not None and key in cache:
-        cache[key].meter = meter
-        return cache[key]
-    runner = LayerRunner(model, [qb.batch for qb in batches], layer, fast, meter)
-    if cache is not None:
-        cache[key] = runner
-    return runner
-
-
 class _Objective:
     """Mean per-question divergence of the letter distribution at the last token, Δ at ``runner.layer``."""
 
@@ -332,10 +314,3 @@ class _Objective:
     def smooth(self, x: Tensor) -> float:
         with torch.no_grad():
             return float(self.loss(x, backward=False))
-
-
-def _floats(group_l1: float | Sequence[float]) -> tuple[float, ...]:
-    values = tuple(group_l1) if isinstance(group_l1, (list, tuple)) else (group_l1,)
-    if not values or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
-        raise FitError(f"group_l1 must be a number or a non-empty list of numbers, got {group_l1!r}.")
-    return tuple(float(v) for v in values)

@@ -86,7 +86,7 @@ def representativeness(w1: Sequence[float]) -> float:
     return 1.0 - float(np.mean(values)) if values else math.nan
 
 
-def summarise(table: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:
+def mean_metrics(table: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:
     """Per ``by`` group: questions, mean KL, mean TV, representativeness, mean refusal shares."""
     rows = []
     for key, part in table.groupby(list(by), sort=False):

@@ -1,0 +1,43 @@
+"""Cost accounting in forward-pass equivalents, the unit every fit, baseline and analysis reports.
+
+Example:
+    >>> meter = CostMeter()
+    >>> meter.prompt_token_layers, meter.prompts = 10.0 * 4, 1  # one 10-token prompt, 4 layers
+    >>> meter.add(tokens=1, layers=2, backward=True)  # one token through 2 blocks, forward and backward
+    >>> meter.forward_equivalents()
+    0.15
+"""
+
+from __future__ import annotations
+
+from lens_laai.tasks.prompts import Batch
+
+
+class CostMeter:
+    """Counts compute in token-layers (backward = 2× forward) to report forward-pass equivalents.
+
+    One forward-pass equivalent is one full forward of one prompt: ``prompt tokens × n_layers``
+    token-layers. Attention's length-dependent cost is ignored, which flatters long prompts
+    slightly on the full path and never the fast path.
+    """
+
+    def __init__(self) -> None:
+        self.token_layers = 0.0
+        self.prompt_token_layers = 0.0
+        self.prompts = 0
+
+    def add(self, tokens: float, layers: int, backward: bool) -> None:
+        self.token_layers += tokens * layers * (3 if backward else 1)
+
+    def register_prompts(self, batch: Batch, n_layers: int) -> None:
+        self.prompt_token_layers += float(batch.attention_mask.sum()) * n_layers
+        self.prompts += len(batch)
+
+    def merge(self, other: CostMeter) -> None:
+        """Charge ``other``'s compute to this meter (in this meter's unit) and zero ``other``'s count."""
+        self.token_layers += other.token_layers
+        other.token_layers = 0.0
+
+    def forward_equivalents(self) -> float:
+        per_prompt = self.prompt_token_layers / max(self.prompts, 1)
+        return self.token_layers / per_prompt if per_prompt else 0.0
