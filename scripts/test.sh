@@ -15,6 +15,21 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is not installed and we are not root: the browser test will be skipped" >&2
   fi
 fi
+# The habits CI keeps before any test runs: lint, format, types and the architecture's import contracts.
+# Each failure stops the job and says which check failed and how to see it locally.
+check() {  # check "what" command args...
+  local what="$1"
+  shift
+  echo "check: $what ($*)" >&2
+  if ! "$@"; then
+    echo "FAILED: $what. Run \`$*\` from the repository root to see it; fix it before the tests run." >&2
+    exit 1
+  fi
+}
+check "ruff lint" ruff check lens_laai tests benchmarks scripts notebooks
+check "ruff format" ruff format --check lens_laai tests benchmarks scripts notebooks
+check "mypy type check" mypy lens_laai
+check "import-linter contracts (the layering in pyproject.toml)" lint-imports
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -385,3 +385,33 @@ def test_v1_layout_still_loads_and_is_upgraded(tmp_path):
     save(out, seed=1)
     assert_same(load_bundle(out, FMT, STEM)[0], tensors(1))
     assert_clean_save(out)
+
+
+OLD_SAVES = Path(__file__).parent / "data" / "saves_0_1"  # written by lens_laai 0.1 (commit 2a68bfc): make_saves.py
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("head", "HeadIntervention"), ("ablation", "HeadAblation"), ("residual", "ResidualIntervention")]
+)
+def test_saves_of_the_flat_0_1_layout_load_and_act_the_same(name, kind):
+    """0.2 moved every module; a 0.1 save still loads, as the same class, and changes the logits as 0.1 did."""
+    from lens_laai import evaluate, load_intervention
+    from lens_laai.tasks.prompts import make_batch
+    from lens_laai.testing import tiny_model, tiny_task
+
+    expected = json.loads((OLD_SAVES / "expected.json").read_text())
+    model = tiny_model()
+    iv = load_intervention(OLD_SAVES / name, model, strict=True)
+    assert type(iv).__name__ == kind
+    batch = make_batch(model.tokenizer, expected["prompts"], [" cold", " small"])
+    with torch.no_grad(), iv.apply(model):
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1, :16]
+    with torch.no_grad():
+        plain = model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1, :16]
+    want = torch.tensor(expected["last_token_logits_first_16"][name])
+    assert not torch.allclose(plain, want, atol=1e-4), "the saved intervention changes the logits"
+    assert torch.allclose(logits, want, atol=1e-5)
+    if name == "head":
+        assert [list(h) for h in iv.selected_heads()] == expected["head_selected"]
+        # the recorded split and template still reproduce 0.1's evaluation of it
+        assert evaluate(model, tiny_task(), iv).accuracy == expected["head_test_accuracy"]

@@ -134,6 +134,10 @@ def _target_logprob(targets: Tensor) -> Callable[[Tensor], Tensor]:
     )
 
 
+def _target_logprob_of_row(target: int) -> Callable[[Tensor], Tensor]:
+    return lambda logits: torch.log_softmax(logits[0, -1].float(), -1)[target]
+
+
 def activation_patching(
     model: TransformerBridge,
     clean: Batch,
@@ -190,7 +194,7 @@ def attribution_patching(
                 model,
                 clean_ids[None],
                 corrupt_ids[None],
-                lambda logits, t=target: torch.log_softmax(logits[0, -1].float(), -1)[t],
+                _target_logprob_of_row(target),
             )
             for node, score in result.node_scores.items():
                 if node.kind == "attn_head_out":

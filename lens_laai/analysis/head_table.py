@@ -235,7 +235,7 @@ class _AnalysisData:
         )
         ref_text, ref_targets, _ = _deranged_prompts(train.pairs, train.pairs, shots, seed + 1, template)
         reference = model_batches(model, ref_text, ref_targets, batch_size, template)
-        device = model.cfg.device
+        device = model.cfg.device or "cpu"
         return cls(
             queries,
             zero,

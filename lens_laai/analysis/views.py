@@ -208,7 +208,7 @@ def generation_view(model: TransformerBridge, iv: HeadIntervention, prompt: str,
     prompt_len = _tokens(model, prompt)[0].shape[1]
     plain = torch.log_softmax(model(ids)[0].float(), -1)
     positions = tuple([prompt_len - 1])
-    intervened = torch.log_softmax(model.run_with_hooks(ids, fwd_hooks=iv.fwd_hooks(positions))[0].float(), -1)
+    intervened = torch.log_softmax(model.run_with_hooks(ids, fwd_hooks=[*iv.fwd_hooks(positions)])[0].float(), -1)
     next_ids = ids[0, 1:]
     gain = (intervened[:-1].gather(1, next_ids[:, None]) - plain[:-1].gather(1, next_ids[:, None]))[:, 0]
     values = [0.0] + gain.tolist()

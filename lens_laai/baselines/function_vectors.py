@@ -251,6 +251,7 @@ def fit_function_vector(
             if best is None or (acc, -ce) > best[0]:
                 best = ((acc, -ce), layer, float(scale))
     meter.merge(runner.meter)
+    assert best is not None, "add_layers and scales are checked non-empty above"
     (valid_acc, _), layer, scale = best
     heads = top_heads(cie, top_k)
     config = {

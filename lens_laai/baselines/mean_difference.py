@@ -163,6 +163,7 @@ def fit_mean_difference(
             if best is None or (acc, -ce) > best[0]:
                 best = ((acc, -ce), L, float(alpha), delta)
     meter.merge(runner.meter)
+    assert best is not None, "todo and alphas are checked non-empty above"
     (valid_acc, _), L, alpha, delta = best
     config = {
         "method": "mean_difference",

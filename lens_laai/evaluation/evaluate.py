@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import pandas as pd
 import torch
@@ -146,13 +146,7 @@ def evaluate(
     ``input, target, prediction, correct, target_logprob, target_rank, prompt``.
     """
     start = time.perf_counter()
-    ivs = (
-        list(intervention)
-        if isinstance(intervention, (list, tuple))
-        else [intervention]
-        if intervention is not None
-        else []
-    )
+    ivs = _as_list(intervention)
     for iv in ivs:
         iv.check_model(model, strict)
     part, demos = select_split(task, split, ivs, seed, n_train, n_valid)
@@ -189,6 +183,15 @@ def _rows(model: TransformerBridge, logits: Tensor, batch: Batch) -> list[dict[s
         }
         for i in range(len(batch))
     ]
+
+
+def _as_list(intervention: Intervention | Sequence[Intervention] | None) -> list[Intervention]:
+    """``evaluate``'s ``intervention``: none, one, or several acting together, as a list."""
+    if intervention is None:
+        return []
+    if isinstance(intervention, Sequence):
+        return list(intervention)
+    return [intervention]
 
 
 def evaluate_many(
@@ -237,6 +240,42 @@ def evaluate_many(
 
 
 DeltaAt = Literal["prompt", "every_token"]
+
+
+@overload
+def generate(
+    model: TransformerBridge,
+    prompt: str,
+    intervention: Intervention | None = None,
+    max_new_tokens: int = 10,
+    *,
+    delta_at: DeltaAt = "prompt",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_past_kv_cache: bool = True,
+    prepend_bos: bool = True,
+    strict: bool = False,
+) -> str: ...
+
+
+@overload
+def generate(
+    model: TransformerBridge,
+    prompt: list[str] | tuple[str, ...],
+    intervention: Intervention | None = None,
+    max_new_tokens: int = 10,
+    *,
+    delta_at: DeltaAt = "prompt",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_past_kv_cache: bool = True,
+    prepend_bos: bool = True,
+    strict: bool = False,
+) -> list[str]: ...
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ Agreement is judged relative to the largest logit, within :data:`TOLERANCE` of t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,7 +187,7 @@ class LastTokenCache:
         """``"kernel"`` (plain-tensor blocks) or ``"blocks"`` (the bridge's blocks on the last token)."""
         return "kernel" if self.kernel is not None else "blocks"
 
-    def logits(self, fwd_hooks: list[tuple[str, Callable]] = ()) -> Float[Tensor, "batch vocab"]:
+    def logits(self, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Float[Tensor, "batch vocab"]:
         """Last-token logits with ``fwd_hooks`` active (e.g. an intervention's ``hook_z`` adder).
 
         Hooks below block ``layer`` would never fire here (that computation is cached), so they
@@ -211,7 +211,7 @@ class LastTokenCache:
         hidden = self._kernel_hidden(z_hooks).to(weight.device)  # the head may sit on another device (device_map)
         return last_token_cross_entropy(hidden, weight, bias, targets.to(hidden.device))
 
-    def _kernel_hooks(self, fwd_hooks: list[tuple[str, Callable]]) -> dict[int, list[ZHook]] | None:
+    def _kernel_hooks(self, fwd_hooks: Sequence[tuple[str, Callable]]) -> dict[int, list[ZHook]] | None:
         """Validate ``fwd_hooks``; ``{layer: [fn]}`` if the kernel can run them all, else ``None``."""
         for name, _ in fwd_hooks:
             if block_index(name) < self.layer:
@@ -229,7 +229,7 @@ class LastTokenCache:
             if name not in self.hook_points:
                 self.hook_points[name] = self.model.hook_dict.get(name)
             point = self.hook_points[name]
-            z_hooks.setdefault(int(layer), []).append(lambda z, fn=fn, point=point: _call_hook(fn, z, point))
+            z_hooks.setdefault(int(layer), []).append(_bound_hook(fn, point))
         return z_hooks
 
     def _kernel_hidden(self, z_hooks: dict[int, list[ZHook]]) -> Float[Tensor, "batch d_model"]:
@@ -240,7 +240,7 @@ class LastTokenCache:
         head = unwrap(self.model.unembed)
         return head.weight, getattr(head, "bias", None)
 
-    def _bridged_logits(self, fwd_hooks: list[tuple[str, Callable]]) -> Float[Tensor, "batch vocab"]:
+    def _bridged_logits(self, fwd_hooks: Sequence[tuple[str, Callable]]) -> Float[Tensor, "batch vocab"]:
         with self.model.hooks(fwd_hooks=list(fwd_hooks)):
             return replay_logits(self.model, self.resid, self.calls, self.layer, self.softcap, self.prefix)[:, -1]
 
@@ -312,6 +312,11 @@ def _close(fast: Tensor, full: Tensor) -> bool:
 def _call_hook(fn: Callable, z: Tensor, point: Any) -> Tensor:
     out = fn(z, hook=point)
     return z if out is None else out
+
+
+def _bound_hook(fn: Callable, point: Any) -> ZHook:
+    """``fn`` as the kernel calls a ``hook_z`` hook: on ``z`` alone, with its hook point bound."""
+    return lambda z: _call_hook(fn, z, point)
 
 
 def prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:

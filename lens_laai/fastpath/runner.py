@@ -82,7 +82,7 @@ class LayerRunner:
         out = self.model.run_with_hooks(
             batch.input_ids,
             attention_mask=batch.attention_mask,
-            fwd_hooks=list(fwd_hooks) + last_position_hooks(self.model),
+            fwd_hooks=[*fwd_hooks, *last_position_hooks(self.model)],
         )
         return out[:, -1]
 

@@ -108,7 +108,7 @@ class FitConfig:
     """
 
     layer: int | str = "auto"
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None
     l1: float = 1e-3
     group_l1: float = DEFAULT_GROUP_L1_REL[-1]
     relative: bool = True
@@ -312,8 +312,8 @@ def fit(
         best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
     chosen = replace(
         cfg,
-        layer="joint" if layer == "joint" else best.layer,
-        group_l1=best.group_l1_rel if relative else best.group_l1,
+        layer="joint" if isinstance(best.layer, tuple) else best.layer,  # a joint fit's layer is a tuple
+        group_l1=best.group_l1_rel if relative and best.group_l1_rel is not None else best.group_l1,
     )
     extra = {
         "group_l1_absolute": best.group_l1,
@@ -351,7 +351,9 @@ def _fit_on_validation(
             rows.append(fitted.row())
             if best is None or fitted.key() > best.key():
                 best = fitted
+        assert best is not None, "lambdas is checked non-empty"
         bar.set_postfix(best_layer=best.layer, valid_acc=f"{best.valid_accuracy:.2f}")
+    assert best is not None, "candidates is checked non-empty"
     return best, pd.DataFrame(rows)
 
 

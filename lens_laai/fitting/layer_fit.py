@@ -118,7 +118,7 @@ def layer_path(
     model: TransformerBridge,
     train: Task,
     valid: Task | None,
-    layer: int,
+    layer: int | tuple[int, ...],
     lambdas: Sequence[float],
     cfg: Any,
     template: PromptTemplate,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from jaxtyping import Float
@@ -200,7 +200,7 @@ class HeadAblation(InterventionBase):
             elif positions == "all":
                 out[:, :, heads] = replacement[:, None]
             else:
-                index = [-1] if positions == "last" else list(positions)
+                index = [-1] if isinstance(positions, str) else list(positions)  # a string here is "last"
                 outside = [p for p in index if not -z.shape[1] <= p < z.shape[1]]
                 if outside:
                     raise InterventionError(f"Positions {outside} are outside this sequence of {z.shape[1]} tokens.")
@@ -250,12 +250,12 @@ class HeadAblation(InterventionBase):
 
     @classmethod
     def _from_saved(cls, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> HeadAblation:
-        heads = manifest.get("heads")
+        heads, kind = manifest.get("heads"), manifest.get("kind")
         if not isinstance(heads, list) or not isinstance(manifest.get("seed"), int):
             raise InterventionError("a HeadAblation save needs a list 'heads' and an integer 'seed'.")
         return cls(
             [tuple(h) if isinstance(h, list) else h for h in heads],
-            manifest.get("kind"),
+            cast(Kind, kind),  # __post_init__ checks it
             manifest["model_name"],
             manifest["fingerprint"],
             by_layer(tensors),

@@ -104,7 +104,7 @@ def add_at_positions(
                 f"Per-row positions {positions.tolist()} do not fit a batch of {z.shape[0]} rows of length {seq}."
             )
         out[torch.arange(z.shape[0], device=z.device), positions] += delta
-    elif positions == "last":
+    elif isinstance(positions, str):  # "last" (check_positions admits no other string but "all")
         out[:, -1] += delta
     else:
         outside = [p for p in positions if not -seq <= p < seq]

@@ -152,7 +152,7 @@ def _neox(t: Any, n_layers: int) -> Any:
             num_attention_heads=4,
             intermediate_size=128,
             max_position_embeddings=512,
-            rotary_pct=0.25,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
             use_parallel_residual=True,
             tie_word_embeddings=False,
             **_common(t),

@@ -36,7 +36,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import InterventionError, TaskError
-from lens_laai.interventions.head import HeadIntervention
+from lens_laai.interventions.protocol import Intervention
 from lens_laai.models.bridge import last_position_hooks
 from lens_laai.opinions.fit import group_questions
 from lens_laai.opinions.metrics import mean_metrics, question_metrics
@@ -75,7 +75,7 @@ class OpinionEval:
 def held_out_split(
     survey: Survey,
     group: Group,
-    intervention: HeadIntervention | None = None,
+    intervention: Intervention | None = None,
     *,
     splits: SurveySplits | None = None,
     seed: int | None = None,
@@ -150,7 +150,7 @@ def distributions(
     group: Group,
     keys: Sequence[str],
     method: str = "plain",
-    intervention: HeadIntervention | None = None,
+    intervention: Intervention | None = None,
     *,
     demos: Sequence[tuple[Any, int]] = (),
     prompt: OpinionPrompt | None = None,
@@ -174,7 +174,7 @@ def distributions(
             logits = model.run_with_hooks(
                 qb.batch.input_ids,
                 attention_mask=qb.batch.attention_mask,
-                fwd_hooks=list(hooks) + last_position_hooks(model),
+                fwd_hooks=[*hooks, *last_position_hooks(model)],
             )[:, -1]
             log_dm, refusal = answer_distribution(option_log_probs(logits, letters), qb)
         for j in range(len(qb)):
@@ -223,7 +223,7 @@ def evaluate_opinion(
     model: TransformerBridge,
     survey: Survey,
     group: str,
-    intervention: HeadIntervention | None = None,
+    intervention: Intervention | None = None,
     *,
     method: str = "plain",
     split: str = "test",
@@ -264,7 +264,7 @@ def compare_methods(
     survey: Survey,
     group: str,
     splits: SurveySplits,
-    interventions: Mapping[str, HeadIntervention] | None = None,
+    interventions: Mapping[str, Intervention] | None = None,
     methods: Sequence[str] = METHODS,
     *,
     shots: int | None = None,

@@ -229,6 +229,7 @@ def fit_opinion(
             if best is None or key < best[0]:
                 best = (key, L, lam, delta.clone(), history, train_div, valid_div, runner.is_fast)
     bar.close()
+    assert best is not None, "candidates and lambdas are checked non-empty above"
     _, L, lam, delta, history, train_div, valid_div, is_fast = best
     config = {
         **asdict(
