@@ -49,17 +49,10 @@ from _common import (
     write_outputs,
 )
 
-from lens_laai import (
-    FitConfig,
-    PromptTemplate,
-    Task,
-    TaskSplits,
-    auto_layer,
-    evaluate,
-    fit,
-)
+from lens_laai import PromptTemplate, Task, TaskSplits, evaluate, fit
 from lens_laai.baselines import fit_function_vector, fit_mean_difference
 from lens_laai.fastpath import CostMeter
+from lens_laai.fitting import FitConfig, auto_layer
 from lens_laai.fitting.layer_fit import layer_path
 from lens_laai.fitting.selection import cross_validate, pooled_cv_scores
 
