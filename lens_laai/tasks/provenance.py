@@ -146,7 +146,9 @@ def held_out(
             "The intervention combines fits with different splits of this task "
             f"({'; '.join(r.describe() for r in fitted_here)}); pass explicit TaskSplits to evaluate on."
         )
-    return fitted_here[0].reproduce(task)  # type: ignore[return-value]
+    reproduced = fitted_here[0].reproduce(task)
+    assert reproduced is not None, "fitted_here holds the records that reproduce on task"
+    return reproduced
 
 
 def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
