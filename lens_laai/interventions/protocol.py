@@ -339,16 +339,18 @@ def merged_survey_record(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def saved_format(path: Path) -> str | None:
-    """The ``format`` a save's manifest names, read safely (None if it cannot be read)."""
-    from lens_laai.errors import LensLaaiError
+    """The ``format`` a save's manifest names (None if it has no manifest, or names none); read safely.
+
+    A manifest that is not a readable regular file of JSON raises :class:`InterventionError` saying why.
+    """
     from lens_laai.storage.safe_read import loads_json, read_regular_file
 
-    try:
-        raw = read_regular_file(path / "manifest.json", InterventionError, max_bytes=64 * 2**20)
-        fmt = loads_json(raw, str(path / "manifest.json"), InterventionError)
-    except LensLaaiError:
+    manifest_path = path / "manifest.json"
+    if not os.path.lexists(manifest_path):
         return None
-    return fmt.get("format") if isinstance(fmt, dict) else None
+    raw = read_regular_file(manifest_path, InterventionError, max_bytes=64 * 2**20)
+    manifest = loads_json(raw, str(manifest_path), InterventionError)
+    return manifest.get("format") if isinstance(manifest, dict) else None
 
 
 def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,19 +49,36 @@ def save_lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
 def _flock(target: Path, timeout: float) -> Iterator[None]:
     fd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        deadline, pause = time.monotonic() + timeout, 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise _busy(target, timeout) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _wait(fd, target, timeout)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _wait(fd: int, target: Path, timeout: float) -> None:
+    """Block in ``flock`` (the kernel queues waiters, so a writer in a loop cannot starve another), with a deadline."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        fcntl.flock(fd, fcntl.LOCK_EX)  # signals only reach the main thread: wait without a deadline
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _busy(target, timeout)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    remaining = signal.setitimer(signal.ITIMER_REAL, timeout)[0]
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if remaining:
+            signal.setitimer(signal.ITIMER_REAL, remaining)
 
 
 @contextmanager

@@ -104,11 +104,14 @@ class TemplateJSON(_Strict):
         allowed = {"input"} if info.field_name == "query" else {"input", "output"}
         try:
             names = _fields(text)
-            text.format(input="x", output="y")
-        except (ValueError, KeyError, IndexError, AttributeError) as err:
-            raise ValueError(f"not a usable format string ({err})") from None
+        except ValueError as err:
+            raise ValueError(f"not a format string ({err})") from None
         if "input" not in names or not names <= allowed:
             raise ValueError(f"must contain {{input}} and no placeholders but {sorted(allowed)}, got {sorted(names)}")
+        try:
+            text.format(input="x", output="y")
+        except (ValueError, KeyError, IndexError, AttributeError) as err:
+            raise ValueError(f"not a usable format string ({type(err).__name__}: {err})") from None
         return text
 
 

@@ -1,0 +1,397 @@
+"""The fault suite of issue 23: concurrent and hostile saves, odd inputs, misleading messages.
+
+Every case that gave a traceback, a hang, a lost save or a silently wrong answer has a test here;
+each asserts our own error (a :class:`LensLaaiError` subclass) or the right result, within a
+deadline. Property-based tests of the same loaders are in ``tests/test_faults_properties.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_laai.cli.main import main
+from lens_laai.errors import InterventionError, TaskError
+from lens_laai.evaluation.evaluate import evaluate
+from lens_laai.interventions.ablation import HeadAblation
+from lens_laai.interventions.head import HeadIntervention
+from lens_laai.interventions.protocol import load_intervention
+from lens_laai.tasks.prompts import PromptTemplate
+from lens_laai.tasks.provenance import fit_metadata
+from lens_laai.tasks.task import Task, load_task
+from lens_laai.testing import TINY_PAIRS, tiny_model, tiny_task
+
+TINY = ["--model", "lens-laai-tiny", "--no-progress"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail (TimeoutError) instead of hanging when the block takes longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def fitted(model, seed=0, pairs=TINY_PAIRS, scale=0.5) -> HeadIntervention:
+    """A head intervention carrying a real data record and template, as a fit writes them."""
+    task = Task("tiny-antonym", list(pairs))
+    splits = task.split(seed, 8, 4)
+    delta = torch.zeros(4, 16)
+    delta[2] = scale
+    metadata = fit_metadata(splits, task, PromptTemplate(), {"seed": seed, "n_train": 8, "n_valid": 4})
+    return HeadIntervention.from_deltas(model, {1: delta}, metadata=metadata)
+
+
+def edit_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def write_task(path: Path, pairs) -> Path:
+    path.write_text(json.dumps([{"input": a, "output": b} for a, b in pairs]))
+    return path
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+# --- lost saves ---------------------------------------------------------------------------------
+
+
+def _writer(source, target, scale, go, seconds, results) -> None:
+    iv = scale * load_intervention(source)
+    go.wait(30)
+    end, saves = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        iv.save(target)
+        saves += 1
+    results.put(("saves", saves))
+
+
+def _reader(target, go, seconds, results) -> None:
+    go.wait(30)
+    end, ok, failures = time.monotonic() + seconds, 0, []
+    while time.monotonic() < end:
+        try:
+            load_intervention(target)
+            ok += 1
+        except Exception as err:
+            failures.append(f"{type(err).__name__}: {err}")
+    results.put(("reads", {"ok": ok, "failed": len(failures), "first": failures[:3]}))
+
+
+def test_concurrent_writers_never_lose_a_save_and_readers_never_fail(model, tmp_path):
+    """The issue's scenario with real processes: ×1 and ×2 writers saving to A in a loop for 2 s, a third loading A.
+
+    The processes are forked (torch is already imported, so they start at once); each has its own
+    file descriptors and locks, as separate programs would.
+    """
+    import multiprocessing
+
+    base = fitted(model)
+    base.save(tmp_path / "A")
+    shutil.copytree(tmp_path / "A", tmp_path / "A0")
+    context = multiprocessing.get_context("fork")
+    go, results, seconds = context.Event(), context.Queue(), 2.0
+    procs = [
+        context.Process(target=_writer, args=(tmp_path / "A0", tmp_path / "A", 1.0, go, seconds, results)),
+        context.Process(target=_writer, args=(tmp_path / "A0", tmp_path / "A", 2.0, go, seconds, results)),
+        context.Process(target=_reader, args=(tmp_path / "A", go, seconds, results)),
+    ]
+    for proc in procs:
+        proc.start()
+    go.set()
+    got = [results.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    saves = [n for kind, n in got if kind == "saves"]
+    reads = next(r for kind, r in got if kind == "reads")
+    assert len(saves) == 2 and min(saves) > 0 and reads["ok"] > 0, (saves, reads)
+    assert reads["failed"] == 0, reads
+    final = load_intervention(tmp_path / "A")
+    assert any(torch.equal(final.deltas[1], s * base.deltas[1]) for s in (1.0, 2.0))
+    files = sorted(p.name for p in (tmp_path / "A").iterdir())
+    assert len(files) == 2 and "manifest.json" in files, files  # one manifest, one tensor file: nothing left over
+    print(f"\nconcurrent saves: writers {saves}, reader {reads['ok']} loads, {reads['failed']} failed")
+
+
+def test_save_refuses_nan_and_keeps_the_good_save(model, tmp_path):
+    iv = fitted(model)
+    iv.save(tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+    iv.deltas[1][2, 0] = float("nan")
+    with pytest.raises(InterventionError, match="NaN"):
+        iv.save(tmp_path / "s")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    assert load_intervention(tmp_path / "s").equals(fitted(model))
+
+
+def test_evaluate_refuses_an_intervention_edited_to_nan(model):
+    iv = fitted(model)
+    iv.deltas[1][2, 0] = float("inf")
+    with pytest.raises(InterventionError, match="NaN or infinite"):
+        evaluate(model, tiny_task(), iv)
+    evaluate(model, tiny_task(), fitted(model))  # and the hooks were not left behind
+
+
+def test_cli_checks_the_output_path_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    cli = sys.modules["lens_laai.cli.main"]
+    monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("the model was loaded"))
+    (tmp_path / "file").write_text("x")
+    task = write_task(tmp_path / "t.json", TINY_PAIRS)
+    args = ["fit", "--task-file", str(task), "--layer", "1", "--n-train", "8", *TINY, "--json"]
+    assert main([*args, "--out", str(tmp_path / "file" / "sub" / "out")]) == 2
+    assert "is a file, not a folder" in last_json(capsys)["error"]
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert main([*args, "--out", str(tmp_path / "ro" / "out")]) == 2
+    assert "not writable" in last_json(capsys)["error"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the os.access case above covers it")
+def test_cli_refuses_a_read_only_folder(tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    task = write_task(tmp_path / "t.json", TINY_PAIRS)
+    argv = ["fit", "--task-file", str(task), "--layer", "1", "--n-train", "8", *TINY, "--json"]
+    assert main([*argv, "--out", str(tmp_path / "ro" / "out")]) == 2
+    assert "not writable" in last_json(capsys)["error"]
+
+
+# --- hangs and unbounded reads -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["manifest", "tensor"])
+def test_a_fifo_in_a_save_is_refused_without_hanging(model, tmp_path, which):
+    fitted(model).save(tmp_path / "s")
+    name = (
+        "manifest.json"
+        if which == "manifest"
+        else json.loads((tmp_path / "s/manifest.json").read_text())["tensor_file"]
+    )
+    (tmp_path / "s" / name).unlink()
+    os.mkfifo(tmp_path / "s" / name)
+    with deadline(5), pytest.raises(InterventionError, match="FIFO|not a saved intervention"):
+        load_intervention(tmp_path / "s")
+
+
+def test_compose_onto_a_fifo_save_does_not_hang(model, tmp_path, capsys):
+    fitted(model).save(tmp_path / "a")
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "manifest.json")
+    with deadline(10):
+        assert main(["compose", str(tmp_path / "a"), "--out", str(tmp_path / "out"), "--json"]) == 2
+    assert "manifest.json" in last_json(capsys)["error"]
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "outside"])
+def test_a_symlinked_tensor_file_is_refused(model, tmp_path, target):
+    fitted(model).save(tmp_path / "s")
+    name = json.loads((tmp_path / "s/manifest.json").read_text())["tensor_file"]
+    if target == "outside":
+        shutil.copy(tmp_path / "s" / name, tmp_path / "elsewhere.safetensors")
+        target = str(tmp_path / "elsewhere.safetensors")
+    (tmp_path / "s" / name).unlink()
+    (tmp_path / "s" / name).symlink_to(target)
+    with deadline(5), pytest.raises(InterventionError, match="symbolic link"):
+        load_intervention(tmp_path / "s")
+
+
+def test_a_symlinked_manifest_is_refused(model, tmp_path):
+    fitted(model).save(tmp_path / "s")
+    shutil.copy(tmp_path / "s/manifest.json", tmp_path / "m.json")
+    (tmp_path / "s/manifest.json").unlink()
+    (tmp_path / "s/manifest.json").symlink_to(tmp_path / "m.json")
+    with deadline(5), pytest.raises(InterventionError):
+        load_intervention(tmp_path / "s")
+
+
+def test_tensor_file_size_is_checked_against_the_manifest(model, tmp_path):
+    fitted(model).save(tmp_path / "s")
+    name = json.loads((tmp_path / "s/manifest.json").read_text())["tensor_file"]
+    with open(tmp_path / "s" / name, "ab") as handle:
+        handle.write(b"\0" * 4096)
+    with pytest.raises(InterventionError, match="bytes, but its manifest records"):
+        load_intervention(tmp_path / "s")
+
+
+# --- manifests with wrong types: the schema ----------------------------------------------------
+
+SURVEY_RECORD = {"name": "toy", "hash": "0" * 16, "group": "PARTY=Red", "seed": 0, "train": ["Q0"], "valid": []}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m: m["metadata"].update(data=5), "metadata.data"),
+        (lambda m: m["metadata"]["data"][0].update(seen=7), "metadata.data.0.seen"),
+        (lambda m: m["metadata"]["template"].update(query=5), "metadata.template.query"),
+        (lambda m: m["metadata"]["template"].update(query="Q: {x}\nA:"), "must contain {input}"),
+        (lambda m: m["metadata"]["template"].update(query="Q: input\nA:"), "must contain {input}"),
+        (lambda m: m["metadata"]["template"].update(demo="{input} {output} {0}"), "metadata.template.demo"),
+        (lambda m: m["metadata"].update(survey={**SURVEY_RECORD, "test": ["Q1"], "train": 5}), "metadata.survey.train"),
+        (lambda m: m["metadata"].update(survey=SURVEY_RECORD), "metadata.survey.test"),
+        (lambda m: m["metadata"].update(survey="toy"), "metadata.survey"),
+        (lambda m: m["fingerprint"].update(n_heads=True), "fingerprint.n_heads"),
+        (lambda m: m["fingerprint"].update(n_layers=10**30), "fingerprint.n_layers"),
+        (lambda m: m.update(positions=[2**80]), "positions"),
+        (lambda m: m.update(metadata=[]), "metadata"),
+        (lambda m: m.update(model_name=None), "model_name"),
+        (lambda m: m.update(tensors_bytes="12"), "tensors_bytes"),
+    ],
+    ids=[
+        "data=5",
+        "seen=7",
+        "query=5",
+        "query-without-input",
+        "query-no-placeholder",
+        "demo-extra-field",
+        "survey-train=5",
+        "survey-no-test",
+        "survey-string",
+        "n_heads-bool",
+        "n_layers-huge",
+        "position-huge",
+        "metadata-list",
+        "model_name-null",
+        "tensors_bytes-str",
+    ],
+)
+def test_manifest_schema_gives_our_error(model, tmp_path, change, match):
+    fitted(model).save(tmp_path / "s")
+    edit_manifest(tmp_path / "s", change)
+    with deadline(5), pytest.raises(InterventionError) as err:
+        load_intervention(tmp_path / "s")
+    assert match in str(err.value) and "schema" in str(err.value) or "tensors_bytes" in str(err.value)
+
+
+def test_a_manifest_nested_100000_deep_gives_our_error(model, tmp_path):
+    fitted(model).save(tmp_path / "s")
+    text = (tmp_path / "s/manifest.json").read_text()
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "s/manifest.json").write_text(text.replace('"metadata": {', f'"deep": {deep}, "metadata": {{', 1))
+    with deadline(5), pytest.raises(InterventionError, match="nested deeper"):
+        load_intervention(tmp_path / "s")
+
+
+def test_float8_tensors_are_refused(model, tmp_path):
+    from safetensors.torch import save_file
+
+    fitted(model).save(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s/manifest.json").read_text())
+    path = tmp_path / "s" / manifest["tensor_file"]
+    save_file({"layer.1": torch.zeros(4, 16).to(torch.float8_e4m3fn)}, str(path))
+    edit_manifest(tmp_path / "s", lambda m: m.update(tensors_sha256=sha256(path), tensors_bytes=path.stat().st_size))
+    with pytest.raises(InterventionError, match="float8"):
+        load_intervention(tmp_path / "s")
+    iv = fitted(model)
+    iv.deltas[1] = iv.deltas[1].to(torch.float8_e4m3fn)
+    with pytest.raises(InterventionError, match="float8"):
+        iv.save(tmp_path / "t")
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("tensors", [{}, {"layer.1": torch.zeros(4, 16), "layer.2": torch.zeros(4, 16)}])
+def test_no_tensors_or_an_extra_tensor_key_is_refused(model, tmp_path, tensors):
+    from safetensors.torch import save_file
+
+    fitted(model).save(tmp_path / "s")
+    path = tmp_path / "s" / json.loads((tmp_path / "s/manifest.json").read_text())["tensor_file"]
+    save_file(tensors, str(path))
+    edit_manifest(tmp_path / "s", lambda m: m.update(tensors_sha256=sha256(path), tensors_bytes=path.stat().st_size))
+    with pytest.raises(InterventionError, match="no tensors|manifest records layers"):
+        load_intervention(tmp_path / "s")
+
+
+def test_ablation_seed_2_70_and_extra_reference_values_are_refused(model, tmp_path):
+    HeadAblation.zero(model, [(1, 0)]).save(tmp_path / "z")
+    edit_manifest(tmp_path / "z", lambda m: m.update(seed=2**70))
+    with pytest.raises(InterventionError, match="seed"):
+        load_intervention(tmp_path / "z")
+    with pytest.raises(InterventionError, match="no ablated head"):
+        HeadAblation(
+            [(1, 0)],
+            "mean",
+            "m",
+            dict(HeadIntervention.zeros(model, 1).fingerprint),
+            {1: torch.zeros(1, 4, 16), 2: torch.zeros(1, 4, 16)},
+        )
+
+
+def test_published_schema_file_is_current():
+    from lens_laai.storage.schema import manifest_json_schema
+
+    published = json.loads((ROOT / "lens_laai/data/manifest.schema.json").read_text())
+    assert published == json.loads(json.dumps(manifest_json_schema()))
+
+
+# --- task and survey files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ('[{"input": "a", "output": ' + "9" * 100_000 + "}]", "number"),
+        ('[{"input": "\\ud800", "output": "b"}]', "surrogate"),
+        ('[{"input": "a", "output": "b"}, {"input": "c", "output": NaN}]', "NaN"),
+    ],
+    ids=["deep", "100000-digits", "lone-surrogate", "nan"],
+)
+def test_odd_task_files_give_our_error(tmp_path, text, match):
+    (tmp_path / "t.json").write_text(text)
+    with deadline(5), pytest.raises(TaskError, match=match):
+        load_task(tmp_path / "t.json")
+
+
+def test_a_fifo_task_file_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "t.json")
+    with deadline(5), pytest.raises(TaskError, match="FIFO"):
+        load_task(tmp_path / "t.json")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{" * 100_000 + "}" * 100_000, "nested deeper"),
+        ('{"format": "lens_laai.survey/1", "name": ' + "1" * 100_000 + "}", "number"),
+        ('{"format": "lens_laai.survey/1", "name": "\\udc00"}', "surrogate"),
+    ],
+)
+def test_odd_survey_files_give_our_error(tmp_path, text, match):
+    from lens_laai.opinions.loading import load_survey
+
+    (tmp_path / "s.json").write_text(text)
+    with deadline(5), pytest.raises(TaskError, match=match):
+        load_survey(tmp_path / "s.json")
