@@ -25,6 +25,7 @@ from lens_laai.evaluation.evaluate import evaluate
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.interventions.protocol import load_intervention
+from lens_laai.opinions.survey import toy_survey
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.provenance import fit_metadata
 from lens_laai.tasks.task import Task, load_task
@@ -395,3 +396,219 @@ def test_odd_survey_files_give_our_error(tmp_path, text, match):
     (tmp_path / "s.json").write_text(text)
     with deadline(5), pytest.raises(TaskError, match=match):
         load_survey(tmp_path / "s.json")
+
+
+def test_a_fifo_opinionqa_file_does_not_hang(tmp_path):
+    from lens_laai.opinions.loading import load_survey
+
+    for name in ("info.csv", "metadata.csv", "responses.csv"):
+        (tmp_path / name).write_text("key\n")
+    (tmp_path / "info.csv").unlink()
+    os.mkfifo(tmp_path / "info.csv")
+    with deadline(5), pytest.raises(TaskError, match="FIFO"):
+        load_survey(tmp_path)
+
+
+# --- more tracebacks and misleading messages ---------------------------------------------------
+
+
+@pytest.fixture()
+def task_file(tmp_path):
+    return write_task(tmp_path / "tiny.json", TINY_PAIRS)
+
+
+@pytest.fixture()
+def saved(model, tmp_path):
+    fitted(model).save(tmp_path / "iv")
+    return tmp_path / "iv"
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["fit", "--n-train", "abc"], "--n-train: must be an integer"),
+        (["fit", "--seed", "1e3"], "--seed: must be an integer"),
+        (["fit", "--seed", "-1"], "--seed: must be an integer"),
+        (["fit", "--init", "bogus"], "--init: invalid choice"),
+        (["fit", "--lr", "nan"], "--lr: must be a finite number"),
+        (["fit", "--steps", "0"], "--steps: must be an integer"),
+        (["eval", "--split", "bogus"], "--split: invalid choice"),
+        (["eval", "--seed", "9" * 30], "--seed: must be an integer from 0"),
+        (["analyze", "--intervention", "x", "--out", "y", "--seed", "-1"], "--seed: must be an integer"),
+        (["report", "--intervention", "x", "--out", "y", "--prompt", ""], "--prompt: must not be empty"),
+        (["report", "--intervention", "x", "--out", "y", "--prompt", "  "], "--prompt: must not be empty"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_argparse_errors_print_the_json_error_line(capsys, argv, match):
+    with deadline(10):
+        assert main([*argv, "--task", "antonym", "--out", "o", *TINY, "--json"]) == 2
+    captured = capsys.readouterr()
+    error = json.loads(captured.out.strip().splitlines()[-1])["error"]
+    assert match in error and match in captured.err and "usage:" in captured.err
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--layer", "sweep", "--group-l1", "1,,2"], "empty element"),
+        (["--layer", "sweep", "--group-l1", "1,"], "empty element"),
+        (["--layer", "1", "--group-l1-rel", "2"], "every head is exactly zero"),
+        (["--layer", "sweep", "--layers", "0,0"], "more than once"),
+        (["--layer", "sweep", "--layers", "0,,1"], "empty element"),
+        (["--layer", "sweep", "--layers", "9" * 5000], "--layers must be"),
+    ],
+)
+def test_fit_flags_refused_before_the_model_loads(task_file, tmp_path, monkeypatch, capsys, flags, match):
+    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", lambda a: pytest.fail("model loaded"))
+    argv = ["fit", "--task-file", str(task_file), "--n-train", "8", *flags, *TINY, "--out", str(tmp_path / "o")]
+    assert main([*argv, "--json"]) == 2
+    assert match in last_json(capsys)["error"]
+
+
+def test_a_huge_lr_warns_that_the_saved_intervention_is_all_zero(task_file, tmp_path, capsys):
+    argv = ["fit", "--task-file", str(task_file), "--layer", "1", "--n-train", "8", "--no-baselines", "--lr", "1e308"]
+    with pytest.warns(UserWarning, match="every head off"):
+        assert main([*argv, *TINY, "--out", str(tmp_path / "o"), "--json"]) == 0
+    assert last_json(capsys)["selected_heads"] == []
+
+
+def test_many_steps_stop_when_the_step_size_underflows():
+    """Losses always within round-off above the test shrink the step every iteration, until it is 0.0.
+
+    ``lens-laai fit --steps 1500`` on the tiny model ended in ZeroDivisionError this way.
+    """
+    from lens_laai.fitting.solver import fista
+
+    def smooth(x):
+        return 1.0 + 1e-7  # a trial point is never better than y: "passed within round-off", next step halved
+
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        x, history = fista(lambda y: (1.0, torch.ones_like(y)), smooth, torch.zeros(4, 16), 0.0, 0.0, 3000, 1e-290)
+    assert torch.isfinite(x).all() and len(history) < 3000
+
+
+def test_ctrl_c_after_the_manifest_switch_says_the_save_is_in_place(saved, tmp_path, monkeypatch, capsys):
+    from lens_laai.storage import bundle
+
+    real = bundle._remove_superseded
+
+    def interrupted(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    fitted(tiny_model()).save(tmp_path / "c")
+    monkeypatch.setattr(bundle, "_remove_superseded", interrupted)
+    assert main(["compose", str(saved), "--weights", "2", "--out", str(tmp_path / "c"), "--json"]) == 130
+    assert "nothing was saved" not in last_json(capsys)["error"]
+    (tmp_path / "d").mkdir()
+    fitted(tiny_model()).save(tmp_path / "d" / "old")
+    monkeypatch.setattr(bundle, "_write_file", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["compose", str(saved), "--weights", "2", "--out", str(tmp_path / "d" / "old"), "--json"]) == 130
+    assert "nothing was saved" in last_json(capsys)["error"]
+    monkeypatch.undo()
+    assert torch.equal(load_intervention(tmp_path / "c").deltas[1], 2 * fitted(tiny_model()).deltas[1])
+    assert load_intervention(tmp_path / "d" / "old").equals(fitted(tiny_model()))
+
+
+def test_task_eval_refuses_a_survey_intervention(model, tmp_path, capsys):
+    from lens_laai.opinions.fit import opinion_metadata
+    from lens_laai.opinions.prompts import OpinionPrompt
+
+    survey = toy_survey()
+    metadata = opinion_metadata(survey, survey.group("PARTY=Red"), survey.split(0, 3, 1), OpinionPrompt(), {"seed": 0})
+    HeadIntervention.zeros(model, 1, metadata=metadata).save(tmp_path / "s")
+    argv = ["eval", "--task", "antonym", "--intervention", str(tmp_path / "s"), *TINY, "--json"]
+    assert main(argv) == 2
+    assert "fitted on a survey" in last_json(capsys)["error"]
+
+
+def test_a_truncated_model_cache_is_rebuilt_not_a_traceback(tmp_path):
+    from lens_laai.models.loading import _load_cached
+    from lens_laai.testing import tiny_hf_model_for, tiny_tokenizer
+
+    cache = tmp_path / "cache"
+    tiny_hf_model_for("llama").save_pretrained(cache)
+    tiny_tokenizer().save_pretrained(cache)
+    weights = cache / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="damaged"):
+        assert _load_cached(cache) is None
+    assert not cache.exists()
+
+
+def test_opinionqa_group_without_ordinal_answers_is_refused_in_fit(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "W1"
+    folder.mkdir()
+    yes_no = "\"['Yes', 'No']\""
+    (folder / "info.csv").write_text(
+        "key,question,references,option_ordinal,option_mapping\n"
+        + "".join(f'Q{i},Is it {i}?,{yes_no},"[1, 2]",\n' for i in range(5))
+    )
+    (folder / "metadata.csv").write_text("key,options\nPARTY,\"['Red', 'Green']\"\n")
+    (folder / "responses.csv").write_text(
+        "Q0,Q1,Q2,Q3,Q4,PARTY,WEIGHT_W1\nYes,No,Yes,No,Yes,Red,1\nNo,No,Yes,Yes,Yes,Red,1\n"
+    )
+    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", lambda a: pytest.fail("model loaded"))
+    monkeypatch.setattr("lens_laai.cli.args.model_from_args", lambda a: pytest.fail("model loaded"))
+    argv = ["fit", "--survey-dir", str(folder), "--group", "PARTY=Green", "--n-train-questions", "2"]
+    assert main([*argv, "--n-valid-questions", "1", *TINY, "--out", str(tmp_path / "o"), "--json"]) == 2
+    assert "no ordinal answers" in last_json(capsys)["error"]
+
+
+# --- training data scored as test --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [lambda a, b: (a + " ", b), lambda a, b: (a, b.capitalize()), lambda a, b: ("  " + a.upper(), " " + b + "\t")],
+    ids=["trailing-space", "capitalised-output", "spaces-and-case"],
+)
+def test_training_pairs_that_differ_in_whitespace_or_case_are_not_scored_as_test(model, variant):
+    iv = fitted(model)
+    train = Task("tiny-antonym", list(TINY_PAIRS)).split(0, 8, 4).train.pairs
+    copy = Task("copy", [variant(a, b) if (a, b) in train else (a, b) for a, b in TINY_PAIRS])
+    with pytest.raises(TaskError, match="were used to fit this intervention"):
+        evaluate(model, copy.split(0, n_train=0), iv)  # every pair held out: the variants too
+
+
+def test_survey_split_record_survives_algebra(model):
+    from lens_laai.opinions.evaluate import evaluate_opinion
+    from lens_laai.opinions.fit import opinion_metadata
+    from lens_laai.opinions.prompts import OpinionPrompt
+
+    survey = toy_survey()
+    group = survey.group("PARTY=Red")
+    a = HeadIntervention.from_deltas(
+        model,
+        {1: torch.full((4, 16), 0.1)},
+        metadata=opinion_metadata(survey, group, survey.split(0, 3, 1), OpinionPrompt(), {}),
+    )
+    b = HeadIntervention.from_deltas(
+        model,
+        {1: torch.full((4, 16), 0.2)},
+        metadata=opinion_metadata(survey, group, survey.split(1, 3, 1), OpinionPrompt(), {}),
+    )
+
+    def seen(*ivs):
+        return {q for iv in ivs for part in ("train", "valid") for q in iv.metadata["survey"][part]}
+
+    for combined, fitted_on in ((1.0 * a, seen(a)), (a + b, seen(a, b))):
+        with pytest.raises(TaskError, match="disagree|fitted with"):
+            evaluate_opinion(model, survey, "PARTY=Red", combined, seed=5)
+        scored = set(evaluate_opinion(model, survey, "PARTY=Red", combined).table["key"])
+        assert scored and not scored & fitted_on
+
+
+def test_a_save_without_data_record_needs_split_all(model, tmp_path, task_file, capsys):
+    iv = fitted(model)
+    iv.metadata.pop("data")
+    iv.metadata.pop("fit_config")
+    iv.save(tmp_path / "bare")
+    argv = ["eval", "--task-file", str(task_file), "--intervention", str(tmp_path / "bare"), *TINY, "--json"]
+    assert main(argv) == 2
+    error = last_json(capsys)["error"]
+    assert "held-out split cannot be checked" in error and "--split all" in error
+    with pytest.warns(UserWarning, match="no data record"):
+        assert main([*argv, "--split", "all"]) == 0
+    assert last_json(capsys)["n"] == len(TINY_PAIRS)

@@ -110,8 +110,8 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 def _elements(text: str, flag: str, kind: str) -> list[str]:
     items = [v.strip() for v in text.split(",")]
-    if not text.strip():
-        raise LensLaaiError(f"{flag} needs at least one {kind}, got {text!r}.")
+    if not any(items):
+        raise LensLaaiError(f"{flag} needs at least one {kind}; {flag.lstrip('-')} is empty (got {text!r}).")
     if any(not v for v in items):
         raise LensLaaiError(f"{flag} has an empty element in {text!r}; write values separated by single commas.")
     return items

@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         default=FitConfig.n_valid,
         help="extra labelled pairs for --select valid (default 0: the fit uses only --n-train pairs)",
     )
-    f.add_argument("--n-test", type=positive_int, default=None, help="cap on test pairs (default: the rest)")
+    f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
     f.add_argument(
         "--select",
         choices=["auto", "cv", "valid"],
