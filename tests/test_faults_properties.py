@@ -2,8 +2,9 @@
 
 Each property feeds arbitrary input to a loader (a save's manifest or tensor file, one manifest
 field, a task file, a survey file) or to the CLI's numeric and list flags, and asserts the outcome
-is a correct load or a :class:`LensLaaiError` subclass, within a second per example (a signal
-deadline turns a hang into a failure). The example counts are set by the ``faults`` profile
+is a correct load or a :class:`LensLaaiError` subclass, never a hang: a signal deadline of 5 s per
+example fails it (typical examples take 1-100 ms; Hypothesis' own 1 s deadline was flaky on a
+shared, loaded machine, where one save's fsync took 8 s). The example counts are set by the ``faults`` profile
 below (``LENS_LAAI_FAULT_EXAMPLES`` scales them); ``pytest --hypothesis-show-statistics`` prints
 how many each property ran.
 """
@@ -39,7 +40,7 @@ EXAMPLES = int(os.environ.get("LENS_LAAI_FAULT_EXAMPLES", "100"))
 settings.register_profile(
     "faults",
     max_examples=EXAMPLES,
-    deadline=1000,  # milliseconds per example
+    deadline=None,  # timed by a signal instead (5 s, a hang): on a loaded machine a 1 s limit is flaky (one fsync took 8 s)
     derandomize=True,  # the same examples on every run: CI failures reproduce
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,

@@ -87,9 +87,8 @@ def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
 def _check_writable(target: Path) -> None:
     """Refuse ``target`` if it could not be created or written: below a file, or in a read-only folder."""
     if target.is_dir():
-        for where in (target, target.parent):  # the save, and its lock file beside it
-            if not os.access(where, os.W_OK | os.X_OK):
-                raise SaveError(f"Cannot save to {target}: the folder {where} is not writable. Choose a writable path.")
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise SaveError(f"Cannot save to {target}: the folder is not writable. Choose a writable path.")
         return
     where = target.parent
     while not os.path.lexists(where) and where != where.parent:
@@ -151,7 +150,7 @@ def load_bundle(
     """Read a save of format ``fmt`` (layout v1 or v2): its tensors (safetensors, never pickle) and manifest.
 
     Only regular files directly inside ``path`` are read: a symlink, FIFO or device is refused
-    before it is opened for reading, and the tensor file must have the size and SHA-256 its
+    before a byte is read (and without blocking), and the tensor file must have the size and SHA-256 its
     manifest records. ``check(manifest, where)`` (a schema) runs before the tensor file is read.
     The tensors are those of the manifest read: when a concurrent save replaces the manifest
     meanwhile, the read starts again. Anything unreadable raises :class:`InterventionError` naming
