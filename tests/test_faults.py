@@ -35,12 +35,16 @@ TINY = ["--model", "lens-laai-tiny", "--no-progress"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Hung(BaseException):
+    """Raised by :func:`deadline`; not an OSError (as TimeoutError is), so no ``except OSError`` can hide a hang."""
+
+
 @contextmanager
 def deadline(seconds: float):
-    """Fail (TimeoutError) instead of hanging when the block takes longer than ``seconds``."""
+    """Fail (:class:`Hung`) instead of hanging when the block takes longer than ``seconds``."""
 
     def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Hung(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -87,11 +91,14 @@ def last_json(capsys) -> dict:
 def _writer(source, target, scale, go, seconds, results) -> None:
     iv = scale * load_intervention(source)
     go.wait(30)
-    end, saves = time.monotonic() + seconds, 0
+    end, saves, failures = time.monotonic() + seconds, 0, []
     while time.monotonic() < end:
-        iv.save(target)
-        saves += 1
-    results.put(("saves", saves))
+        try:
+            iv.save(target)
+            saves += 1
+        except Exception as err:
+            failures.append(f"{type(err).__name__}: {err}")
+    results.put(("saves", {"ok": saves, "failed": len(failures), "first": failures[:2]}))
 
 
 def _reader(target, go, seconds, results) -> None:
@@ -133,13 +140,13 @@ def test_concurrent_writers_never_lose_a_save_and_readers_never_fail(model, tmp_
         assert proc.exitcode == 0
     saves = [n for kind, n in got if kind == "saves"]
     reads = next(r for kind, r in got if kind == "reads")
-    assert len(saves) == 2 and min(saves) > 0 and reads["ok"] > 0, (saves, reads)
-    assert reads["failed"] == 0, reads
+    print(f"\nconcurrent saves: writers {saves}, reader {reads}")
+    assert len(saves) == 2 and min(s["ok"] for s in saves) > 0 and reads["ok"] > 0, (saves, reads)
+    assert [s["failed"] for s in saves] == [0, 0] and reads["failed"] == 0, (saves, reads)
     final = load_intervention(tmp_path / "A")
     assert any(torch.equal(final.deltas[1], s * base.deltas[1]) for s in (1.0, 2.0))
     files = sorted(p.name for p in (tmp_path / "A").iterdir())
     assert len(files) == 2 and "manifest.json" in files, files  # one manifest, one tensor file: nothing left over
-    print(f"\nconcurrent saves: writers {saves}, reader {reads['ok']} loads, {reads['failed']} failed")
 
 
 def test_save_refuses_nan_and_keeps_the_good_save(model, tmp_path):
@@ -385,7 +392,7 @@ def test_a_fifo_task_file_does_not_hang(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("{" * 100_000 + "}" * 100_000, "nested deeper"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested deeper"),
         ('{"format": "lens_laai.survey/1", "name": ' + "1" * 100_000 + "}", "number"),
         ('{"format": "lens_laai.survey/1", "name": "\\udc00"}', "surrogate"),
     ],
