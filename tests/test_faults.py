@@ -573,8 +573,9 @@ def test_opinionqa_group_without_ordinal_answers_is_refused_in_fit(tmp_path, mon
 )
 def test_training_pairs_that_differ_in_whitespace_or_case_are_not_scored_as_test(model, variant):
     iv = fitted(model)
-    train = Task("tiny-antonym", list(TINY_PAIRS)).split(0, 8, 4).train.pairs
-    copy = Task("copy", [variant(a, b) if (a, b) in train else (a, b) for a, b in TINY_PAIRS])
+    splits = Task("tiny-antonym", list(TINY_PAIRS)).split(0, 8, 4)
+    seen = splits.train.pairs + splits.valid.pairs
+    copy = Task("copy", [variant(a, b) if (a, b) in seen else (a, b) for a, b in TINY_PAIRS])
     with pytest.raises(TaskError, match="were used to fit this intervention"):
         evaluate(model, copy.split(0, n_train=0), iv)  # every pair held out: the variants too
 
@@ -602,7 +603,7 @@ def test_survey_split_record_survives_algebra(model):
 
     for combined, fitted_on in ((1.0 * a, seen(a)), (a + b, seen(a, b))):
         with pytest.raises(TaskError, match="disagree|fitted with"):
-            evaluate_opinion(model, survey, "PARTY=Red", combined, seed=5)
+            evaluate_opinion(model, survey, "PARTY=Red", combined, seed=5, n_train=3, n_valid=1)
         scored = set(evaluate_opinion(model, survey, "PARTY=Red", combined).table["key"])
         assert scored and not scored & fitted_on
 

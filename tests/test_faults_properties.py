@@ -26,12 +26,13 @@ from hypothesis import strategies as st
 
 from lens_laai.cli.main import main
 from lens_laai.errors import LensLaaiError
+from lens_laai.evaluation.evaluate import resolve_template
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.interventions.protocol import load_intervention
 from lens_laai.opinions.loading import load_survey
 from lens_laai.opinions.survey import toy_survey
 from lens_laai.tasks.prompts import PromptTemplate
-from lens_laai.tasks.provenance import fit_metadata
+from lens_laai.tasks.provenance import fit_metadata, records_of
 from lens_laai.tasks.task import load_task
 from lens_laai.testing import TINY_PAIRS, tiny_model, tiny_task
 from tests.test_faults import deadline
@@ -145,6 +146,8 @@ def test_any_json_value_in_any_manifest_field(good_save, model, choice, value):
         iv = load_intervention(folder, model)
         iv.fwd_hooks()
         iv.heads()
+        records_of([iv.metadata])  # what evaluation reads: the data records and the template
+        resolve_template(None, [iv]).render("x", [("a", "b")])
 
     assert outcome(load_and_use, folder) in ("ok", "refused")
 
