@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_faults import deadline
 
 from lens_laai.cli.main import main
 from lens_laai.errors import LensLaaiError
@@ -35,7 +36,6 @@ from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.provenance import fit_metadata, records_of
 from lens_laai.tasks.task import load_task
 from lens_laai.testing import TINY_PAIRS, tiny_model, tiny_task
-from tests.test_faults import deadline
 
 EXAMPLES = int(os.environ.get("LENS_LAAI_FAULT_EXAMPLES", "100"))
 settings.register_profile(
