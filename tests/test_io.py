@@ -263,7 +263,8 @@ def test_os_errors_become_save_errors(tmp_path, monkeypatch, name, existing):
     out = tmp_path / "s"
     if existing:
         save(out)
-    failing(monkeypatch, name, lambda a: True, PermissionError(13, "Permission denied", "x"))
+    writes = (lambda a: True) if name == "mkdir" else (lambda a: len(a) > 1 and a[1] & os.O_CREAT)
+    failing(monkeypatch, name, writes, PermissionError(13, "Permission denied", "x"))
     with pytest.raises(SaveError) as err:
         save(out, seed=1)
     assert str(out) in str(err.value) and "Permission denied" in str(err.value) and "writable" in str(err.value)
@@ -319,7 +320,10 @@ def edit_manifest(folder, change):
 def corrupt_recomputed(folder):
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / manifest["tensor_file"]).write_bytes(b"\xff" * 64)
-    edit_manifest(folder, lambda m: m.update(tensors_sha256=io.sha256_file(folder / manifest["tensor_file"])))
+    edit_manifest(
+        folder,
+        lambda m: m.update(tensors_sha256=io.sha256_file(folder / manifest["tensor_file"]), tensors_bytes=64),
+    )
 
 
 @pytest.mark.parametrize(

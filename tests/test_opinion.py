@@ -186,7 +186,7 @@ def test_evaluation_reproduces_the_held_out_questions_and_refuses_mismatches(tin
     bare = HeadIntervention.from_deltas(tiny, {1: iv.deltas[1].clone()})
     with pytest.raises(InterventionError, match="no survey record"):
         evaluate_opinion(tiny, survey, "PARTY=Red", bare)
-    assert "survey" not in (iv + iv).metadata, "algebra drops the record, so evaluation asks for explicit splits"
+    assert (iv + iv).metadata["survey"] == iv.metadata["survey"]  # algebra keeps the record (issue 23)
 
 
 def test_baselines_score_the_same_questions_and_zero_delta_is_the_plain_prompt(tiny, survey, splits, fitted):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lens_laai.cli.args import nonempty_text, nonnegative_int
 from lens_laai.errors import SaveError
 
 
@@ -35,12 +36,15 @@ def add_parsers(sub: Any, task_args: Any) -> None:
         )
         p.add_argument("--n-random", type=int, default=20, help="random head sets in the ablation control (default 20)")
         p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=nonnegative_int, default=0)
         p.add_argument("--out", required=True, help="table.csv (analyze) or report.html (report)")
         p.add_argument("--force", action="store_true", help="overwrite an existing file that we did not write")
         if name == "report":
             p.add_argument(
-                "--prompt", default=None, help="example prompt for the circuitsvis views (default: a held-out query)"
+                "--prompt",
+                type=nonempty_text,
+                default=None,
+                help="example prompt for the circuitsvis views (default: a held-out query)",
             )
             p.add_argument("--no-path", action="store_true", help="skip the regularisation path (it refits the layer)")
         p.set_defaults(func=func)

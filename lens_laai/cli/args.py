@@ -8,6 +8,8 @@ Example:
     [0.5, 0.2]
     >>> parse_int("16", "--layer")
     16
+    >>> parse_int_list("3,5", "--layers")
+    [3, 5]
 """
 
 from __future__ import annotations
@@ -68,27 +70,97 @@ def task_from_args(args: argparse.Namespace):
 def parse_int(text: str, flag: str, words: str = "'auto'") -> int:
     """An integer flag that also takes the words ``words``, which the caller handles first."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise LensLaaiError(f"{flag} must be an integer or {words}, got {text!r}.") from None
+    if abs(value) >= 2**63:
+        raise LensLaaiError(f"{flag} must be an integer below 2**63, got {text[:40]!r}.")
+    return value
 
 
-def parse_penalties(text: str | None, flag: str) -> float | list[float] | None:
-    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0."""
+def parse_penalties(text: str | None, flag: str, at_most: float | None = None) -> float | list[float] | None:
+    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0 (and ≤ ``at_most``)."""
     if text is None:
         return None
     values = parse_floats(text, flag)
     if any(v < 0 for v in (values if isinstance(values, list) else [values])):
         raise FitError(f"{flag} values must be ≥ 0, got {text!r}.")
+    if at_most is not None and any(v > at_most for v in (values if isinstance(values, list) else [values])):
+        raise FitError(
+            f"{flag} values must be ≤ {at_most:g}, got {text!r}: at λ₂ ≥ λ_max every head is exactly zero, "
+            "so the intervention would do nothing."
+        )
     return values
 
 
 def parse_floats(text: str, flag: str) -> float | list[float]:
-    """One finite number, or a comma list of them (a list of one is the number)."""
-    values = [parse_float(v, flag) for v in text.split(",") if v.strip()]
-    if not values:
-        raise LensLaaiError(f"{flag} needs at least one number, got {text!r}.")
+    """One finite number, or a comma list of them (a list of one is the number); no empty elements."""
+    values = [parse_float(v, flag) for v in _elements(text, flag, "number")]
     return values[0] if len(values) == 1 else values
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """A comma list of distinct integers (``--layers 3,5``); an empty element or a repeat is an error."""
+    values = [parse_int(v, flag, "a comma list of integers") for v in _elements(text, flag, "integer")]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise LensLaaiError(f"{flag} lists {repeated} more than once, in {text!r}; give each once.")
+    return values
+
+
+def _elements(text: str, flag: str, kind: str) -> list[str]:
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise LensLaaiError(f"{flag} needs at least one {kind}; {flag.lstrip('-')} is empty (got {text!r}).")
+    if any(not v for v in items):
+        raise LensLaaiError(f"{flag} has an empty element in {text!r}; write values separated by single commas.")
+    return items
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type``: an integer ≥ 0 (seeds, counts)."""
+    return _bounded_int(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer ≥ 1 (steps, folds, prompts)."""
+    return _bounded_int(text, 1)
+
+
+def _bounded_int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ {least}, got {text!r}") from None
+    if not least <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from {least} to 2**63 - 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (learning rates)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def nonempty_text(text: str) -> str:
+    """An argparse ``type``: a string with something in it besides whitespace (a prompt)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
+    return text
 
 
 def parse_float(text: str, flag: str) -> float:

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 
@@ -23,10 +23,15 @@ from lens_laai.cli.analysis import add_parsers
 from lens_laai.cli.args import (
     add_out_args,
     add_task_args,
+    finite_float,
     model_from_args,
+    nonnegative_int,
     parse_float,
     parse_int,
+    parse_int_list,
     parse_penalties,
+    positive_float,
+    positive_int,
     task_from_args,
 )
 from lens_laai.cli.opinion import (
@@ -42,21 +47,57 @@ from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, FitConfig
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; bad input prints ``lens-laai CMD: error: ...`` (and ``{"error": ...}`` with --json), exit 2."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as err:  # argparse's own refusals: the usage line, and the JSON line under --json
+        err.parser.print_usage(sys.stderr)
+        return _fail(argparse.Namespace(command=err.command, json="--json" in argv), err.message, 2)
     original = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    started = time.time()
     try:
         return args.func(args)
     except LensLaaiError as err:
         return _fail(args, str(err), 2)
     except KeyboardInterrupt:
-        return _fail(args, "interrupted; nothing was saved", 130)
+        return _fail(args, _interrupted(args, started), 130)
     finally:
         warnings.formatwarning = original
 
 
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser, self.message = parser, message
+        self.command = parser.prog.removeprefix("lens-laai").strip() or None
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors reach :func:`main` (which adds the ``--json`` line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _interrupted(args: argparse.Namespace, started: float) -> str:
+    """What an interrupt left: whether ``--out`` now holds a save this command wrote."""
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    manifest = Path(out) / "manifest.json" if out else None
+    try:
+        written = manifest is not None and manifest.is_file() and manifest.stat().st_mtime >= started
+    except OSError:
+        written = False
+    if written:
+        return f"interrupted after the save was written: {out} holds this run's complete save"
+    return "interrupted; nothing was saved" + (f" ({out} is as it was)" if out and Path(out).exists() else "")
+
+
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    print(f"lens-laai {args.command}: error: {message}", file=sys.stderr)
+    prefix = f"lens-laai {args.command}" if args.command else "lens-laai"
+    print(f"{prefix}: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps({"error": message, "command": args.command}))
     return code
@@ -67,13 +108,13 @@ def _format_warning(message: Any, category: type, filename: str, lineno: int, li
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lens-laai", description="Sparse additive interventions on attention heads.")
+    p = _Parser(prog="lens-laai", description="Sparse additive interventions on attention heads.")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="fit an intervention on a task and report held-out accuracy")
     add_task_args(f)
     add_survey_args(f, fit=True)
-    f.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
+    f.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the train/valid/test split")
     f.add_argument(
         "--layer",
         default="auto",
@@ -87,11 +128,11 @@ def _parser() -> argparse.ArgumentParser:
         help="candidate layers for 'sweep' and 'joint': comma list, 'all', or 'default' (lens_laai.fitting.default_layers)",
     )
     f.add_argument(
-        "--n-train", type=int, default=FitConfig.n_train, help="labelled pairs to fit on (default %(default)s)"
+        "--n-train", type=positive_int, default=FitConfig.n_train, help="labelled pairs to fit on (default %(default)s)"
     )
     f.add_argument(
         "--n-valid",
-        type=int,
+        type=nonnegative_int,
         default=FitConfig.n_valid,
         help="extra labelled pairs for --select valid (default 0: the fit uses only --n-train pairs)",
     )
@@ -104,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
         "--n-valid extra pairs: the older protocol), 'auto' (valid if --n-valid > 0, else cv when "
         "there is a choice to make; a single layer's λ₂ path ends at its last value)",
     )
-    f.add_argument("--folds", type=int, default=FitConfig.folds, help="folds for --select cv (default %(default)s)")
+    f.add_argument(
+        "--folds", type=positive_int, default=FitConfig.folds, help="folds for --select cv (default %(default)s)"
+    )
     f.add_argument(
         "--no-halving",
         action="store_true",
@@ -116,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
         default=FitConfig.init,
         help="starting point of the fit (default %(default)s)",
     )
-    f.add_argument("--l1", type=float, default=None, help=f"λ₁ (default {FitConfig.l1} for tasks, 1e-4 for surveys)")
+    f.add_argument(
+        "--l1", type=finite_float, default=None, help=f"λ₁ (default {FitConfig.l1} for tasks, 1e-4 for surveys)"
+    )
     f.add_argument(
         "--group-l1-rel",
         default=None,
@@ -129,9 +174,12 @@ def _parser() -> argparse.ArgumentParser:
         help="absolute λ₂ instead of --group-l1-rel (a comma list is a path; surveys: default 0.05,0.01)",
     )
     f.add_argument(
-        "--steps", type=int, default=None, help="proximal steps per λ₂ (default: 30 in all for tasks, 20 for surveys)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="proximal steps per λ₂ (default: 30 in all for tasks, 20 for surveys)",
     )
-    f.add_argument("--lr", type=float, default=None, help=f"default {FitConfig.lr}")
+    f.add_argument("--lr", type=positive_float, default=None, help=f"default {FitConfig.lr}")
     f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
     add_out_args(f)
     f.set_defaults(func=_fit)
@@ -140,16 +188,16 @@ def _parser() -> argparse.ArgumentParser:
     add_task_args(e)
     add_survey_args(e, fit=False)
     e.add_argument("--intervention", default=None, help="a saved intervention directory")
-    e.add_argument("--shots", type=int, default=0)
+    e.add_argument("--shots", type=nonnegative_int, default=0)
     e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
     e.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="split seed (default 0; with --intervention, read from it: a different value is an error)",
     )
-    e.add_argument("--n-train", type=int, default=None)
-    e.add_argument("--n-valid", type=int, default=None)
+    e.add_argument("--n-train", type=nonnegative_int, default=None)
+    e.add_argument("--n-valid", type=nonnegative_int, default=None)
     e.add_argument("--strict", action="store_true", help="refuse a model whose weights differ from the fitted one's")
     e.set_defaults(func=_eval)
 
@@ -185,9 +233,9 @@ def _fit(args: argparse.Namespace) -> int:
     if args.group_l1 is not None and args.group_l1_rel is not None:
         raise FitError("give --group-l1 (absolute λ₂) or --group-l1-rel (fractions of λ_max), not both.")
     group_l1 = parse_penalties(args.group_l1, "--group-l1")
-    group_l1_rel = parse_penalties(args.group_l1_rel, "--group-l1-rel")
+    group_l1_rel = parse_penalties(args.group_l1_rel, "--group-l1-rel", at_most=1.0)
     if args.layers not in ("default", "all"):
-        parse_layers(args.layers, 1 << 30)  # the syntax now; the range once the model is loaded
+        parse_layers(parse_int_list(args.layers, "--layers"), 1 << 30)  # the syntax now; the range once loaded
     if args.select == "valid" and not args.n_valid:
         raise FitError(
             "--select valid chooses on a validation split; give --n-valid N (extra labelled pairs) or --select cv."
@@ -222,6 +270,12 @@ def _fit(args: argparse.Namespace) -> int:
         halving=not args.no_halving,
         progress=not args.no_progress,
     )
+    if not result.intervention.selected_heads():
+        warnings.warn(
+            "the fit switched every head off (Δ is all zero), so the saved intervention does nothing; "
+            "lower --lr or the penalties (--group-l1 / --group-l1-rel, --l1).",
+            stacklevel=1,
+        )
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
     zero = few = None
     if not args.no_baselines:
@@ -301,6 +355,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise LensLaaiError("--strict checks an intervention against the model; give --intervention too.")
     model = model_from_args(args)
     iv = load_intervention(args.intervention, model, strict=args.strict) if args.intervention else None
+    _check_provenance(iv, args)
     result = evaluate(
         model,
         task,
@@ -327,6 +382,36 @@ def _eval(args: argparse.Namespace) -> int:
         print(result.table[["input", "target", "prediction", "correct"]].head(10).to_string(index=False))
         print(f"\naccuracy {result.accuracy:.3f} on {result.n} {args.split} examples")
     return 0
+
+
+def _check_provenance(iv: Any, args: argparse.Namespace) -> None:
+    """Refuse a task evaluation that cannot keep the fit's training pairs out of the scored split.
+
+    A survey intervention's record splits questions, not task pairs; an intervention whose data
+    record and fit_config are gone (deleted, or never written) cannot say which pairs it saw, so
+    only an explicit ``--split all`` (scoring every pair, knowingly) is allowed.
+    """
+    from lens_laai.interventions.ablation import HeadAblation
+
+    if iv is None or isinstance(iv, HeadAblation):
+        return
+    if "survey" in iv.metadata or iv.metadata.get("kind") == "opinion":
+        raise LensLaaiError(
+            f"{args.intervention} was fitted on a survey ({iv.metadata.get('name', '?')}); its record splits survey "
+            "questions, not task pairs. Evaluate it with --survey / --survey-dir instead of --task."
+        )
+    config = iv.metadata.get("fit_config")
+    if not iv.metadata.get("data") and not (isinstance(config, dict) and "seed" in config):
+        if args.split != "all":
+            raise LensLaaiError(
+                f"{args.intervention} records neither the data it was fitted on (metadata.data) nor its fit_config, "
+                "so its held-out split cannot be checked and training pairs could be scored as test. Pass "
+                "--split all to score every pair knowingly."
+            )
+        warnings.warn(
+            f"{args.intervention} has no data record: --split all scores pairs it may have been fitted on.",
+            stacklevel=1,
+        )
 
 
 def _compose(args: argparse.Namespace) -> int:

@@ -123,6 +123,11 @@ def fit_survey(args: argparse.Namespace) -> int:
     layer: int | str = args.layer if args.layer == "auto" else parse_int(args.layer, "--layer")
     n_train, n_valid = _split_sizes(args)
     splits = survey.split(args.seed, n_train, n_valid, args.n_test)
+    if not any(k in group.answers for k in splits.train):  # checked before the model loads (issue 23)
+        what = (
+            "no ordinal answers at all" if not group.answers else f"none of the {len(splits.train)} training questions"
+        )
+        raise TaskError(f"Group {group.name!r} gave {what}; choose another group or split.")
     l1 = DEFAULT_L1 if args.l1 is None else args.l1
     group_l1 = DEFAULT_GROUP_L1 if args.group_l1 is None else parse_floats(args.group_l1, "--group-l1")
     steps, lr = STEPS if args.steps is None else args.steps, LR if args.lr is None else args.lr

@@ -106,6 +106,14 @@ def fista(
     best = x
     history: list[StepRecord] = []
     for k in range(steps):
+        if not lr > 0:  # the step size underflowed to zero (issue 23): no later step could move x
+            warnings.warn(
+                f"fista: the step size underflowed to zero after {k} steps; stopping there, as no further "
+                "step can change Δ in floating point.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
         restarted = False
         f_y, g_y = smooth_and_grad(y)
         if not _is_finite(f_y, g_y) and y is not x:  # extrapolated too far: restart from x
@@ -145,7 +153,8 @@ def fista(
             if new_objective > objective:
                 y, t, restarted = x_new, 1.0, True
             else:
-                t_next = (1.0 + math.sqrt(1.0 + 4.0 * (lr / next_lr) * t * t)) / 2.0
+                ratio = lr / next_lr if next_lr > 0 else 1.0
+                t_next = (1.0 + math.sqrt(1.0 + 4.0 * ratio * t * t)) / 2.0
                 y = x_new + ((t - 1.0) / t_next) * (x_new - x)
                 t = t_next
             x, f_x, pen_x, objective, lr = x_new, f_new, pen_new, new_objective, next_lr

@@ -43,7 +43,7 @@ from lens_laai.interventions.positions import (
     check_positions,
     positions_from_json,
 )
-from lens_laai.interventions.protocol import Hook, InterventionBase, Where, by_layer
+from lens_laai.interventions.protocol import FLOAT_DTYPES, Hook, InterventionBase, Where, by_layer
 from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
 from lens_laai.tasks.prompts import Batch
 
@@ -104,6 +104,9 @@ class HeadAblation(InterventionBase):
             if self.values:
                 raise InterventionError("A zero ablation takes no reference values.")
             return
+        extra = sorted(set(self.values) - set(self.layers))
+        if extra:
+            raise InterventionError(f"Reference values for layers {extra}, which have no ablated head.")
         shape = (self.fingerprint["n_heads"], self.fingerprint["d_head"])
         for layer in self.layers:
             value = self.values.get(layer)
@@ -111,7 +114,7 @@ class HeadAblation(InterventionBase):
                 raise InterventionError(
                     f"{self.kind} ablation needs reference values [n, {shape[0]}, {shape[1]}] for layer {layer}."
                 )
-            if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
+            if value.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(value).all()):
                 raise InterventionError(f"Reference values for layer {layer} must be finite floats.")
         if self.kind == "mean" and any(v.shape[0] != 1 for v in self.values.values()):
             raise InterventionError("A mean ablation holds one reference row (the mean) per layer.")

@@ -195,8 +195,15 @@ class HeadIntervention(InterventionBase):
 
     @classmethod
     def _from_saved(cls, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> HeadIntervention:
+        deltas = by_layer(tensors)
+        recorded = manifest.get("hook_names")
+        if isinstance(recorded, dict) and sorted(recorded) != sorted(str(l) for l in deltas):
+            raise InterventionError(
+                f"the tensor file holds layers {sorted(deltas)} but the manifest records layers "
+                f"{sorted(recorded)[:20]}; the save is damaged or was edited."
+            )
         return cls(
-            by_layer(tensors),
+            deltas,
             manifest["model_name"],
             manifest["fingerprint"],
             positions_from_json(manifest.get("positions")),

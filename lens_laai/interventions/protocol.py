@@ -47,11 +47,13 @@ from lens_laai.interventions.positions import (
 )
 from lens_laai.models.bridge import SHAPE_KEYS, check_fingerprint
 from lens_laai.storage.bundle import load_bundle, save_bundle
+from lens_laai.storage.schema import validate_manifest
 
 Hook = tuple[str, Callable[..., Any]]
 Where = Positions | Tensor | LastTokenTracker
 T = TypeVar("T", bound="InterventionBase")
-CARRIED_METADATA = ("data", "template")
+CARRIED_METADATA = ("data", "template", "survey", "opinion_prompt")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @runtime_checkable
@@ -115,6 +117,7 @@ class InterventionBase:
         With ``positions="last"`` (the default) and right-padded batches, pass ``attention_mask``
         so each row gets its own last real token; without it ``"last"`` is position -1.
         """
+        self.check_values()
         where = check_positions(self.positions if positions is None else positions)
         if where == "last" and attention_mask is not None:
             return self._hooks(LastTokenTracker(None, attention_mask))
@@ -131,6 +134,7 @@ class InterventionBase:
         the ``attention_mask`` the model is given (or builds for a batch of strings).
         """
         self.check_model(model, strict)
+        self.check_values()
         scaled = self if scale == 1.0 else self * scale
         where = check_positions(self.positions if positions is None else positions)
         tracker = LastTokenTracker(model)
@@ -140,6 +144,16 @@ class InterventionBase:
     def check_model(self, model: TransformerBridge, strict: bool = False) -> None:
         """Refuse ``model`` unless its shapes match; warn (refuse if ``strict``) when its weights differ."""
         check_fingerprint(self.fingerprint, self.model_name, model, strict)
+
+    def check_values(self) -> None:
+        """Refuse tensors edited in place since construction: NaN / infinite values, or a dtype we do not save.
+
+        :meth:`save` calls it before writing anything (so a good save is never replaced by a broken
+        one), and :meth:`apply` / :meth:`fwd_hooks` before adding hooks (so evaluation raises
+        rather than scoring a broken intervention).
+        """
+        for name, tensor in self._tensors().items():
+            check_float_tensor(f"{type(self).__name__} tensor {name!r}", tensor)
 
     # algebra -----------------------------------------------------------------------------------
     def __add__(self: T, other: T) -> T:
@@ -189,9 +203,14 @@ class InterventionBase:
             records += [r for r in other.metadata.get("data", []) if r not in records]
         if records:
             out["data"] = records
-        templates = [m["template"] for m in (self.metadata, other.metadata if other else {}) if "template" in m]
-        if templates and all(t == templates[0] for t in templates):
-            out["template"] = templates[0]
+        operands = (self.metadata, other.metadata if other else {})
+        for key in ("template", "opinion_prompt"):
+            values = [m[key] for m in operands if key in m]
+            if values and all(v == values[0] for v in values):
+                out[key] = values[0]
+        surveys = [m["survey"] for m in operands if isinstance(m.get("survey"), dict)]
+        if surveys:
+            out["survey"] = merged_survey_record(surveys)
         return out
 
     def _shapes(self) -> dict[str, Any]:
@@ -208,8 +227,10 @@ class InterventionBase:
         """Write ``path/`` (safetensors + ``manifest.json``) atomically; refuse a path that is not our save.
 
         ``force=True`` writes into an existing directory that is not one of our saves, deleting
-        nothing of what is there.
+        nothing of what is there. Tensors that are not finite floats are refused before anything
+        is written, so the save already at ``path`` survives.
         """
+        self.check_values()
         manifest = {
             "format": self.FORMAT,
             "model_name": self.model_name,
@@ -225,17 +246,15 @@ class InterventionBase:
     @classmethod
     def load(cls: type[T], path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False) -> T:
         """Read what :meth:`save` wrote (never pickle); with ``model``, check that it fits."""
-        tensors, manifest = load_bundle(Path(path), cls.FORMAT, cls.TENSOR_STEM)
+        tensors, manifest = load_bundle(Path(path), cls.FORMAT, cls.TENSOR_STEM, check=validate_manifest)
         where = f"{Path(path) / 'manifest.json'}"
-        for key, kind in (("model_name", str), ("fingerprint", dict), ("metadata", dict)):
-            if not isinstance(manifest.get(key), kind):
-                raise InterventionError(f"{where}: {key!r} is missing or not a {kind.__name__}; the save is damaged.")
-        bad = [k for k in SHAPE_KEYS if not isinstance(manifest["fingerprint"].get(k), int)]
-        if bad:
-            raise InterventionError(f"{where}: the fingerprint lacks integer {bad}; the save is damaged.")
+        if not tensors:
+            raise InterventionError(f"{Path(path)}: the tensor file holds no tensors; the save is damaged.")
         for name, tensor in tensors.items():
-            if not tensor.dtype.is_floating_point:
-                raise InterventionError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, expected a float type.")
+            try:
+                check_float_tensor(f"tensor {name!r}", tensor)
+            except InterventionError as err:
+                raise InterventionError(f"{where}: {err}") from None
         try:
             iv = cls._from_saved(tensors, manifest)
         except InterventionError as err:
@@ -254,13 +273,7 @@ def load_intervention(
     path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False
 ) -> InterventionBase:
     """Load any saved intervention (head, residual, ablation), whichever kind the manifest names."""
-    import json
-
-    manifest_path = Path(path) / "manifest.json"
-    try:
-        fmt = json.loads(manifest_path.read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
-        fmt = None
+    fmt = saved_format(Path(path))
     kind = InterventionBase.registry.get(fmt) if isinstance(fmt, str) else None
     if kind is None:
         known = ", ".join(sorted(InterventionBase.registry))
@@ -283,15 +296,61 @@ def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
 
 def check_tensor(name: str, tensor: Any, shape: tuple[int, ...]) -> Tensor:
     """Refuse anything but a finite floating tensor of ``shape``."""
-    if not isinstance(tensor, Tensor) or not tensor.dtype.is_floating_point:
-        raise InterventionError(
-            f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}."
-        )
+    check_float_tensor(name, tensor, check_finite=False)
     if tuple(tensor.shape) != shape:
         raise InterventionError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}.")
-    if not bool(torch.isfinite(tensor.detach()).all()):
+    return check_float_tensor(name, tensor)
+
+
+def check_float_tensor(name: str, tensor: Any, check_finite: bool = True) -> Tensor:
+    """Refuse anything but a tensor of float16, bfloat16, float32 or float64 (and, by default, finite)."""
+    if not isinstance(tensor, Tensor) or tensor.dtype not in FLOAT_DTYPES:
+        got = getattr(tensor, "dtype", type(tensor).__name__)
+        raise InterventionError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {got}.")
+    if check_finite and not bool(torch.isfinite(tensor.detach()).all()):
         raise InterventionError(f"{name} holds NaN or infinite values; an intervention must be finite.")
     return tensor
+
+
+def merged_survey_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One survey record for a sum of survey fits: every operand's seen questions stay out of the test split.
+
+    Equal records stay as they are. Otherwise the survey, group and seed are the first operand's
+    (evaluation checks them), train and valid are the union of everyone's, and test keeps only the
+    first's test questions that no operand trained or validated on.
+    """
+    first = records[0]
+    if all(r == first for r in records):
+        return dict(first)
+    seen_train = list(dict.fromkeys(q for r in records for q in r.get("train", [])))
+    seen_valid = [q for q in dict.fromkeys(q for r in records for q in r.get("valid", [])) if q not in seen_train]
+    seen = set(seen_train) | set(seen_valid)
+    test = [q for q in first.get("test", []) if q not in seen]
+    return {
+        **first,
+        "train": seen_train,
+        "valid": seen_valid,
+        "test": test,
+        "n_train": len(seen_train),
+        "n_valid": len(seen_valid),
+        "n_test": len(test),
+        "merged_from": len(records),
+    }
+
+
+def saved_format(path: Path) -> str | None:
+    """The ``format`` a save's manifest names (None if it has no manifest, or names none); read safely.
+
+    A manifest that is not a readable regular file of JSON raises :class:`InterventionError` saying why.
+    """
+    from lens_laai.storage.safe_read import loads_json, read_regular_file
+
+    manifest_path = path / "manifest.json"
+    if not os.path.lexists(manifest_path):
+        return None
+    raw = read_regular_file(manifest_path, InterventionError, max_bytes=64 * 2**20)
+    manifest = loads_json(raw, str(manifest_path), InterventionError)
+    return manifest.get("format") if isinstance(manifest, dict) else None
 
 
 def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:

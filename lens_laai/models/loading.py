@@ -208,9 +208,9 @@ def _load_embedded(gguf_path: str | os.PathLike | None, use_cache: bool) -> tupl
 
     gguf = find_embedded_gguf(gguf_path)
     cache = _cache_dir(gguf) if use_cache else None
-    if cache is not None and (cache / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+    cached = _load_cached(cache) if cache is not None and (cache / "config.json").is_file() else None
+    if cached is not None:
+        model, tokenizer = cached
     else:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -218,6 +218,32 @@ def _load_embedded(gguf_path: str | os.PathLike | None, use_cache: bool) -> tupl
             _save_atomically(model, tokenizer, cache)
     tokenizer.name_or_path = EMBEDDED_NAME
     return model.eval(), tokenizer
+
+
+def _load_cached(cache: Path) -> tuple[Any, Any] | None:
+    """The cached float32 model and tokenizer; a damaged cache (a truncated file, say) is removed, with a warning."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+    except Exception as err:  # safetensors, transformers and the OS each raise their own types here
+        warnings.warn(
+            f"the cached float32 copy of the embedded model at {cache} is damaged ({type(err).__name__}: "
+            f"{str(err)[:200]}); rebuilding it from the .gguf file.",
+            stacklevel=3,
+        )
+        aside = cache.with_name(f".tmp-damaged-{cache.name}")
+        try:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(cache, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:
+            pass  # a read-only cache: the rebuilt model is used without being cached
+        return None
+    return model, tokenizer
 
 
 def _cache_dir(gguf: Path) -> Path:

@@ -9,12 +9,14 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
 from lens_laai.errors import TaskError
 from lens_laai.opinions.opinionqa import load_opinionqa
 from lens_laai.opinions.survey import Survey
+from lens_laai.storage.safe_read import loads_json, read_regular_file
 
 
 def bundled_surveys() -> list[str]:
@@ -35,10 +37,10 @@ def load_survey(source: str | Path) -> Survey:
     path = Path(source).expanduser()
     if path.is_dir():
         return load_opinionqa(path)
-    if path.is_file():
+    if os.path.lexists(path):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = loads_json(read_regular_file(path, TaskError, follow_symlinks=True), "it", TaskError)
+        except TaskError as err:
             raise TaskError(f"{path}: cannot read a survey JSON file ({err}).") from None
         return Survey.from_json(data, where=str(path))
     raise TaskError(

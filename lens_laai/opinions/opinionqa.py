@@ -35,7 +35,9 @@ Example:
 from __future__ import annotations
 
 import ast
+import io
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ import pandas as pd
 
 from lens_laai.errors import TaskError
 from lens_laai.opinions.survey import Group, Survey, SurveyQuestion, group_answers
+from lens_laai.storage.safe_read import read_regular_file
 
 PERSONAS = {  # "Answer the following question as if {persona}." (OpinionQA's steer-portray style)
     "POLPARTY": "in politics today, you considered yourself a {value}",
@@ -97,12 +100,13 @@ def load_opinionqa(folder: str | Path) -> Survey:
 
 
 def _read(path: Path, **kwargs: Any) -> pd.DataFrame:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise TaskError(
             f"{path}: missing; an OpinionQA-layout directory holds info.csv, metadata.csv and responses.csv."
         )
+    data = read_regular_file(path, TaskError, follow_symlinks=True)  # never a FIFO or a device
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise TaskError(f"{path}: not a readable CSV file ({err}).") from None
 

@@ -1,8 +1,10 @@
 """Atomic saves: safetensors tensors + a JSON manifest in a directory; nothing half-written, nothing pickled.
 
 Files are written under temporary names, fsynced and renamed, and the manifest is switched last,
-so a reader (or a crash) always sees the old save or the new one. Files follow the umask, and a
-path holding anything that is not one of our saves is never overwritten or emptied.
+so a reader (or a crash) always sees the old save or the new one; concurrent writers to one path
+take turns under a lock, and a reader whose manifest was replaced while it read starts again. Files
+follow the umask, and a path holding anything that is not one of our saves is never overwritten or
+emptied. Reads open only regular files inside the save (:mod:`lens_laai.storage.safe_read`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lens_laai.errors import InterventionError, SaveError
+from lens_laai.storage.lock import save_lock
+from lens_laai.storage.safe_read import loads_json, read_regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +32,9 @@ if TYPE_CHECKING:
 BUNDLE_VERSION = 2
 MANIFEST = "manifest.json"
 TMP_TAG = ".lens_laai-tmp-"
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_TENSOR_BYTES = 16 * 2**30
+READ_ATTEMPTS = 50
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -62,7 +70,8 @@ def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     """
     with _save_errors(Path(path)):
         target = Path(path).expanduser().resolve()
-        if not target.exists() or (target.is_dir() and (is_save(target) or not any(target.iterdir()))):
+        if not os.path.lexists(target) or (target.is_dir() and (is_save(target) or not any(target.iterdir()))):
+            _check_writable(target)
             return target
         refusal = f"{target} exists and is not a lens_laai save; refusing to overwrite it. Choose a new path"
         if not target.is_dir():
@@ -71,7 +80,26 @@ def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
             raise SaveError(f"{refusal}: it holds another program's {MANIFEST}, which even force would overwrite.")
         if not force:
             raise SaveError(f"{refusal}, or pass force=True / --force to write into it (nothing in it is deleted).")
+        _check_writable(target)
     return target
+
+
+def _check_writable(target: Path) -> None:
+    """Refuse ``target`` if it could not be created or written: below a file, or in a read-only folder."""
+    if target.is_dir():
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise SaveError(f"Cannot save to {target}: the folder is not writable. Choose a writable path.")
+        return
+    where = target.parent
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise SaveError(f"Cannot save to {target}: {where} is a file, not a folder. Choose another path.")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise SaveError(
+            f"Cannot save to {target}: the folder {where} is not writable, so lens_laai could not create it. "
+            "Choose a writable path."
+        )
 
 
 def save_bundle(
@@ -85,9 +113,11 @@ def save_bundle(
     """Save ``tensors`` and ``manifest`` as directory ``path`` (layout v2) atomically; return the resolved path.
 
     The tensors go to ``{tensor_stem}.{sha256[:12]}.safetensors``; the manifest gains
-    ``format_version``, ``tensor_file`` and ``tensors_sha256``. A new save is built in a hidden
-    sibling and renamed into place; an existing one gets the new tensor file first and its manifest
-    switched last, so a crash at any point leaves the old or the new save loadable.
+    ``format_version``, ``tensor_file``, ``tensors_sha256`` and ``tensors_bytes``. A new save is built
+    in a hidden sibling and renamed into place; an existing one gets the new tensor file first and
+    its manifest switched last, so a crash at any point leaves the old or the new save loadable.
+    Concurrent saves to one path take turns (:func:`lens_laai.storage.lock.save_lock`), so the
+    last one to finish is the save, whole.
     """
     from safetensors.torch import save
 
@@ -97,62 +127,138 @@ def save_bundle(
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     digest = hashlib.sha256(data).hexdigest()
     name = f"{tensor_stem}.{digest[:12]}.safetensors"
-    full = {**manifest, "format_version": BUNDLE_VERSION, "tensor_file": name, "tensors_sha256": digest}
+    full = {
+        **manifest,
+        "format_version": BUNDLE_VERSION,
+        "tensor_file": name,
+        "tensors_sha256": digest,
+        "tensors_bytes": len(data),
+    }
     text = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    with _save_errors(target):
+    with _save_errors(target), save_lock(target):
+        check_save_path(target, force=force)  # again under the lock: another writer may have changed it
         (_write_into if target.exists() else _create)(target, name, data, text, tensor_stem)
     return target
 
 
-def load_bundle(path: str | os.PathLike, fmt: str, tensor_stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_bundle(
+    path: str | os.PathLike,
+    fmt: str,
+    tensor_stem: str,
+    check: Callable[[dict[str, Any], str], Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a save of format ``fmt`` (layout v1 or v2): its tensors (safetensors, never pickle) and manifest.
 
-    Anything unreadable raises :class:`InterventionError` naming the file and the problem: missing
-    files, bad JSON, another format or version, an unsafe tensor file name, a checksum mismatch
-    (a corrupt or edited save) or bytes safetensors cannot parse.
+    Only regular files directly inside ``path`` are read: a symlink, FIFO or device is refused
+    before a byte is read (and without blocking), and the tensor file must have the size and SHA-256 its
+    manifest records. ``check(manifest, where)`` (a schema) runs before the tensor file is read.
+    The tensors are those of the manifest read: when a concurrent save replaces the manifest
+    meanwhile, the read starts again. Anything unreadable raises :class:`InterventionError` naming
+    the file and the problem.
     """
-    from safetensors.torch import load
+    root = Path(path)
+    for attempt in range(READ_ATTEMPTS):
+        raw, manifest = _read_manifest(root, fmt, check)
+        try:
+            return _read_tensors(root, manifest, tensor_stem), manifest
+        except InterventionError:
+            if attempt == READ_ATTEMPTS - 1 or _manifest_bytes(root) == raw:
+                raise
+        time.sleep(0.001 * (attempt + 1))
+    raise AssertionError("unreachable")
 
-    root, manifest_path, kind = Path(path), Path(path) / MANIFEST, fmt.rsplit(".", 1)[-1]
-    if not manifest_path.is_file():
+
+def _read_manifest(
+    root: Path, fmt: str, check: Callable[[dict[str, Any], str], Any] | None
+) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's bytes and its checked JSON object."""
+    manifest_path, kind = root / MANIFEST, fmt.rsplit(".", 1)[-1]
+    if not root.is_dir() or not os.path.lexists(manifest_path):
         raise InterventionError(f"{root} is not a saved {kind} (needs {MANIFEST} and a tensor file).")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InterventionError(f"{manifest_path} is not a readable JSON manifest ({err}).") from err
+        with _directory(root) as fd:
+            raw = read_regular_file(MANIFEST, InterventionError, max_bytes=MAX_MANIFEST_BYTES, dir_fd=fd)
+        manifest = loads_json(raw, "it", InterventionError)
+    except InterventionError as err:
+        raise InterventionError(f"{manifest_path} is not a readable JSON manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         found = (
-            f"format {manifest.get('format')!r}"
+            f"format {_short(manifest.get('format'))}"
             if isinstance(manifest, dict)
             else f"a {type(manifest).__name__}, not an object"
         )
         raise InterventionError(f"{manifest_path} is not a {fmt} manifest (it holds {found}).")
     if type(manifest.get("format_version")) is not int or manifest["format_version"] not in (1, BUNDLE_VERSION):
         raise InterventionError(
-            f"{manifest_path} has format_version {manifest.get('format_version')!r}; "
+            f"{manifest_path} has format_version {_short(manifest.get('format_version'))}; "
             f"this lens_laai reads 1 and {BUNDLE_VERSION}. Upgrade lens_laai."
         )
-    name = _tensor_file(manifest, tensor_stem)
-    if name is None:
+    if _tensor_file(manifest, "x") is None:
         raise InterventionError(
-            f"{manifest_path}: tensor_file {manifest.get('tensor_file')!r} is not a plain file name."
+            f"{manifest_path}: tensor_file {_short(manifest.get('tensor_file'))} is not a plain file name."
         )
+    size = manifest.get("tensors_bytes")
+    if size is not None and (type(size) is not int or size < 0):
+        raise InterventionError(f"{manifest_path}: tensors_bytes {_short(size)} is not a byte count.")
+    if check is not None:
+        check(manifest, str(manifest_path))
+    return raw, manifest
+
+
+def _read_tensors(root: Path, manifest: dict[str, Any], stem: str) -> dict[str, torch.Tensor]:
+    """The tensors of the file ``manifest`` names, after checking its size and checksum."""
+    from safetensors.torch import load
+
+    name = _tensor_file(manifest, stem)
     try:
-        data = (root / name).read_bytes()
-    except OSError as err:
-        raise InterventionError(
-            f"{root} is not a saved {kind}: cannot read its tensor file {name} ({err.strerror or err})."
-        ) from err
+        with _directory(root) as fd:
+            data = read_regular_file(
+                name,
+                InterventionError,
+                max_bytes=MAX_TENSOR_BYTES,
+                expect_bytes=manifest.get("tensors_bytes"),
+                dir_fd=fd,
+            )
+    except InterventionError as err:
+        raise InterventionError(f"{root} is not a saved {manifest['format'].rsplit('.', 1)[-1]}: {err}") from None
     if hashlib.sha256(data).hexdigest() != manifest.get("tensors_sha256"):
         raise InterventionError(
             f"{root / name} does not match the checksum in its manifest; the save is corrupt or was edited."
         )
     try:
-        return load(data), manifest
+        return load(data)
     except Exception as err:
         raise InterventionError(
             f"{root / name} is not a readable safetensors file ({err}); the save is corrupt."
         ) from err
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile manifest may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _manifest_bytes(root: Path) -> bytes | None:
+    """The manifest's bytes now (to see whether a writer replaced it), or None if unreadable."""
+    try:
+        with _directory(root) as fd:
+            return read_regular_file(MANIFEST, InterventionError, max_bytes=MAX_MANIFEST_BYTES, dir_fd=fd)
+    except InterventionError:
+        return None
+
+
+@contextmanager
+def _directory(root: Path) -> Iterator[int]:
+    """An open descriptor of directory ``root``, so files are looked up inside it and nowhere else."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as err:
+        raise InterventionError(f"Cannot open the save directory {root}: {err.strerror or err}.") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _create(target: Path, name: str, data: bytes, manifest: bytes, stem: str) -> None:
@@ -200,7 +306,13 @@ def _remove_superseded(directory: Path, stem: str, keep: str) -> None:
     pattern = re.compile(rf"{re.escape(stem)}\.([0-9a-f]{{12}})\.safetensors")
     for entry in directory.iterdir():
         match = pattern.fullmatch(entry.name)
-        if entry.name != keep and match and entry.is_file() and sha256_file(entry).startswith(match[1]):
+        if (
+            entry.name != keep
+            and match
+            and not entry.is_symlink()
+            and entry.is_file()
+            and sha256_file(entry).startswith(match[1])
+        ):
             entry.unlink(missing_ok=True)
 
 
@@ -246,10 +358,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _our_manifest(directory: Path) -> dict[str, Any] | None:
-    """``directory``'s manifest if it is a UTF-8 JSON object with a ``lens_laai.*`` format, else None."""
+    """``directory``'s manifest if it is a regular file of UTF-8 JSON, an object with a ``lens_laai.*`` format."""
     try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with _directory(directory) as fd:
+            raw = read_regular_file(MANIFEST, InterventionError, max_bytes=MAX_MANIFEST_BYTES, dir_fd=fd)
+        manifest = loads_json(raw, str(directory / MANIFEST), InterventionError)
+    except InterventionError:
         return None
     ours = (
         isinstance(manifest, dict)

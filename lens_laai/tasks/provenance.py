@@ -10,7 +10,7 @@ fit saw (training and validation). Algebra keeps the records of every operand. E
 * refuses ``seed`` / ``n_train`` / ``n_valid`` that disagree with the record rather than ignoring
   them;
 * and, whatever the split came from, refuses to score a "test" pair that any operand saw while
-  fitting.
+  fitting, comparing pairs up to whitespace and letter case (:func:`loose_pair_hash`).
 
 Example:
     >>> from lens_laai.tasks.provenance import DataRecord, held_out
@@ -40,6 +40,20 @@ def pair_hash(pair: Pair) -> str:
     return hashlib.sha256(json.dumps(list(pair), ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def loose_pair_hash(pair: Pair) -> str:
+    """A 16-hex-digit hash of a pair up to whitespace and letter case: what "the same pair" means for leaks.
+
+    A prompt template only puts fixed text around the input (and a fixed prefix before the
+    target), so two pairs whose inputs and outputs agree once whitespace runs are collapsed, ends
+    stripped and case folded render as the same prompt and target up to whitespace and case. A
+    model fitted on ``("hot", "cold")`` has seen ``("hot ", "Cold")``; scoring that as a held-out
+    pair would overstate accuracy. (Two genuinely different pairs that differ only in case are
+    then treated as one: the check errs towards refusing, with a message, rather than leaking.)
+    """
+    loose = [" ".join(text.split()).casefold() for text in pair]
+    return hashlib.sha256(json.dumps(loose, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class DataRecord:
     """What one fit saw: enough to reproduce its held-out split and to recognise its pairs."""
@@ -54,11 +68,13 @@ class DataRecord:
     valid_hash: str
     test_hash: str
     seen: tuple[str, ...]
+    seen_loose: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, splits: TaskSplits, task: Task | None = None) -> DataRecord:
         """The record of a fit on ``splits`` (cut from ``task``, when known)."""
-        seen = sorted({pair_hash(p) for p in splits.train.pairs + splits.valid.pairs})
+        fitted_on = splits.train.pairs + splits.valid.pairs
+        seen = sorted({pair_hash(p) for p in fitted_on})
         return cls(
             splits.train.name,
             task.data_hash() if task is not None else None,
@@ -70,15 +86,17 @@ class DataRecord:
             splits.valid.data_hash(),
             splits.test.data_hash(),
             tuple(seen),
+            tuple(sorted({loose_pair_hash(p) for p in fitted_on})),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "seen": list(self.seen)}
+        return {**asdict(self), "seen": list(self.seen), "seen_loose": list(self.seen_loose)}
 
     @classmethod
     def from_json(cls, data: Any) -> DataRecord:
+        """A record from a manifest (``seen_loose`` is absent from saves made before it existed)."""
         try:
-            return cls(**{**data, "seen": tuple(data["seen"])})
+            return cls(**{**data, "seen": tuple(data["seen"]), "seen_loose": tuple(data.get("seen_loose") or ())})
         except (TypeError, KeyError) as err:
             raise TaskError(f"An intervention's data record is malformed ({err}): {str(data)[:200]}") from None
 
@@ -152,9 +170,10 @@ def held_out(
 
 
 def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
-    """Refuse a held-out ``part`` that contains pairs any record's fit saw."""
+    """Refuse a held-out ``part`` that contains pairs any record's fit saw, up to whitespace and case."""
     seen = {h for r in records for h in r.seen}
-    leaked = [p for p in part.pairs if pair_hash(p) in seen]
+    loose = {h for r in records for h in r.seen_loose}
+    leaked = [p for p in part.pairs if pair_hash(p) in seen or loose_pair_hash(p) in loose]
     if leaked:
         raise TaskError(
             f"{len(leaked)} of the {len(part)} test pairs (e.g. {leaked[0]!r}) were used to fit this "

@@ -108,15 +108,15 @@ class Task:
     @classmethod
     def from_json(cls, path: str | os.PathLike, name: str | None = None) -> Task:
         """Read a Function Vectors-format JSON file: ``[{"input": ..., "output": ...}, ...]``."""
+        from lens_laai.storage.safe_read import loads_json, read_regular_file
+
         path = Path(path)
         if path.is_dir():
             raise TaskError(f"Task file {path} is a directory; give the path of a JSON file inside it.")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise TaskError(f"Task file {path} does not exist.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TaskError(f"Task file {path} is not valid UTF-8 JSON ({err}).") from err
+        raw = read_regular_file(path, TaskError, follow_symlinks=True)
+        data = loads_json(raw, f"Task file {path}", TaskError)
         if not isinstance(data, list) or not data:
             raise TaskError(
                 f'Task file {path} must hold a non-empty JSON list of {{"input": ..., "output": ...}} objects.'

@@ -1,0 +1,214 @@
+"""The schema of a saved intervention's ``manifest.json``, validated before anything in it is used.
+
+One pydantic (v2) model per save format, in strict mode (``true`` is not an integer, ``"5"`` is
+not a number), with bounds on every number that reaches torch or a loop. We chose pydantic over
+jsonschema because the same typed classes validate, document and publish the format: the JSON
+Schema in ``lens_laai/data/manifest.schema.json`` is generated from them
+(:func:`manifest_json_schema`; a test checks the file is current), and pydantic's error locations
+(``metadata.template.query``) go straight into our messages. Unknown top-level and metadata keys
+are kept (metadata is the user's), but every key lens_laai reads is typed.
+
+Example:
+    >>> manifest = {"format": "lens_laai.HeadIntervention", "format_version": 2, "tensor_file": "d.safetensors",
+    ...             "tensors_sha256": "0" * 64, "model_name": "m", "positions": "last", "metadata": {"data": 5},
+    ...             "fingerprint": {"n_layers": 2, "n_heads": 2, "d_head": 4, "d_model": 8, "d_vocab": 10}}
+    >>> validate_manifest(manifest, "run/manifest.json")
+    Traceback (most recent call last):
+    ...
+    lens_laai.errors.InterventionError: run/manifest.json does not match the lens_laai.HeadIntervention manifest schema: metadata.data: Input should be a valid list (got 5). The save is damaged or was edited; save it again.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lens_laai.errors import InterventionError
+
+Count = Annotated[int, Field(ge=0, le=2**31)]
+Size = Annotated[int, Field(ge=1, le=2**31)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Position = Annotated[int, Field(ge=-(2**31), le=2**31)]
+Hash = Annotated[str, Field(max_length=128)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class Fingerprint(_Open):
+    """Shapes of the model an intervention was made for, plus a weights digest (compared, not read)."""
+
+    n_layers: Size
+    n_heads: Size
+    d_head: Size
+    d_model: Size
+    d_vocab: Size
+    weights_digest: str | None = None
+
+
+class DataRecordJSON(_Strict):
+    """:class:`lens_laai.tasks.provenance.DataRecord` as saved: what one task fit saw."""
+
+    task: str
+    task_hash: Hash | None
+    seed: Seed
+    n_train: Count
+    n_valid: Count
+    n_test: Count
+    train_hash: Hash
+    valid_hash: Hash
+    test_hash: Hash
+    seen: list[Hash]
+    seen_loose: list[Hash] | None = None
+
+
+class SurveyRecordJSON(_Open):
+    """The survey, group and question split of an opinion fit (:func:`lens_laai.opinions.fit.opinion_metadata`)."""
+
+    name: str
+    hash: Hash
+    group: str
+    seed: Seed
+    train: list[str]
+    valid: list[str]
+    test: list[str]
+    n_train: Count | None = None
+    n_valid: Count | None = None
+    n_test: Count | None = None
+
+
+def _fields(text: str) -> set[str]:
+    """The ``{placeholder}`` names in a format string; ValueError if it is not one."""
+    return {name for _, name, spec, conv in string.Formatter().parse(text) if name is not None}
+
+
+class TemplateJSON(_Strict):
+    """:class:`lens_laai.tasks.prompts.PromptTemplate` as saved."""
+
+    query: str = "Q: {input}\nA:"
+    demo: str = "Q: {input}\nA: {output}"
+    separator: str = "\n\n"
+    target_prefix: str = " "
+    prepend_bos: bool = True
+
+    @field_validator("query", "demo")
+    @classmethod
+    def _placeholders(cls, text: str, info: Any) -> str:
+        allowed = {"input"} if info.field_name == "query" else {"input", "output"}
+        try:
+            names = _fields(text)
+        except ValueError as err:
+            raise ValueError(f"not a format string ({err})") from None
+        if "input" not in names or not names <= allowed:
+            raise ValueError(f"must contain {{input}} and no placeholders but {sorted(allowed)}, got {sorted(names)}")
+        try:
+            text.format(input="x", output="y")
+        except (ValueError, KeyError, IndexError, AttributeError) as err:
+            raise ValueError(f"not a usable format string ({type(err).__name__}: {err})") from None
+        return text
+
+
+class OpinionPromptJSON(_Strict):
+    """:class:`lens_laai.opinions.prompts.OpinionPrompt` as saved."""
+
+    query: str | None = None
+    option: str | None = None
+    persona: str | None = None
+    separator: str | None = None
+    answer_prefix: str | None = None
+    prepend_bos: bool | None = None
+
+
+class Metadata(_Open):
+    """The keys of ``metadata`` that lens_laai reads; anything else is the user's and kept as is."""
+
+    name: str | None = None
+    data: list[DataRecordJSON] | None = None
+    template: TemplateJSON | None = None
+    survey: SurveyRecordJSON | None = None
+    opinion_prompt: OpinionPromptJSON | None = None
+    fit_config: dict[str, Any] | None = None
+
+
+class ManifestBase(_Open):
+    """What every save holds."""
+
+    format: str
+    format_version: Literal[1, 2]
+    tensor_file: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    tensors_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    tensors_bytes: Annotated[int, Field(ge=0, le=2**40)] | None = None
+    model_name: str
+    fingerprint: Fingerprint
+    positions: Literal["last", "all"] | Annotated[list[Position], Field(min_length=1, max_length=4096)] = "last"
+    metadata: Metadata
+    lens_laai_version: str | None = None
+    transformer_lens_version: str | None = None
+
+
+class HeadManifest(ManifestBase):
+    format: Literal["lens_laai.HeadIntervention"]
+    hook_names: dict[str, str] | None = None
+    selected_heads: list[list[int]] | None = None
+
+
+class ResidualManifest(ManifestBase):
+    format: Literal["lens_laai.ResidualIntervention"]
+    layer: Count
+    hook_name: str | None = None
+
+
+class AblationManifest(ManifestBase):
+    format: Literal["lens_laai.HeadAblation"]
+    heads: Annotated[list[Annotated[list[Count], Field(min_length=2, max_length=2)]], Field(min_length=1)]
+    kind: Literal["zero", "mean", "resample"]
+    seed: Seed = 0
+
+
+MANIFESTS: dict[str, type[ManifestBase]] = {
+    m.model_fields["format"].annotation.__args__[0]: m  # type: ignore[union-attr]
+    for m in (HeadManifest, ResidualManifest, AblationManifest)
+}
+
+
+def validate_manifest(manifest: Any, where: str) -> ManifestBase:
+    """Check a parsed manifest against its format's schema; :class:`InterventionError` lists what is wrong."""
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    model = MANIFESTS.get(fmt) if isinstance(fmt, str) else None
+    if model is None:
+        known = ", ".join(MANIFESTS)
+        raise InterventionError(f"{where} does not name a save format lens_laai knows ({known}).")
+    try:
+        return model.model_validate(manifest)
+    except ValidationError as err:
+        raise InterventionError(
+            f"{where} does not match the {fmt} manifest schema: {describe(err)}. "
+            "The save is damaged or was edited; save it again."
+        ) from None
+
+
+def describe(err: ValidationError, limit: int = 3) -> str:
+    """A short, readable list of a pydantic error's problems: ``location: message (got value)``."""
+    parts = []
+    for item in err.errors(include_url=False)[:limit]:
+        where = ".".join(str(p) for p in item["loc"]) or "the manifest"
+        got = repr(item.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        parts.append(f"{where}: {item['msg']} (got {got})")
+    more = err.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The published JSON Schema of all three manifest formats (``lens_laai/data/manifest.schema.json``)."""
+    from pydantic import TypeAdapter
+
+    union = TypeAdapter(HeadManifest | ResidualManifest | AblationManifest)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **union.json_schema()}
