@@ -210,6 +210,8 @@ def _read_tensors(root: Path, manifest: dict[str, Any], stem: str) -> dict[str, 
     from safetensors.torch import load
 
     name = _tensor_file(manifest, stem)
+    if name is None:
+        raise InterventionError(f"{root}: the manifest names no plain tensor file; the save is corrupt or was edited.")
     try:
         with _directory(root) as fd:
             data = read_regular_file(
