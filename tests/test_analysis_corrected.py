@@ -8,6 +8,7 @@
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -226,3 +227,68 @@ def test_attribution_agreement_uses_the_activation_patching_prompts():
     assert got["rho"] == pytest.approx(expected["rho"]) and got["sign_agreement"] == pytest.approx(
         expected["sign_agreement"]
     )
+
+
+# 6. per-cell statistics from TransformerLens; intervals on ablation drops -------------------------
+def test_patching_and_ablation_carry_their_uncertainty():
+    model = tiny_model()
+    iv, splits = _iv_and_splits(model)
+    analysis = head_table(
+        model,
+        splits,
+        iv,
+        methods=("act_patch", "ablation", "random_control"),
+        layers=[1, 2],
+        n_prompts=6,
+        shots=2,
+        patching_prompts=4,
+        n_random=4,
+        progress=False,
+    )
+    for column in ("act_patch_se", "act_patch_p", "mean_logprob_drop_se", "zero_logprob_drop_se"):
+        values = analysis.table[column]
+        assert values.notna().all() and (values >= 0).all(), column
+    control = analysis.random_control
+    assert (control.logprob_drop_low <= control.logprob_drop).all()
+    assert (control.logprob_drop <= control.logprob_drop_high).all()
+    attrs = control.attrs
+    assert attrs["percentile_low"] <= attrs["percentile"] <= attrs["percentile_high"]
+
+
+# 7. the report opens with the answer ------------------------------------------------------------
+def test_report_opens_with_the_answer_and_reads_like_prose():
+    from lens_laai.analysis.report import analysis_sections, render_page
+
+    model = tiny_model()
+    iv, splits = _iv_and_splits(model)
+    stability = pd.DataFrame(
+        [(l, h, 0.9 if (l, h) in iv.selected_heads() else 0.1) for l in range(3) for h in range(4)],
+        columns=["layer", "head", "selection_probability"],
+    )
+    analysis = head_table(
+        model, splits, iv, n_prompts=6, shots=2, patching_prompts=3, n_random=4, stability=stability, progress=False
+    )
+    assert np.allclose(analysis.table.loc[analysis.table.selected, "selection_probability"], 0.9)
+    extra = {"intervention": "runs/x", "prompt": "Q: hot\nA:"}
+    page = render_page("t", analysis_sections(analysis, {}, extra), views=[])
+    answer_at, table_at = page.find("Selected: 2 of the 12 scored heads"), page.find("<table")
+    assert 0 < answer_at < table_at, "the answer comes before any table"
+    opening = page[answer_at:table_at]
+    for words in ("Selection probability", "Necessary?", "Sufficient?", "Activation patching ranks L1H0 #"):
+        assert words in opening, words
+    settings = page[page.find("<h2>Settings</h2>") :]
+    settings = settings[: settings.find("</table>")]
+    assert "{" not in settings and "\\n" not in settings, settings
+    assert not re.search(r"\d\.\d{7,}", settings), "no 16-digit floats"
+
+
+def test_stability_as_a_tensor_and_bad_stability():
+    from lens_laai import TaskError
+
+    model = tiny_model()
+    iv, splits = _iv_and_splits(model)
+    probs = torch.rand(3, 4)
+    analysis = head_table(model, splits, iv, methods=("dla",), n_prompts=4, shots=2, stability=probs, progress=False)
+    assert np.allclose(analysis.table.selection_probability, probs.flatten().numpy())
+    with pytest.raises(TaskError, match="n_layers, n_heads"):
+        head_table(model, splits, iv, methods=("dla",), n_prompts=4, shots=2, stability=probs[:2], progress=False)

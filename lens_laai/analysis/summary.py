@@ -182,8 +182,9 @@ def _ranks_sentence(summary: pd.DataFrame) -> list[str]:
     for _, row in summary.iterrows():
         if row.score not in CAUSAL or not isinstance(row.selected_ranks, str) or not row.selected_ranks:
             continue
+        ranks = ", ".join(item.replace(":", " #") for item in row.selected_ranks.split(", "))
         out.append(
-            f"{CAUSAL[row.score]} ranks them {row.selected_ranks} of {row.n_scored} "
+            f"{CAUSAL[row.score].capitalize()} ranks {ranks} of {row.n_scored} heads "
             f"(precision@{row.k} {row.precision_at_k:.2f}, permutation p {row.p_precision:.3g})."
         )
     return out
