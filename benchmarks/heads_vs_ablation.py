@@ -20,7 +20,8 @@ Writes ``heads_vs_ablation_link.{csv,md,meta.json}`` (one row per task × seed),
 and per task × seed the head table CSV and heatmaps. ``--resume`` skips units already written.
 
     OMP_NUM_THREADS=1 python benchmarks/heads_vs_ablation.py --data-dir ../shared/datasets/function_vectors \\
-        --tasks antonym,english-french,country-currency,person-occupation --seeds 0,1 --out-dir docs/results --resume
+        --tasks antonym,english-french,country-currency,person-occupation --seeds 0,1 --score-layers 10-22 \\
+        --out-dir docs/results --resume
     python benchmarks/heads_vs_ablation.py --model lens-laai-tiny --quick --json
 """
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=16)
     p.add_argument("--rel", default="0.9,0.7,0.5,0.35,0.2,0.05", help="λ₂ path, fractions of λ_max")
     p.add_argument("--max-heads", type=int, default=3)
+    p.add_argument("--score-layers", default="all", help="layers head_table scores: 'all' (default) or 'first-last'")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--n-prompts", type=int, default=16)
     p.add_argument("--patching-prompts", type=int, default=4)
@@ -139,6 +141,7 @@ def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train:
         shots=2 if quick else 5,
         patching_prompts=args.patching_prompts,
         n_random=5 if quick else args.n_random,
+        layers=_layers(args.score_layers, model.cfg.n_layers, layer),
         seed=seed,
         dense=dense,
         progress=not args.no_progress,
@@ -187,6 +190,14 @@ def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train:
     if args.out_dir:
         _save(args.out_dir, f"{name}_s{seed}", analysis)
     return link, analysis.summary, analysis.costs
+
+
+def _layers(text: str, n_layers: int, layer: int) -> list[int] | str:
+    if text == "all":
+        return "all"
+    first, last = (int(x) for x in text.split("-"))
+    chosen = list(range(max(0, first), min(n_layers - 1, last) + 1))
+    return chosen if layer in chosen else sorted({*chosen, layer})
 
 
 def _ci(low, high, digits: int) -> str:
