@@ -292,3 +292,36 @@ def test_stability_as_a_tensor_and_bad_stability():
     assert np.allclose(analysis.table.selection_probability, probs.flatten().numpy())
     with pytest.raises(TaskError, match="n_layers, n_heads"):
         head_table(model, splits, iv, methods=("dla",), n_prompts=4, shots=2, stability=probs[:2], progress=False)
+
+
+def test_cli_reads_stability_and_prints_the_answer_first(tmp_path, capsys):
+    import json
+
+    from lens_laai.cli.main import main
+
+    model = tiny_model()
+    iv, _ = _iv_and_splits(model)
+    iv.save(tmp_path / "iv")
+    task = tmp_path / "tiny.json"
+    task.write_text(json.dumps([{"input": a, "output": b} for a, b in TINY_PAIRS]))
+    stability = tmp_path / "stability.csv"
+    pd.DataFrame({"layer": [1, 1], "head": [0, 2], "selection_probability": [0.8, 0.6]}).to_csv(stability, index=False)
+    common = ["--intervention", str(tmp_path / "iv"), "--task-file", str(task), "--model", "lens-laai-tiny"]
+    common += [
+        "--no-progress",
+        "--n-prompts",
+        "4",
+        "--shots",
+        "2",
+        "--methods",
+        "dla,random_control",
+        "--n-random",
+        "3",
+    ]
+    assert main(["analyze", *common, "--stability", str(stability), "--out", str(tmp_path / "h.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Selected: 2 of the 12 scored heads: L1H0, L1H2. Selection probability over subsamples")
+    assert pd.read_csv(tmp_path / "h.csv").selection_probability.notna().sum() == 2
+    (tmp_path / "bad.csv").write_text("layer,head\n1,0\n")
+    assert main(["analyze", *common, "--stability", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "g.csv")]) == 2
+    assert "selection_probability" in capsys.readouterr().err
