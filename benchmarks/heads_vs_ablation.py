@@ -2,6 +2,7 @@
 
 For each (task, seed) (n = 20 training pairs, no validation pairs, the rest held out as test):
 
+0. splits: the seed's shuffle, ``--n-train`` (20) training pairs, no validation pairs, ``--n-test`` (100) test pairs;
 1. one λ₂ path at ``--layer`` over ``--rel`` (fractions of λ_max, warm-started, largest first);
    the **sparse** fit is the densest path point keeping 1 to ``--max-heads`` heads (chosen by head
    count alone, never by a test score); the **dense** fit is the path's last point (0.05·λ_max,
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="antonym,english-french")
     p.add_argument("--seeds", default="0")
     p.add_argument("--n-train", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=100, help="held-out test pairs (as the development study)")
     p.add_argument("--layer", type=int, default=16)
     p.add_argument("--rel", default="0.9,0.7,0.5,0.35,0.2,0.05", help="λ₂ path, fractions of λ_max")
     p.add_argument("--max-heads", type=int, default=3)
@@ -122,7 +124,7 @@ LINK_COLUMNS = [
 
 def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train: int, quick: bool, args):
     task = get_task(name, args.data_dir, args.model)
-    splits = task.split(seed, n_train, 0)
+    splits = task.split(seed, n_train, 0, min(args.n_test, len(task) - n_train))
     t0 = time.perf_counter()
     steps = {"steps": 3} if quick else ({"steps": args.steps} if args.steps else {})
     path, ivs = fit_path(model, splits, layer, rel, relative=True, progress=not args.no_progress, **steps)
