@@ -1,6 +1,6 @@
 """The link study: is a sparse head set necessary, sufficient, and where do the causal methods rank it?
 
-For each (task, seed) (n = 20 training pairs, no validation pairs, the rest held out as test):
+For each (task, seed):
 
 0. splits: the seed's shuffle, ``--n-train`` (20) training pairs, no validation pairs, ``--n-test`` (100) test pairs;
 1. one λ₂ path at ``--layer`` over ``--rel`` (fractions of λ_max, warm-started, largest first);
@@ -8,7 +8,7 @@ For each (task, seed) (n = 20 training pairs, no validation pairs, the rest held
    count alone, never by a test score); the **dense** fit is the path's last point (0.05·λ_max,
    the earlier default, which keeps about the whole layer);
 2. held-out test accuracy of the sparse fit, the dense fit and no intervention (``evaluate``);
-3. ``head_table`` of the sparse fit over every layer: activation patching (TransformerLens'
+3. ``head_table`` of the sparse fit over ``--score-layers`` (default all): activation patching (TransformerLens'
    ``PatchingResult``), attribution patching, zero/mean ablation, DLA, the random-head control
    (the selected heads mean-ablated together against ``--n-random`` random sets of as many
    *unselected* heads: percentile with its Clopper–Pearson interval, drop with its t-interval) and
