@@ -15,7 +15,7 @@ Example:
     >>> table = pd.DataFrame({"layer": [0] * 4, "head": range(4), "selected": [True, True, False, False],
     ...                       "norm": [2.0, 1.0, 0.0, 0.0], "act_patch": [0.9, 0.1, 0.5, 0.0]})
     >>> row = selection_agreement(table).iloc[0]
-    >>> row.score, row.precision_at_k, row.selected_ranks
+    >>> row.score, float(row.precision_at_k), row.selected_ranks
     ('act_patch', 0.5, 'L0H0:1, L0H1:3')
 """
 
