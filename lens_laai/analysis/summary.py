@@ -158,13 +158,13 @@ def _necessary(n: dict[str, Any]) -> str:
     if n.get("reason"):
         return f"Necessary? Not measured: {n['reason']}."
     below = round(n["percentile"] * n["n_random"] / 100)
-    zero = " (the interval includes 0)" if n["drop_low"] <= 0 <= n["drop_high"] else ""
+    zero = ", an interval that includes 0" if n["drop_low"] <= 0 <= n["drop_high"] else ""
     return (
-        f"Necessary? Mean-ablating the selected heads together lowers the target log-prob on {n['n_prompts']} "
-        f"held-out {n['shots']}-shot prompts by {n['drop']:.3f} (95% CI {n['drop_low']:.3f} to {n['drop_high']:.3f})"
-        f"{zero}, more than {below} of {n['n_random']} random sets of {n['k']} unselected heads do "
-        f"(percentile {n['percentile']:.0f}, 95% CI {n['percentile_low']:.0f}–{n['percentile_high']:.0f}; "
-        f"random median {n['random_median']:.3f})."
+        f"Necessary? Mean-ablating the selected heads together changes the target log-prob on {n['n_prompts']} "
+        f"held-out {n['shots']}-shot prompts by {-n['drop']:+.3f} (95% CI {-n['drop_high']:+.3f} to "
+        f"{-n['drop_low']:+.3f}{zero}); that drop is larger than {below} of {n['n_random']} random sets of "
+        f"{n['k']} unselected heads cause (percentile {n['percentile']:.0f}, 95% CI {n['percentile_low']:.0f}–"
+        f"{n['percentile_high']:.0f}; random median drop {n['random_median']:.3f})."
     )
 
 
