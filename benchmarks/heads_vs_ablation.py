@@ -157,6 +157,7 @@ def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train:
         "layer": layer,
         "rel": float(path.group_l1_rel.iloc[kept[-1]]) if kept else float(path.group_l1_rel.iloc[0]),
         "k": len(sparse.selected_heads()),
+        "within_budget": bool(kept),  # False: no path point kept 1..max_heads heads; the sparsest was used
         "heads": " ".join(f"L{l}H{h}" for l, h in sparse.selected_heads()),
         "dense_heads": len(dense.selected_heads()),
         "n_test": len(splits.test),
