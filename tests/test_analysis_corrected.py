@@ -292,6 +292,9 @@ def test_stability_as_a_tensor_and_bad_stability():
     assert np.allclose(analysis.table.selection_probability, probs.flatten().numpy())
     with pytest.raises(TaskError, match="n_layers, n_heads"):
         head_table(model, splits, iv, methods=("dla",), n_prompts=4, shots=2, stability=probs[:2], progress=False)
+    wrong = pd.DataFrame({"layer": [7], "head": [0], "selection_probability": [0.5]})
+    with pytest.raises(TaskError, match="outside this model"):
+        head_table(model, splits, iv, methods=("dla",), n_prompts=4, shots=2, stability=wrong, progress=False)
 
 
 def test_cli_reads_stability_and_prints_the_answer_first(tmp_path, capsys):

@@ -231,7 +231,13 @@ def _stability_tensor(stability: pd.DataFrame | Tensor, model: TransformerBridge
         raise TaskError("stability must be a DataFrame with columns layer, head, selection_probability, or a tensor.")
     out = torch.full(shape, float("nan"))
     for row in stability.itertuples(index=False):
-        out[int(row.layer), int(row.head)] = float(row.selection_probability)
+        layer, head, prob = int(row.layer), int(row.head), float(row.selection_probability)
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1] and 0.0 <= prob <= 1.0):
+            raise TaskError(
+                f"stability row (layer {layer}, head {head}, selection_probability {prob}) is outside this model's "
+                f"{shape[0]} layers × {shape[1]} heads or outside [0, 1]."
+            )
+        out[layer, head] = prob
     return out
 
 
