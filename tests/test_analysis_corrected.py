@@ -328,3 +328,16 @@ def test_cli_reads_stability_and_prints_the_answer_first(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("layer,head\n1,0\n")
     assert main(["analyze", *common, "--stability", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "g.csv")]) == 2
     assert "selection_probability" in capsys.readouterr().err
+
+
+def test_dla_warns_when_the_write_is_not_what_the_block_adds(monkeypatch):
+    """The run-time check: a head-write path that misses Gemma's post-attention norm is caught."""
+    import lens_laai.models.head_write as hw
+
+    model = tiny_model_for("gemma2")
+    template = PromptTemplate()
+    batches = model_batches(model, [template.render(x) for x, _ in TINY_PAIRS[:3]], [" a"] * 3)
+    iv = HeadIntervention.from_deltas(model, {LAYER: _delta(model)})
+    monkeypatch.setattr(hw, "post_attention_norm", lambda model, layer: None)
+    with pytest.warns(RuntimeWarning, match="adds something other than"):
+        fx.direct_logit_attribution(model, iv, batches, CostMeter())

@@ -70,7 +70,7 @@ def last_token_state(
     for layer in checks:
         real = got[f"blocks.{layer}.hook_resid_mid"] - got[f"blocks.{layer}.hook_resid_pre"]
         ours = attention_write(model, layer, zs[layer]).cpu()
-        if not torch.allclose(ours, real, rtol=1e-3, atol=1e-3 * float(real.abs().max())):
+        if not torch.allclose(ours, real, rtol=1e-2, atol=1e-2 * float(real.abs().max())):  # half precision too
             warn_once(
                 f"head-write:{type(model.original_model).__name__}",
                 f"Block {layer}'s attention adds something other than its output projection and post-attention "
