@@ -19,7 +19,7 @@ from lens_laai import (
     generate,
     load_intervention,
 )
-from lens_laai.analysis.head_table import head_table, spearman_permutation, summarise
+from lens_laai.analysis.head_table import head_table, selection_agreement, spearman_permutation
 from lens_laai.cli.main import main
 from lens_laai.tasks.prompts import k_shot_prompts, model_batches
 from lens_laai.testing import TINY_PAIRS
@@ -157,8 +157,14 @@ def test_activation_patching_matches_a_hand_patch(tiny, fitted):
         corrupt.input_ids, attention_mask=corrupt.attention_mask, fwd_hooks=[("blocks.2.attn.hook_z", patch)]
     )
     by_hand = torch.log_softmax(logits[:, -1], -1).gather(1, clean.target_ids[:, None]).mean()
-    assert float(scores[2, 1]) == pytest.approx(float(by_hand) - corrupted, abs=1e-5)
-    assert torch.isnan(scores[0]).all()
+    assert float(scores["act_patch"][2, 1]) == pytest.approx(float(by_hand) - corrupted, abs=1e-5)
+    assert torch.isnan(scores["act_patch"][0]).all()
+    per_prompt = torch.log_softmax(logits[:, -1], -1).gather(1, clean.target_ids[:, None])[:, 0]
+    base = tiny(corrupt.input_ids, attention_mask=corrupt.attention_mask)
+    base = torch.log_softmax(base[:, -1], -1).gather(1, clean.target_ids[:, None])[:, 0]
+    effect = per_prompt - base  # TransformerLens' PatchingResult: per-prompt effects, their standard error
+    assert float(scores["act_patch_se"][2, 1]) == pytest.approx(float(effect.std() / len(effect) ** 0.5), abs=1e-5)
+    assert 0 < float(scores["act_patch_p"][2, 1]) <= 1
 
 
 def test_attribution_patching_restores_the_frozen_model(tiny, analysis):
@@ -190,11 +196,13 @@ def test_summaries_and_random_control(analysis):
             "head": [0, 1, 0, 1],
             "selected": [True, False, True, False],
             "norm": [2.0, 0.0, 1.0, 0.0],
-            "dla": [5.0, 4.0, 0.0, -1.0],
+            "act_patch": [5.0, 4.0, 0.0, -1.0],
         }
     )
-    row = summarise(table).set_index("score").loc["dla"]
+    row = selection_agreement(table).set_index("score").loc["act_patch"]
     assert row.precision_at_k == 0.5 and row.jaccard == pytest.approx(1 / 3) and row.k == 2
+    assert row.selected_ranks == "L0H0:1, L1H0:3"
+    assert row.p_precision == pytest.approx(5 / 6)  # P(a random pair of the 4 heads holds ≥ 1 selected head)
     control = analysis.random_control
     assert len(control) == 7 and control.set.iloc[0] == "selected" and 0 <= control.attrs["percentile"] <= 100
     assert set(analysis.logit_lens.direction) == {"promoted", "suppressed"}

@@ -142,7 +142,7 @@ def test_heads_vs_ablation_smoke(capsys, tmp_path):
     )
     assert {r["score"] for r in out["summary"]} >= {"dla", "act_patch", "attr_patch", "zero_logprob_drop"}
     assert {"percentile", "attr_vs_act_rho"} <= set(out["control"][0])
-    assert (tmp_path / "heads_vs_ablation_antonym.png").exists() and (
+    assert (tmp_path / "heads_vs_ablation_antonym_s0.png").exists() and (
         tmp_path / "heads_vs_ablation_summary.md"
     ).exists()
 

@@ -5,9 +5,12 @@ intervention's ‖Δ_h‖ and with direct logit attribution, activation patching
 ``patching``), attribution patching (TransformerLens' ``attribution_patch``), Function Vectors'
 causal indirect effect, zero- and mean-ablation, and the necessity of each selected head's Δ_h.
 It returns a :class:`HeadAnalysis`: one row per (layer, head), the same scores as
-``[n_layers, n_heads]`` tensors, a summary (Spearman ρ with permutation p-values, precision@k and
-Jaccard overlap with each method's top-k), a random-head ablation control, the logit lens of each
-selected head, and the cost of each column in forward-pass equivalents (``docs/analysis.md``).
+``[n_layers, n_heads]`` tensors, a summary of where each method ranks the selected heads
+(:func:`lens_laai.analysis.summary.selection_agreement`: precision@k with an exact permutation p,
+ρ among the selected heads), the findings (necessity: the selected heads ablated together
+against random sets of unselected heads; sufficiency: held-out accuracy with Δ on them alone),
+a random-head control table, the logit lens of each selected head, and the cost of each column
+in forward-pass equivalents (``docs/analysis.md``). ``analysis.answer()`` says it in sentences.
 
 The scored prompts are built from the intervention's held-out test queries (never a pair it was
 fitted on), with k-shot demonstrations from its training split; the reference prompts for mean
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,23 +43,42 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.analysis import effects as fx
+from lens_laai.analysis.prompts import AnalysisPrompts as _AnalysisData
+from lens_laai.analysis.summary import (
+    IMPORTANCE_SCORES,
+    agreement,
+    answer,
+    mean_interval,
+    percentile_with_interval,
+    selection_agreement,
+    spearman_permutation,
+)
+from lens_laai.baselines.function_vectors import indirect_effects
 from lens_laai.errors import TaskError
-from lens_laai.evaluation.evaluate import resolve_template, select_split
+from lens_laai.evaluation.evaluate import resolve_template
 from lens_laai.fastpath import CostMeter, LayerRunner
 from lens_laai.fitting.fit import parse_layers
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention
-from lens_laai.tasks.prompts import Batch, PromptTemplate, make_batch, model_batches
-from lens_laai.tasks.task import Pair, Task, TaskSplits
+from lens_laai.tasks.prompts import Batch, PromptTemplate
+from lens_laai.tasks.task import Task, TaskSplits
+
+__all__ = [
+    "METHODS",
+    "IMPORTANCE_SCORES",
+    "HeadAnalysis",
+    "agreement",
+    "head_table",
+    "selection_agreement",
+    "spearman_permutation",
+]
 
 METHODS = ("dla", "act_patch", "attr_patch", "fv_cie", "ablation", "necessity", "random_control", "logit_lens")
-# the score columns where larger means more important for the task; each is ranked against ‖Δ_h‖
-IMPORTANCE_SCORES = ("dla", "act_patch", "attr_patch", "fv_cie", "zero_logprob_drop", "mean_logprob_drop")
 
 
 @dataclass
 class HeadAnalysis:
-    """Everything :func:`head_table` measured; see the module docstring."""
+    """Everything :func:`head_table` measured; see the module docstring. ``answer()`` says it in sentences."""
 
     table: pd.DataFrame
     scores: dict[str, Tensor]
@@ -65,6 +88,11 @@ class HeadAnalysis:
     costs: pd.DataFrame
     layers: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
+    findings: dict[str, Any] = field(default_factory=dict)
+
+    def answer(self) -> list[str]:
+        """Which heads, how stable, whether necessary and sufficient, where each causal method ranks them."""
+        return answer(self)
 
     def __repr__(self) -> str:
         return (
@@ -87,6 +115,8 @@ def head_table(
     seed: int = 0,
     template: PromptTemplate | None = None,
     batch_size: int = 32,
+    stability: pd.DataFrame | Tensor | None = None,
+    dense: HeadIntervention | None = None,
     progress: bool = True,
 ) -> HeadAnalysis:
     """Score every head of ``layers`` for the task that ``intervention`` was fitted on.
@@ -96,11 +126,17 @@ def head_table(
         layers: layers to score (``"all"``, default; ``"default"``; or indices).
         methods: any of ``METHODS``; ``"ablation"`` gives zero- and mean-ablation columns.
         n_prompts: held-out queries used (k-shot prompts for patching and ablation, zero-shot
-            prompts for DLA and necessity).
+            prompts for DLA, necessity and sufficiency).
         shots: demonstrations per k-shot prompt (from the training split).
         patching_prompts: how many of those prompts activation patching uses (it costs one
-            forward of them per head, the most expensive column).
-        n_random: random head sets in the ablation control.
+            forward of them per head, the most expensive column); attribution patching is
+            compared with it on the same prompts.
+        n_random: random sets of unselected heads in the ablation control.
+        stability: each head's selection probability (a DataFrame with ``layer, head,
+            selection_probability`` or an ``[n_layers, n_heads]`` tensor, as ``stability()``
+            returns); adds a ``selection_probability`` column.
+        dense: an intervention on the whole layer (e.g. a fit with a small penalty): the
+            sufficiency check compares the selected heads' held-out accuracy with it.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -113,38 +149,43 @@ def head_table(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise TaskError(f"{name} must be an integer ≥ {least}, got {value!r}.")
-    if not isinstance(intervention, HeadIntervention):
-        raise TaskError(f"head_table analyses a HeadIntervention, got {type(intervention).__name__}.")
-    intervention.check_model(model)
+    for name, iv in (("intervention", intervention), ("dense", dense)):
+        if iv is not None and not isinstance(iv, HeadIntervention):
+            raise TaskError(f"head_table's {name} must be a HeadIntervention, got {type(iv).__name__}.")
+        if iv is not None:
+            iv.check_model(model)
     layers = parse_layers(layers, model.cfg.n_layers)
+    probabilities = _stability_tensor(stability, model) if stability is not None else None
     template = resolve_template(template, [intervention])
-    data = _AnalysisData.build(
-        model, task, intervention, template, n_prompts, shots, patching_prompts, seed, batch_size
-    )
+    data = _AnalysisData(model, task, intervention, template, n_prompts, shots, patching_prompts, seed, batch_size)
     run = _Run(model, intervention, layers, data, progress)
     scores: dict[str, Tensor] = {"norm": intervention.head_norms()}
+    if probabilities is not None:
+        scores["selection_probability"] = probabilities
     if "dla" in methods:
         scores["dla"] = run.timed("dla", lambda m: fx.direct_logit_attribution(model, intervention, data.zero, m))
     if "act_patch" in methods:
-        scores["act_patch"], data.clean_metric, data.corrupt_metric = run.timed(
+        patched, data.clean_metric, data.corrupt_metric = run.timed(
             "act_patch",
             lambda m: fx.activation_patching(model, data.patch_clean, data.patch_corrupt, layers, m, progress),
         )
+        scores.update(patched)
+    per_pair = None
     if "attr_patch" in methods:
-        scores["attr_patch"] = run.timed(
-            "attr_patch", lambda m: _restrict(fx.attribution_patching(model, data.pairs, m), layers)
-        )
+        per_pair = run.timed("attr_patch", lambda m: fx.attribution_patching(model, data.pairs, m, reduce="none"))
+        scores["attr_patch"] = _restrict(per_pair.mean(0), layers)
     if "fv_cie" in methods:
         scores["fv_cie"] = run.timed("fv_cie", run.fv_cie)
     if "ablation" in methods:
         scores.update(run.timed("ablation", run.ablations))
     if "necessity" in methods:
         scores.update(run.timed("necessity", run.necessity))
-    control = (
-        run.timed("random_control", lambda m: run.random_control(m, n_random, seed))
-        if "random_control" in methods
-        else pd.DataFrame()
-    )
+    findings: dict[str, Any] = {}
+    control = pd.DataFrame(columns=["set", "heads", "acc_drop", "logprob_drop"])
+    if "random_control" in methods:
+        control, findings["necessity"] = run.timed("random_control", lambda m: run.random_control(m, n_random, seed))
+    if "necessity" in methods:
+        findings["sufficiency"] = run.timed("sufficiency", lambda m: run.sufficiency(m, dense))
     lens = (
         run.timed(
             "logit_lens",
@@ -159,7 +200,7 @@ def head_table(
         "first_query": data.queries.pairs[0][0],
         "n_prompts": len(data.queries),
         "shots": shots,
-        "patching_prompts": int(data.patch_clean.input_ids.shape[0]),
+        "patching_prompts": data.n_patch if "_kshot" in data.__dict__ else None,
         "dropped_pairs": data.dropped,
         "n_random": n_random,
         "seed": seed,
@@ -167,124 +208,37 @@ def head_table(
         "clean_logprob": data.clean_metric,
         "corrupted_logprob": data.corrupt_metric,
     }
-    if "act_patch" in scores and "attr_patch" in scores:
-        settings["attribution_vs_activation"] = agreement(scores["act_patch"], scores["attr_patch"], seed)
-    return HeadAnalysis(table, scores, summarise(table, seed), control, lens, run.cost_table(), layers, settings)
+    if "act_patch" in scores and per_pair is not None:
+        same = _restrict(per_pair[: data.n_patch].mean(0), layers)  # the prompts activation patching used
+        settings["attribution_vs_activation"] = {
+            **agreement(scores["act_patch"], same, seed),
+            "n_prompts": data.n_patch,
+        }
+    summary = selection_agreement(table, seed)
+    return HeadAnalysis(table, scores, summary, control, lens, run.cost_table(), layers, settings, findings)
 
 
-# prompts ----------------------------------------------------------------------------------------
-@dataclass
-class _AnalysisData:
-    """Held-out queries as zero-shot prompts, clean k-shot prompts and label-deranged (corrupted) twins."""
-
-    queries: Task
-    zero: list[Batch]
-    clean: list[Batch]
-    patch_clean: Batch
-    patch_corrupt: Batch
-    pairs: list[tuple[Tensor, Tensor, int]]
-    reference: list[Batch]
-    dropped: int
-    clean_metric: float | None = None
-    corrupt_metric: float | None = None
-
-    @classmethod
-    def build(
-        cls,
-        model: TransformerBridge,
-        task: Task | TaskSplits,
-        iv: HeadIntervention,
-        template: PromptTemplate,
-        n_prompts: int,
-        shots: int,
-        patching_prompts: int,
-        seed: int,
-        batch_size: int,
-    ) -> _AnalysisData:
-        test, train = select_split(task, "test", [iv])
-        if shots < 2 or shots > len(train) - 1:
-            raise TaskError(f"Label-deranged prompts need 2 ≤ shots ≤ n_train - 1 = {len(train) - 1}, got {shots}.")
-        queries = test.subset(list(range(min(n_prompts, len(test)))))
-        clean_text, corrupt_text, targets = _deranged_prompts(queries.pairs, train.pairs, shots, seed, template)
-        tok = model.tokenizer
-        kept = [i for i in range(len(targets)) if _length(tok, clean_text[i]) == _length(tok, corrupt_text[i])]
-        if not kept:
-            raise TaskError("No clean/corrupted prompt pair tokenises to equal lengths; patching needs aligned pairs.")
-        clean = make_batch(
-            tok, [clean_text[i] for i in kept], [targets[i] for i in kept], template.prepend_bos, model.cfg.n_ctx
-        )
-        corrupt = make_batch(
-            tok, [corrupt_text[i] for i in kept], [targets[i] for i in kept], template.prepend_bos, model.cfg.n_ctx
-        )
-        n_patch = max(1, min(patching_prompts, len(kept)))
-        patch_clean, patch_corrupt = (_rows(b, n_patch) for b in (clean, corrupt))
-        pairs = [
-            (
-                clean.input_ids[i][clean.attention_mask[i].bool()],
-                corrupt.input_ids[i][corrupt.attention_mask[i].bool()],
-                int(clean.target_ids[i]),
-            )
-            for i in range(len(kept))
-        ]
-        zero = model_batches(
-            model,
-            [template.render(x) for x, _ in queries.pairs],
-            [template.target(y) for _, y in queries.pairs],
-            batch_size,
-            template,
-        )
-        ref_text, ref_targets, _ = _deranged_prompts(train.pairs, train.pairs, shots, seed + 1, template)
-        reference = model_batches(model, ref_text, ref_targets, batch_size, template)
-        device = model.cfg.device or "cpu"
-        return cls(
-            queries,
-            zero,
-            [clean.to(device)],
-            patch_clean.to(device),
-            patch_corrupt.to(device),
-            pairs,
-            reference,
-            len(targets) - len(kept),
-        )
-
-
-def _deranged_prompts(
-    queries: Sequence[Pair], pool: Sequence[Pair], shots: int, seed: int, template: PromptTemplate
-) -> tuple[list[str], list[str], list[str]]:
-    """Per query: a k-shot prompt and its twin whose demonstration outputs are deranged."""
-    rng = random.Random(seed)
-    clean, corrupt, targets = [], [], []
-    for x, y in queries:
-        candidates = [p for p in pool if p[0] != x]
-        if len(candidates) < shots:
+def _stability_tensor(stability: pd.DataFrame | Tensor, model: TransformerBridge) -> Tensor:
+    """Selection probabilities as ``[n_layers, n_heads]`` (NaN where not given), from a tensor or a long DataFrame."""
+    shape = (model.cfg.n_layers, model.cfg.n_heads)
+    if isinstance(stability, Tensor):
+        if tuple(stability.shape) != shape:
             raise TaskError(
-                f"{shots}-shot prompts need {shots} demonstrations other than the query {x!r}; the training "
-                f"split has {len(candidates)}. Use fewer shots."
+                f"stability must be an [n_layers, n_heads] = {list(shape)} tensor, got {list(stability.shape)}."
             )
-        demos = rng.sample(candidates, shots)
-        perm = list(range(shots))
-        while any(i == j for i, j in enumerate(perm)):
-            rng.shuffle(perm)
-        clean.append(template.render(x, demos))
-        corrupt.append(template.render(x, [(demos[i][0], demos[perm[i]][1]) for i in range(shots)]))
-        targets.append(template.target(y))
-    return clean, corrupt, targets
-
-
-def _length(tokenizer: Any, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _rows(batch: Batch, n: int) -> Batch:
-    keep = batch.attention_mask[:n].sum(0) > 0
-    return Batch(
-        batch.input_ids[:n][:, keep],
-        batch.attention_mask[:n][:, keep],
-        batch.target_ids[:n],
-        batch.prompts[:n],
-        batch.targets[:n],
-        batch.target_tokens[:n],
-    )
+        return stability.detach().float().cpu()
+    if not isinstance(stability, pd.DataFrame) or not {"layer", "head", "selection_probability"} <= set(stability):
+        raise TaskError("stability must be a DataFrame with columns layer, head, selection_probability, or a tensor.")
+    out = torch.full(shape, float("nan"))
+    for row in stability.itertuples(index=False):
+        layer, head, prob = int(row.layer), int(row.head), float(row.selection_probability)
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1] and 0.0 <= prob <= 1.0):
+            raise TaskError(
+                f"stability row (layer {layer}, head {head}, selection_probability {prob}) is outside this model's "
+                f"{shape[0]} layers × {shape[1]} heads or outside [0, 1]."
+            )
+        out[layer, head] = prob
+    return out
 
 
 # running the methods ---------------------------------------------------------------------------
@@ -329,19 +283,14 @@ class _Run:
         return HeadAblation.mean(self.model, heads, self.data.reference)
 
     def fv_cie(self, meter: CostMeter) -> Tensor:
-        """Function Vectors' CIE: gain in P(target) from the head's mean (clean) output at the corrupted last token."""
+        """Function Vectors' CIE (:func:`lens_laai.baselines.function_vectors.indirect_effects`) on the corrupted prompts."""
         mean = self.reference_mean([(l, 0) for l in self.layers], meter).values
-        runner = self.runner("corrupt", [self.data.patch_corrupt], meter)
-        base = _target_prob(runner, [])
-        out = fx.empty_scores(self.model)
+        acts = torch.full((self.model.cfg.n_layers, self.model.cfg.n_heads, self.model.cfg.d_head), float("nan"))
         for layer in self.layers:
-            for head in range(self.model.cfg.n_heads):
-                hook = (
-                    f"blocks.{layer}.attn.hook_z",
-                    lambda z, hook, h=head, v=mean[layer][0, head]: _set_last(z, h, v),
-                )
-                out[layer, head] = float((_target_prob(runner, [hook]) - base).mean())
-        meter.merge(runner.meter)
+            acts[layer] = mean[layer][0].float().cpu()
+        table = indirect_effects(self.model, self.data.corrupt, acts, self.layers, meter=meter, progress=self.progress)
+        out = fx.empty_scores(self.model)
+        out[table["layer"].tolist(), table["head"].tolist()] = torch.tensor(table.cie.to_numpy(), dtype=torch.float)
         return out
 
     def ablations(self, meter: CostMeter) -> dict[str, Tensor]:
@@ -355,42 +304,106 @@ class _Run:
         meter.merge(runner.meter)
         return out
 
-    def necessity(self, meter: CostMeter) -> dict[str, Tensor]:
+    def _zero_shot_runner(self, meter: CostMeter) -> LayerRunner:
         fast = self.iv.positions == "last"  # the prefix cache recomputes the last token only
-        runner = LayerRunner(
-            self.model, self.data.zero, min(self.iv.layers), fast, _unit_meter(self.model, self.data.zero)
-        )
+        if "zero" not in self._runners:
+            self._runners["zero"] = LayerRunner(
+                self.model, self.data.zero, min(self.iv.layers), fast, _unit_meter(self.model, self.data.zero)
+            )
+        return self._runners["zero"]
+
+    def necessity(self, meter: CostMeter) -> dict[str, Tensor]:
+        runner = self._zero_shot_runner(meter)
         out = fx.necessity(runner, self.model, self.iv)
         meter.merge(runner.meter)
+        runner.meter.token_layers = 0.0
         return out
 
-    def random_control(self, meter: CostMeter, n_random: int, seed: int) -> pd.DataFrame:
-        """Mean-ablate the selected heads together vs ``n_random`` random sets of as many heads (k-shot prompts)."""
+    def sufficiency(self, meter: CostMeter, dense: HeadIntervention | None) -> dict[str, Any]:
+        """Held-out zero-shot accuracy with Δ on the selected heads, with none, and with the ``dense`` intervention."""
+        runner = self._zero_shot_runner(meter)
+        facts: dict[str, Any] = {"n_prompts": len(self.data.queries)}
+        for name, hooks in (("base", []), ("selected", self.iv.fwd_hooks())):
+            correct, lp = fx.prompt_scores(runner, hooks)
+            facts[f"{name}_accuracy"], facts[f"{name}_logprob"] = float(correct.mean()), float(lp.mean())
+        if dense is not None:
+            with dense.apply(self.model):
+                correct, lp = fx.prompt_scores(LayerRunner(self.model, self.data.zero, 0, False, CostMeter()), [])
+            facts.update(
+                dense_accuracy=float(correct.mean()),
+                dense_logprob=float(lp.mean()),
+                dense_heads=len(dense.selected_heads()),
+            )
+            meter.add(sum(float(b.attention_mask.sum()) for b in self.data.zero), self.model.cfg.n_layers, False)
+        meter.merge(runner.meter)
+        runner.meter.token_layers = 0.0
+        return facts
+
+    def random_control(self, meter: CostMeter, n_random: int, seed: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Mean-ablate the selected heads together vs ``n_random`` random sets of as many *unselected* heads.
+
+        The random heads come from the scored layers, never from the selected set. When there
+        are fewer unselected heads than selected ones (e.g. the fit keeps a whole scored layer)
+        no control can be drawn: a warning says so and the percentile is NaN.
+        """
+        columns = ["set", "heads", "acc_drop", "logprob_drop", "logprob_drop_low", "logprob_drop_high"]
         selected = [h for h in self.iv.selected_heads() if h[0] in self.layers]
+        pool = [(l, h) for l in self.layers for h in range(self.model.cfg.n_heads) if (l, h) not in set(selected)]
+        reason = ""
         if not selected:
-            return pd.DataFrame(columns=["set", "heads", "acc_drop", "logprob_drop"])
-        mean = self.reference_mean([(l, 0) for l in self.layers], meter)
+            reason = "the intervention selects no head in the scored layers"
+        elif len(pool) < len(selected):
+            reason = (
+                f"the scored layers have {len(pool)} unselected heads, fewer than the {len(selected)} selected; "
+                "score more layers (layers=) to draw random sets of unselected heads"
+            )
+        if reason:
+            warnings.warn(f"Random-head control not run: {reason}.", stacklevel=3)
+        mean = self.reference_mean([(l, 0) for l in self.layers], meter) if selected else None
         runner = self.runner("clean", self.data.clean, meter)
-        base_acc, base_lp = fx.runner_scores(runner, [])
-        pool = [(l, h) for l in self.layers for h in range(self.model.cfg.n_heads)]
+        base_correct, base_lp = fx.prompt_scores(runner, [])
         rng = random.Random(seed)
-        rows = []
-        for name, heads in [("selected", selected)] + [
-            (f"random {i}", rng.sample(pool, len(selected))) for i in range(n_random)
-        ]:
-            acc, lp = fx.runner_scores(runner, _mean_ablation(mean, heads).fwd_hooks())
+        sets = [("selected", selected)] if selected else []
+        if not reason:
+            sets += [(f"random {i}", rng.sample(pool, len(selected))) for i in range(n_random)]
+        rows, drops = [], {}
+        for name, heads in sets:
+            assert mean is not None  # sets is empty when nothing was selected
+            correct, lp = fx.prompt_scores(runner, _mean_ablation(mean, heads).fwd_hooks())
+            drop = base_lp - lp
+            mid, low, high = mean_interval(drop)
+            drops[name] = mid
             rows.append(
                 {
                     "set": name,
                     "heads": ",".join(f"L{l}H{h}" for l, h in sorted(heads)),
-                    "acc_drop": base_acc - acc,
-                    "logprob_drop": base_lp - lp,
+                    "acc_drop": float((base_correct - correct).mean()),
+                    "logprob_drop": mid,
+                    "logprob_drop_low": low,
+                    "logprob_drop_high": high,
                 }
             )
         meter.merge(runner.meter)
-        table = pd.DataFrame(rows)
-        table.attrs["percentile"] = float((table.logprob_drop.iloc[1:] < table.logprob_drop.iloc[0]).mean() * 100)
-        return table
+        table = pd.DataFrame(rows, columns=columns)
+        randoms = np.array([v for k, v in drops.items() if k != "selected"])
+        percentile, low, high = percentile_with_interval(drops.get("selected", float("nan")), randoms)
+        table.attrs.update(percentile=percentile, percentile_low=low, percentile_high=high, reason=reason)
+        facts: dict[str, Any] = {"reason": reason, "k": len(selected), "n_random": len(randoms)}
+        if not reason:
+            first = table.iloc[0]
+            facts.update(
+                n_prompts=len(base_lp),
+                shots=self.data.shots,
+                drop=first.logprob_drop,
+                drop_low=first.logprob_drop_low,
+                drop_high=first.logprob_drop_high,
+                acc_drop=first.acc_drop,
+                percentile=percentile,
+                percentile_low=low,
+                percentile_high=high,
+                random_median=float(np.median(randoms)) if len(randoms) else float("nan"),
+            )
+        return table, facts
 
 
 def _mean_ablation(mean: HeadAblation, heads: list[tuple[int, int]]) -> HeadAblation:
@@ -404,18 +417,6 @@ def _unit_meter(model: TransformerBridge, zero_shot: list[Batch]) -> CostMeter:
     for batch in zero_shot:
         meter.register_prompts(batch, model.cfg.n_layers)
     return meter
-
-
-@torch.no_grad()
-def _target_prob(runner: LayerRunner, hooks: list) -> Tensor:
-    batch = runner.batches[0]
-    return torch.softmax(runner.logits(0, hooks).float(), -1).gather(1, batch.target_ids[:, None])[:, 0]
-
-
-def _set_last(z: Tensor, head: int, value: Tensor) -> Tensor:
-    out = z.clone()
-    out[:, -1, head] = value.to(z)
-    return out
 
 
 def _restrict(scores: Tensor, layers: list[int]) -> Tensor:
@@ -435,53 +436,3 @@ def _table(scores: dict[str, Tensor], layers: list[int], iv: HeadIntervention) -
     ranks = table.loc[table.selected, "norm"].rank(ascending=False, method="min")
     table["rank"] = ranks.reindex(table.index)
     return table
-
-
-def summarise(table: pd.DataFrame, seed: int = 0, n_permutations: int = 2000) -> pd.DataFrame:
-    """Per score: Spearman ρ with ‖Δ_h‖ (permutation p), and precision@k / Jaccard of its top-k vs the selected heads.
-
-    ρ is reported over every scored head and over the intervened layers only (where ‖Δ_h‖ can
-    be non-zero); k is the number of selected heads.
-    """
-    rows = []
-    selected = set(map(tuple, table.loc[table.selected, ["layer", "head"]].itertuples(index=False)))
-    k = len(selected)
-    intervened = table.layer.isin(table.loc[table.norm > 0, "layer"].unique()) if k else table.layer < 0
-    for column in IMPORTANCE_SCORES:
-        if column not in table:
-            continue
-        scored = table[table[column].notna()]
-        row: dict[str, Any] = {"score": column}
-        for scope, part in (("all", scored), ("layer", scored[intervened.loc[scored.index]])):
-            rho, p = spearman_permutation(part.norm.to_numpy(), part[column].to_numpy(), seed, n_permutations)
-            row[f"rho_{scope}"], row[f"p_{scope}"] = rho, p
-        top = set(map(tuple, scored.nlargest(k, column)[["layer", "head"]].itertuples(index=False))) if k else set()
-        row["precision_at_k"] = len(top & selected) / k if k else float("nan")
-        row["jaccard"] = len(top & selected) / len(top | selected) if k else float("nan")
-        row["k"] = k
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def agreement(reference: Tensor, estimate: Tensor, seed: int = 0) -> dict[str, float]:
-    """How well ``estimate`` (e.g. attribution patching) tracks ``reference`` (activation patching) over scored heads."""
-    both = torch.isfinite(reference) & torch.isfinite(estimate)
-    x, y = reference[both].numpy(), estimate[both].numpy()
-    rho, p = spearman_permutation(x, y, seed)
-    signs = float(np.mean(np.sign(x) == np.sign(y))) if len(x) else float("nan")
-    return {"rho": rho, "p": p, "sign_agreement": signs}
-
-
-def spearman_permutation(x: np.ndarray, y: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """Spearman ρ and a two-sided permutation p-value (NaN when either side is constant)."""
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    rho = float(np.corrcoef(rx, ry)[0, 1])
-    rng = np.random.default_rng(seed)
-    null = np.array([np.corrcoef(rx, rng.permutation(ry))[0, 1] for _ in range(n)])
-    return rho, float((np.sum(np.abs(null) >= abs(rho) - 1e-12) + 1) / (n + 1))
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    return pd.Series(values).rank(method="average").to_numpy()

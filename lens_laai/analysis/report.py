@@ -97,27 +97,58 @@ def write_report(path: str | os.PathLike, page: str, force: bool = False) -> Pat
 
 
 def analysis_sections(analysis: Any, figures: dict[str, str], extra: dict[str, Any]) -> list[tuple[str, str]]:
-    """Report sections for a :class:`lens_laai.analysis.head_table.HeadAnalysis` (figures as data URIs)."""
-    settings = {**extra, **analysis.settings}
-    sections = [
-        (
-            "Settings",
-            table_html(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})),
-        )
-    ]
-    sections.append(("Summary: the selected heads against each method", table_html(analysis.summary)))
+    """Report sections for a :class:`lens_laai.analysis.head_table.HeadAnalysis` (figures as data URIs).
+
+    The page opens with the answer in sentences (which heads, how stable, necessary,
+    sufficient, where each causal method ranks them), then the ranking table, the pictures,
+    the controls, and last the settings, formatted for reading.
+    """
+    sentences = "".join(f"<p>{html_lib.escape(line)}</p>" for line in analysis.answer())
+    sections = [("The answer", sentences)]
+    ranking = analysis.summary.rename(columns=_SUMMARY_NAMES)
+    sections.append(("Where each method ranks the selected heads", table_html(ranking)))
     for name, uri in figures.items():
         sections.append((name, f'<img alt="{html_lib.escape(name)}" src="{uri}">'))
-    if len(analysis.random_control):
-        percentile = analysis.random_control.attrs.get("percentile")
-        sections.append(
-            (
-                f"Random-head control (selected set at percentile {percentile:.0f} of random sets)",
-                table_html(analysis.random_control),
+    control = analysis.random_control
+    if len(control):
+        attrs = control.attrs
+        title = "Random-head control: the selected heads ablated together against random sets of unselected heads"
+        if attrs.get("reason"):
+            title += f" (not run: {attrs['reason']})"
+        elif attrs.get("percentile") == attrs.get("percentile"):
+            title += (
+                f" (percentile {attrs['percentile']:.0f}, 95% CI {attrs['percentile_low']:.0f}–"
+                f"{attrs['percentile_high']:.0f})"
             )
-        )
+        sections.append((title, table_html(control)))
     if len(analysis.logit_lens):
-        sections.append(("Logit lens of each selected head's Δ_h", table_html(analysis.logit_lens)))
+        sections.append(("Logit lens of what each selected head's Δ_h writes", table_html(analysis.logit_lens)))
+    settings = {**extra, **analysis.settings}
+    rows = pd.DataFrame({"setting": list(settings), "value": [readable(v) for v in settings.values()]})
+    sections.append(("Settings", table_html(rows)))
     sections.append(("Cost of each column", table_html(analysis.costs, 1)))
     sections.append(("All heads", table_html(analysis.table)))
     return sections
+
+
+_SUMMARY_NAMES = {
+    "rho_selected": "ρ(‖Δ_h‖, score) among selected",
+    "p_selected": "p (ρ)",
+    "precision_at_k": "precision@k",
+    "p_precision": "permutation p",
+    "selected_ranks": "rank of each selected head",
+    "n_scored": "heads scored",
+}
+
+
+def readable(value: Any) -> str:
+    """A setting as a person would write it: 3 significant digits, lists and dicts spelled out, newlines shown as ⏎."""
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "–"}[value]
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {readable(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(v) for v in value)
+    return str(value).replace("\n", " ⏎ ")

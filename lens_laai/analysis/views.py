@@ -42,6 +42,11 @@ LABELS = {
     "mean_logprob_drop": "mean-ablation log-p drop",
     "necessity_acc_drop": "remove Δ_h: acc. drop",
     "necessity_logprob_drop": "remove Δ_h: log-p drop",
+    "selection_probability": "selection probability",
+    "act_patch_se": "activation patching: s.e.",
+    "act_patch_p": "activation patching: sign-flip p",
+    "zero_logprob_drop_se": "zero-ablation log-p drop: s.e.",
+    "mean_logprob_drop_se": "mean-ablation log-p drop: s.e.",
 }
 
 

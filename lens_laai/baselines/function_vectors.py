@@ -3,10 +3,12 @@
 1. :func:`mean_head_activations`: each head's mean ``hook_z`` at the last token of clean k-shot
    prompts built from the train split.
 2. :func:`causal_indirect_effect`: on k-shot prompts whose demonstration outputs are permuted
-   among the demonstrations (the mapping is broken), replace one head's ``z`` at the last token
-   by its mean and measure the gain in probability of the target's first token.
-3. :func:`function_vector`: the sum over the top-k heads of their mean outputs mapped into the
-   residual stream through their slice of ``W_O`` (the output bias, if any, is left out).
+   among the demonstrations (the mapping is broken, :func:`deranged_prompts`), replace one head's
+   ``z`` at the last token by its mean and measure the gain in probability of the target's first
+   token (:func:`indirect_effects`; the head analysis calls the same function).
+3. :func:`function_vector`: the sum over the top-k heads of their mean outputs as written to the
+   residual stream (:func:`head_outputs`: through ``W_O``, and the post-attention norm where the
+   block has one; the output bias is left out).
 4. :func:`fit_function_vector`: add the vector to the hidden state *output* of layer ℓ
    (``blocks.ℓ.hook_resid_post``) at the last token of zero-shot prompts, ℓ chosen on validation.
 
@@ -49,6 +51,7 @@ from lens_laai.fastpath import CostMeter
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.interventions.residual import ResidualIntervention
 from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
+from lens_laai.models.head_write import head_writes
 from lens_laai.tasks.prompts import (
     Batch,
     PromptTemplate,
@@ -57,7 +60,7 @@ from lens_laai.tasks.prompts import (
     model_batches,
 )
 from lens_laai.tasks.provenance import fit_metadata
-from lens_laai.tasks.task import Task, TaskError, TaskSplits
+from lens_laai.tasks.task import Pair, Task, TaskError, TaskSplits
 
 
 def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
@@ -84,6 +87,38 @@ def mean_head_activations(
     return out
 
 
+def deranged_prompts(
+    queries: Sequence[Pair],
+    pool: Sequence[Pair],
+    shots: int,
+    rng: random.Random | int,
+    template: PromptTemplate = PromptTemplate(),
+) -> tuple[list[str], list[str], list[str]]:
+    """Per query: ``(clean, corrupt, target)``, a k-shot prompt and its twin whose demo outputs are deranged.
+
+    The demonstrations are ``shots`` pairs of ``pool`` other than the query; in the corrupted
+    twin no demonstration keeps its own output (Function Vectors' shuffled-label prompts), so
+    both have the same words and, usually, the same token length.
+    """
+    rng = random.Random(rng) if isinstance(rng, int) else rng
+    clean, corrupt, targets = [], [], []
+    for x, y in queries:
+        candidates = [p for p in pool if p[0] != x]
+        if len(candidates) < shots:
+            raise TaskError(
+                f"{shots}-shot prompts need {shots} demonstrations other than the query {x!r}; the pool "
+                f"has {len(candidates)}. Use fewer shots."
+            )
+        demos = rng.sample(candidates, shots)
+        perm = list(range(shots))
+        while any(i == j for i, j in enumerate(perm)):
+            rng.shuffle(perm)
+        clean.append(template.render(x, demos))
+        corrupt.append(template.render(x, [(demos[i][0], demos[perm[i]][1]) for i in range(shots)]))
+        targets.append(template.target(y))
+    return clean, corrupt, targets
+
+
 def shuffled_label_batch(
     model: TransformerBridge,
     task: Task,
@@ -99,16 +134,8 @@ def shuffled_label_batch(
     order: list[int] = []
     while len(order) < n_prompts:
         order += rng.sample(range(len(task)), len(task))
-    prompts, targets = [], []
-    for i in order[:n_prompts]:
-        x, y = task.pairs[i]
-        demos = rng.sample([p for p in task.pairs if p[0] != x], shots)
-        perm = list(range(shots))
-        while any(a == b for a, b in enumerate(perm)):
-            rng.shuffle(perm)
-        prompts.append(template.render(x, [(demos[j][0], demos[perm[j]][1]) for j in range(shots)]))
-        targets.append(template.target(y))
-    return make_batch(model.tokenizer, prompts, targets, template.prepend_bos, model.cfg.n_ctx)
+    _, corrupt, targets = deranged_prompts([task.pairs[i] for i in order[:n_prompts]], task.pairs, shots, rng, template)
+    return make_batch(model.tokenizer, corrupt, targets, template.prepend_bos, model.cfg.n_ctx)
 
 
 @torch.no_grad()
@@ -127,40 +154,65 @@ def causal_indirect_effect(
 ) -> pd.DataFrame:
     """Columns ``layer, head, cie``: mean gain in P(target's first token) from patching the head's mean.
 
-    All prompts go through one (last-token) forward per (layer, head). ``df.attrs`` holds
-    ``forward_passes`` (batched passes run) and ``forward_equivalents`` (zero-shot units; also
-    charged to ``meter`` if given).
+    The prompts are ``n_prompts`` shuffled-label prompts of the training split
+    (:func:`shuffled_label_batch`); see :func:`indirect_effects` for the rest.
+    """
+    layers = candidate_layers(model, layers)
+    if n_prompts < 1:
+        raise ValueError(f"n_prompts must be ≥ 1, got {n_prompts}.")
+    own = unit_meter(model, splits.train, template)
+    batch = shuffled_label_batch(model, splits.train, n_prompts, shots, seed, template)
+    table = indirect_effects(model, batch, mean_acts, layers, meter=own, progress=progress)
+    table.attrs["forward_equivalents"] = own.forward_equivalents()
+    if meter is not None:
+        meter.merge(own)
+    return table
+
+
+@torch.no_grad()
+def indirect_effects(
+    model: TransformerBridge,
+    batch: Batch,
+    mean_acts: Float[Tensor, "layer head d_head"],
+    layers: Sequence[int],
+    *,
+    meter: CostMeter | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Function Vectors' causal indirect effect of every head of ``layers`` on the (corrupted) prompts ``batch``.
+
+    Per head: replace its ``z`` at the last token by ``mean_acts[layer, head]`` and take the mean
+    gain in P(target's first token). All prompts go through one last-token forward per head.
+    ``df.attrs`` holds ``forward_passes`` and ``fast_path``; the compute is charged to ``meter``.
     """
     layers = candidate_layers(model, layers)
     missing = [l for l in layers if not torch.isfinite(mean_acts[l]).all()]
     if missing:
         raise ValueError(f"mean_acts has no values for layers {missing}; compute it with layers including them.")
-    if n_prompts < 1:
-        raise ValueError(f"n_prompts must be ≥ 1, got {n_prompts}.")
-    own = unit_meter(model, splits.train, template)
-    batch = shuffled_label_batch(model, splits.train, n_prompts, shots, seed, template)
     runner = runner_for(model, [batch], layers[0])
-    base = _target_probs(runner.logits(0, []), batch)
+    base = target_probs(runner.logits(0, []), batch.target_ids)
     rows = []
     for layer, head in tqdm(list(product(layers, range(model.cfg.n_heads))), desc="CIE", disable=not progress):
-        probs = _target_probs(runner.logits(0, [(hook_name(layer), _patcher(head, mean_acts[layer, head]))]), batch)
+        hooks = [(hook_name(layer), _patcher(head, mean_acts[layer, head]))]
+        probs = target_probs(runner.logits(0, hooks), batch.target_ids)
         rows.append({"layer": layer, "head": head, "cie": float((probs - base).mean())})
-    own.merge(runner.meter)
-    table = pd.DataFrame(rows, columns=["layer", "head", "cie"])
-    table.attrs.update(
-        forward_passes=len(rows) + 2, forward_equivalents=own.forward_equivalents(), fast_path=runner.is_fast
-    )
     if meter is not None:
-        meter.merge(own)
+        meter.merge(runner.meter)
+    table = pd.DataFrame(rows, columns=["layer", "head", "cie"])
+    table.attrs.update(forward_passes=len(rows) + 2, fast_path=runner.is_fast)
     return table
 
 
 def head_outputs(
     model: TransformerBridge, layer: int, z: Float[Tensor, "... head d_head"]
 ) -> Float[Tensor, "... head d_model"]:
-    """Each head's contribution to the attention output: ``z_h @ W_O[h]`` (no bias)."""
-    w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model], layout handled by the bridge
-    return torch.einsum("...hd,hdm->...hm", z.to(dtype=w_o.dtype, device=w_o.device), w_o)
+    """Each head's contribution to the residual stream: what the block's write loses without that head's ``z``.
+
+    Runs the block's own attention-output path (:func:`lens_laai.models.head_write.head_writes`):
+    ``z_h @ W_O[h]`` where that path is linear, the exact difference where a post-attention norm
+    (Gemma 2 and 3) normalises the attention output before the residual add.
+    """
+    return head_writes(model, layer, z.float())
 
 
 def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
@@ -295,5 +347,6 @@ def _patcher(head: int, value: Tensor) -> Callable:
     return hook
 
 
-def _target_probs(logits: Float[Tensor, "batch vocab"], batch: Batch) -> Float[Tensor, " batch"]:
-    return torch.softmax(logits.float(), dim=-1).gather(1, batch.target_ids[:, None].to(logits.device))[:, 0]
+def target_probs(logits: Float[Tensor, "batch vocab"], target_ids: Tensor) -> Float[Tensor, " batch"]:
+    """P(target's first token) per row of last-position ``logits``."""
+    return torch.softmax(logits.float(), dim=-1).gather(1, target_ids[:, None].to(logits.device))[:, 0]

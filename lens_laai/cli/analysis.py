@@ -37,6 +37,14 @@ def add_parsers(sub: Any, task_args: Any) -> None:
         p.add_argument("--n-random", type=int, default=20, help="random head sets in the ablation control (default 20)")
         p.add_argument("--methods", default=None, help="comma list of methods (default: all)")
         p.add_argument("--seed", type=nonnegative_int, default=0)
+        p.add_argument(
+            "--stability",
+            default=None,
+            help="CSV of selection probabilities (columns layer, head, selection_probability), e.g. from stability()",
+        )
+        p.add_argument(
+            "--dense", default=None, help="a saved HeadIntervention on the whole layer, for the sufficiency comparison"
+        )
         p.add_argument("--out", required=True, help="table.csv (analyze) or report.html (report)")
         p.add_argument("--force", action="store_true", help="overwrite an existing file that we did not write")
         if name == "report":
@@ -59,6 +67,7 @@ def _analyse(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     methods = METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     model = model_from_args(args)
     iv = HeadIntervention.load(args.intervention, model=model)
+    dense = HeadIntervention.load(args.dense, model=model) if args.dense else None
     analysis = head_table(
         model,
         task,
@@ -70,9 +79,26 @@ def _analyse(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         patching_prompts=args.patching_prompts,
         n_random=args.n_random,
         seed=args.seed,
+        stability=_read_stability(args.stability) if args.stability else None,
+        dense=dense,
         progress=not args.no_progress,
     )
     return model, task, iv, analysis
+
+
+def _read_stability(path: str) -> Any:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise SaveError(f"Cannot read --stability {path}: {err}") from None
+    missing = {"layer", "head", "selection_probability"} - set(frame.columns)
+    if missing:
+        raise SaveError(
+            f"--stability {path} lacks columns {sorted(missing)}; it needs layer, head, selection_probability."
+        )
+    return frame
 
 
 def _summary(args: argparse.Namespace, analysis: Any, iv: Any, seconds: float) -> dict[str, Any]:
@@ -82,6 +108,8 @@ def _summary(args: argparse.Namespace, analysis: Any, iv: Any, seconds: float) -
         "intervention": args.intervention,
         "layers": analysis.layers,
         "selected_heads": [list(h) for h in iv.selected_heads()],
+        "answer": analysis.answer(),
+        "findings": analysis.findings,
         "summary": analysis.summary.to_dict("records"),
         "random_control_percentile": control.attrs.get("percentile") if len(control) else None,
         "costs": analysis.costs.to_dict("records"),
@@ -102,12 +130,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, default=float))
     else:
+        print("\n".join(analysis.answer()) + "\n")
         print(analysis.summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-        if summary["random_control_percentile"] is not None:
-            print(
-                f"\nrandom-head control: the selected heads' ablation is at percentile "
-                f"{summary['random_control_percentile']:.0f} of {args.n_random} random sets"
-            )
         print(f"\n{len(analysis.table)} heads scored in {summary['seconds']:.0f}s; table written to {out}")
     return 0
 
@@ -133,7 +157,8 @@ def run_report(args: argparse.Namespace) -> int:
     _check_folder(out)
     check_report_path(out, args.force)
     model, task, iv, analysis = _analyse(args)
-    figures = {"Layer × head scores": figure_png(heatmaps(analysis.scores))}
+    shown = [c for c in analysis.scores if not c.endswith(("_se", "_p"))]
+    figures = {"Layer × head scores": figure_png(heatmaps(analysis.scores, shown))}
     if not args.no_path:
         figures["Regularisation path"] = figure_png(_path_figure(model, task, iv, fit_path, regularisation_path, args))
     prompt = args.prompt or analysis_prompt(iv, analysis)

@@ -48,11 +48,11 @@ from lens_laai.interventions.protocol import (
     check_tensor,
 )
 from lens_laai.models.bridge import (
-    head_output_weights,
     hook_name,
     model_fingerprint,
     model_name,
 )
+from lens_laai.models.head_write import write_of_delta
 
 
 def delta_hook(delta: Tensor, positions: Where = "last"):
@@ -145,14 +145,26 @@ class HeadIntervention(InterventionBase):
             for h in torch.nonzero(delta.detach().abs().sum(-1) > 0).flatten().tolist()
         ]
 
-    def residual_image(self, model: TransformerBridge) -> dict[int, Float[Tensor, " d_model"]]:
-        """What Δ adds to the residual stream at each layer: ``Σ_h Δ_h · W_O[L, h]`` (``[d_model]`` per layer)."""
+    def residual_image(
+        self, model: TransformerBridge, z: dict[int, Tensor] | None = None
+    ) -> dict[int, Float[Tensor, "... d_model"]]:
+        """What Δ adds to the residual stream at each layer, through the block's real attention-output path.
+
+        Without ``z``: ``Σ_h Δ_h · W_O[L, h]`` (``[d_model]`` per layer), exact where the block adds
+        its attention output linearly. A block that normalises its attention output before the
+        residual add (Gemma 2 and 3) needs ``z = {layer: hook_z}`` (``[..., n_heads, d_head]``,
+        the model's own activation at the rows to read, without Δ); then each layer's entry is
+        ``[..., d_model]``, the exact change of the block's write (:mod:`lens_laai.models.head_write`).
+        """
         self.check_model(model)
-        return {
-            layer: torch.einsum("hd,hdm->m", delta.to(w.dtype).to(w.device), w)
-            for layer, delta in self.deltas.items()
-            for w in [head_output_weights(model, layer)]
-        }
+        z = z or {}
+        out = {}
+        for layer, delta in self.deltas.items():
+            try:
+                out[layer] = write_of_delta(model, layer, delta.detach(), z.get(layer))
+            except ValueError as err:
+                raise InterventionError(str(err)) from None
+        return out
 
     def equals(self, other: HeadIntervention) -> bool:
         """Bit-for-bit equality of tensors and metadata."""
