@@ -191,7 +191,7 @@ def test_dev_study_smoke(capsys, tmp_path):
         "mean-difference",
         "laai (joint over layers, CV on the n pairs)",
     } <= methods
-    cells = pd.read_csv(tmp_path / "cells.shard0.csv")
+    cells = pd.read_csv(tmp_path / "cells.csv")
     assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
     assert (tmp_path / "dev_study_per_task.md").exists() and (tmp_path / "dev_study_variants.md").exists()
 
