@@ -32,7 +32,14 @@ from lens_laai.studies.store import ResultStore, make_row, read_results
 class CellRunner:
     """Runs cells one after another in one process (a Ray actor wraps one of these per device)."""
 
-    def __init__(self, study: Study, device: str | None = None, dtype: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        study: Study,
+        device: str | None = None,
+        dtype: str | None = None,
+        threads: int | None = None,
+        context: CellContext | None = None,
+    ):
         for p in study.paths:
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -40,7 +47,7 @@ class CellRunner:
             import torch
 
             torch.set_num_threads(threads)
-        self.study, self.ctx = study, CellContext(device, dtype)
+        self.study, self.ctx = study, context or CellContext(device, dtype)
         self.kind = resolve_kind(study.kind)
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
         self.attempts: dict[str, int] = {}
@@ -106,6 +113,7 @@ def run_study(
     threads: int | None = None,
     progress: bool = True,
     on_worker_start: Any = None,
+    context: CellContext | None = None,
 ) -> pd.DataFrame:
     """Run every unfinished cell of ``study`` and return the whole results table (:func:`read_results`).
 
@@ -117,6 +125,8 @@ def run_study(
         gpus_per_worker: GPUs each actor reserves (``1`` on a GPU cluster; ``device`` then defaults to ``"cuda"``).
         threads: torch threads per worker (default: 1 with Ray, torch's own choice here).
         on_worker_start: called with the list of actor handles once they are up (tests use it).
+        context: for ``workers=0``: a :class:`CellContext` to run in, e.g. one holding a model you
+            have loaded (``ctx = CellContext(); ctx.model("smollm2-135m")``), so it is not loaded again.
     """
     store = ResultStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,7 @@ def run_study(
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="cell", disable=not progress)
     failed = 0
     rows = (
-        _run_serial(study, todo, device, dtype, threads)
+        _run_serial(study, todo, device, dtype, threads, context)
         if not (workers or address)
         else _run_ray(study, todo, workers, address, gpus_per_worker, device, dtype, threads, on_worker_start)
     )
@@ -139,10 +149,10 @@ def run_study(
     return read_results(out)
 
 
-def _run_serial(study: Study, todo: list[Cell], device, dtype, threads) -> Iterator[dict[str, Any]]:
+def _run_serial(study: Study, todo: list[Cell], device, dtype, threads, context) -> Iterator[dict[str, Any]]:
     if not todo:
         return
-    runner = CellRunner(study, device, dtype, threads)
+    runner = CellRunner(study, device, dtype, threads, context)
     for cell in todo:
         yield runner.run(cell)
 
