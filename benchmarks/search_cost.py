@@ -169,8 +169,18 @@ def run(method: str, model, splits: TaskSplits, quick: bool, layers: list[int] |
 
 
 def _read(out: Path | None) -> pd.DataFrame:
-    path = out / "rows.csv" if out else None
-    return pd.read_csv(path) if path and path.exists() else pd.DataFrame()
+    """``rows.csv`` (the study's table), plus rows of older per-shard files for cells it does not hold."""
+    if out is None:
+        return pd.DataFrame()
+    new = pd.read_csv(out / "rows.csv") if (out / "rows.csv").exists() else pd.DataFrame()
+    legacy = [pd.read_csv(f) for f in sorted(out.glob("rows*.shard*.csv"))]
+    if not legacy:
+        return new
+    old = pd.concat(legacy)
+    if not new.empty:
+        have = set(zip(new.task, new.seed, new.method))
+        old = old[[k not in have for k in zip(old.task, old.seed, old.method)]]
+    return pd.concat([new, old], ignore_index=True)
 
 
 def report(rows: pd.DataFrame, args) -> int:
