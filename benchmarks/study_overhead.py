@@ -28,6 +28,7 @@ from _common import TINY, machine, parser
 
 from lens_laai.studies import CellContext, Study, run_study
 from lens_laai.studies.cells import fit_cell
+from lens_laai.studies.runner import LOCAL_RAY_CONFIG
 
 
 def study(model: str, quick: bool, task: str) -> Study:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     marks: dict[str, float] = {}
     start = time.perf_counter()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # ours, so run_study leaves it up
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_CONFIG)  # left up
     ray_table = run_study(
         grid,
         tempfile.mkdtemp(prefix="overhead-ray"),

@@ -15,6 +15,7 @@ import pytest
 from lens_laai.cli import main
 from lens_laai.studies import Study, StudyError, config_hash, load_study, read_results, run_study
 from lens_laai.studies.cells import fit_cell
+from lens_laai.studies.runner import LOCAL_RAY_CONFIG
 from lens_laai.testing import tiny_task
 
 HERE = str(Path(__file__).resolve().parent)
@@ -198,7 +199,13 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_table_matches_a_serial_run(
 
         threading.Thread(target=watch, daemon=True).start()
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        log_to_driver=False,
+        _system_config=LOCAL_RAY_CONFIG,
+    )
     try:
         start = time.time()
         table = run_study(study, out, workers=2, progress=False, on_worker_start=kill_one)
@@ -212,3 +219,50 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_table_matches_a_serial_run(
     assert not retried.worker.endswith(f":{killed['pid']}")  # finished by the restarted worker
     serial = run_study(study, tmp_path / "serial", progress=False, threads=1)
     pd.testing.assert_frame_equal(numbers(table), numbers(serial))
+
+
+def test_every_built_in_kind_runs_a_cell_on_the_tiny_model(tmp_path, task_file):
+    from lens_laai.opinions.survey import toy_survey
+
+    survey = tmp_path / "toy.json"
+    survey.write_text(json.dumps(toy_survey().to_json()))
+    base = {"model": "lens-laai-tiny", "task": task_file, "n": 8, "n_test": 8}
+    studies = [
+        Study("e", "evaluate", axes={"shots": [0, 2]}, fixed=base),
+        Study(
+            "a",
+            "analyse",
+            axes={"seed": [0]},
+            fixed={**base, "layer": 1, "steps": 3, "n_prompts": 6, "analysis_shots": 2, "methods": ["dla"]},
+        ),
+        Study(
+            "b",
+            "baseline",
+            axes={"method": ["function-vector", "mean-difference"]},
+            fixed={**base, "n_valid": 4, "shots": 2, "layers": [1]},
+        ),
+        Study(
+            "o",
+            "opinion-fit",
+            axes={"group": ["PARTY=Red"]},
+            fixed={
+                "model": "lens-laai-tiny",
+                "survey": str(survey),
+                "n_train": 3,
+                "n_valid": 1,
+                "layer": 1,
+                "steps": 3,
+            },
+        ),
+    ]
+    tables = {s.kind: run_study(s, tmp_path / s.name, progress=False) for s in studies}
+    for kind, table in tables.items():
+        assert set(table.status) == {"ok"}, (kind, table.error.tolist())
+        assert (table.forward_equivalents > 0).all() and table.labelled_pairs.notna().all()
+    assert tables["evaluate"].set_index("shots").labelled_pairs.to_dict() == {0: 0, 2: 8}
+    assert tables["analyse"].dla_rho.notna().all() and (tables["analyse"].analysis_forward_equivalents > 0).all()
+    assert tables["baseline"].set_index("method").labelled_pairs.to_dict() == {
+        "function-vector": 12,
+        "mean-difference": 12,
+    }
+    assert tables["opinion-fit"].kl.between(0, 10).all() and tables["opinion-fit"].labelled_pairs.iloc[0] == 4

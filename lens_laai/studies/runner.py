@@ -28,6 +28,10 @@ from lens_laai.studies.cells import CellContext, check_settings, resolve_kind
 from lens_laai.studies.spec import Cell, Study, StudyError, canonical_json
 from lens_laai.studies.store import ResultStore, make_row, read_results
 
+# Ray starts its workers at nice 15; a study's workers are the work, so on a machine shared with other
+# jobs they run at normal priority, like the plain loop they replace.
+LOCAL_RAY_CONFIG = {"worker_niceness": 0}
+
 
 class CellRunner:
     """Runs cells one after another in one process (a Ray actor wraps one of these per device)."""
@@ -166,13 +170,8 @@ def _run_ray(
         return
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            address=address,
-            num_cpus=None if address else workers,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        local = {"num_cpus": workers, "_system_config": LOCAL_RAY_CONFIG} if not address else {}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
     try:
         n = workers or _cluster_workers(gpus)
         actor = ray.remote(CellRunner).options(
