@@ -9,8 +9,10 @@ layers 8, 12, 16 × seeds 0, 1 × n = 10, 20, 10 steps at one λ₂, 50 test pai
 * ``ray``: ``run_study(..., workers=1)``: one Ray actor, timed from when the actor has loaded the
   model to the last row written (Ray's start-up and the model load are reported apart).
 
-Every way uses one torch thread. The ratios are of wall seconds over the 12 cells; the runner's
-target is within 10% of the loop (ratio ≤ 1.10) once the model is loaded.
+Every way uses one torch thread. The ways run in the order loop, serial, ray, ray, serial, loop (so a
+machine load that drifts during the run weighs on each alike; ``--quick``: once each) and the ratios
+are of the mean wall seconds over the 12 cells; the runner's target is within 10% of the loop
+(ratio ≤ 1.10) once the model is loaded.
 
     OMP_NUM_THREADS=1 python benchmarks/study_overhead.py --json
     python benchmarks/study_overhead.py --model lens-laai-tiny --quick --json
@@ -42,6 +44,37 @@ def study(model: str, quick: bool, task: str) -> Study:
     )
 
 
+ORDER = ["loop", "serial", "ray", "ray", "serial", "loop"]
+
+
+def run_loop(ctx: CellContext, cells) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    rows = [fit_cell(ctx, dict(c.config)) for c in cells]
+    return time.perf_counter() - start, [r["accuracy"] for r in rows]
+
+
+def run_serial(grid: Study, ctx: CellContext) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    table = run_study(grid, tempfile.mkdtemp(prefix="overhead-serial"), progress=False, threads=1, context=ctx)
+    return time.perf_counter() - start, table.accuracy.tolist()
+
+
+def run_ray(grid: Study) -> tuple[float, list[float], float]:
+    """One actor; timed from the moment it has loaded the model to the table read back (Ray stays up)."""
+    marks: dict[str, float] = {}
+    start = time.perf_counter()
+    table = run_study(
+        grid,
+        tempfile.mkdtemp(prefix="overhead-ray"),
+        workers=1,
+        progress=False,
+        threads=1,
+        on_worker_start=lambda actors: marks.setdefault("warm", time.perf_counter()),
+    )
+    end = time.perf_counter()
+    return end - marks["warm"], table.accuracy.tolist(), marks["warm"] - start
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--task", default="antonym")
@@ -59,54 +92,45 @@ def main(argv: list[str] | None = None) -> int:
     grid = study(args.model, quick, task)
     cells = grid.cells()
 
+    import ray
+
     ctx = CellContext()
     start = time.perf_counter()
     ctx.model(args.model)
     load_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    loop = [fit_cell(ctx, dict(c.config)) for c in cells]
-    loop_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    serial = run_study(grid, tempfile.mkdtemp(prefix="overhead-serial"), progress=False, threads=1, context=ctx)
-    serial_seconds = time.perf_counter() - start  # the same loaded model
-    serial_cells = float(serial.seconds.sum())
-
-    import ray
-
-    marks: dict[str, float] = {}
-    start = time.perf_counter()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_RAY_CONFIG)  # left up
-    ray_table = run_study(
-        grid,
-        tempfile.mkdtemp(prefix="overhead-ray"),
-        workers=1,
-        progress=False,
-        threads=1,
-        on_worker_start=lambda actors: marks.setdefault("warm", time.perf_counter()),
-    )
-    end = time.perf_counter()  # the last row written and read back; Ray still up
+    ways = {"loop": lambda: run_loop(ctx, cells), "serial": lambda: run_serial(grid, ctx), "ray": lambda: run_ray(grid)}
+    seconds: dict[str, list[float]] = {w: [] for w in ways}
+    accuracies: dict[str, list[list[float]]] = {w: [] for w in ways}
+    startup: list[float] = []
+    for way in (
+        ORDER[:3] if quick else ORDER
+    ):  # A B C C B A: a load that drifts during the run weighs on every way alike
+        took, acc, *extra = ways[way]()
+        seconds[way].append(took)
+        accuracies[way].append(sorted(acc))
+        startup += extra
     ray.shutdown()
-    ray_seconds = end - marks["warm"]
-    same = sorted(r["accuracy"] for r in loop) == sorted(serial.accuracy) == sorted(ray_table.accuracy)
+    mean = {w: sum(v) / len(v) for w, v in seconds.items()}
     out = {
         "model": args.model,
         "cells": len(cells),
+        "order": ORDER[:3] if quick else ORDER,
         "model_load_seconds": round(load_seconds, 2),
-        "loop_seconds": round(loop_seconds, 2),
-        "serial_runner_seconds": round(serial_seconds, 2),
-        "serial_cell_seconds": round(serial_cells, 2),
-        "ray_seconds_after_load": round(ray_seconds, 2),
-        "ray_startup_and_load_seconds": round(marks["warm"] - start, 2),
-        "ratio_serial": round(serial_seconds / loop_seconds, 3),
-        "ratio_ray": round(ray_seconds / loop_seconds, 3),
-        "same_accuracies": same,
+        "loop_seconds": [round(x, 2) for x in seconds["loop"]],
+        "serial_runner_seconds": [round(x, 2) for x in seconds["serial"]],
+        "ray_seconds_after_load": [round(x, 2) for x in seconds["ray"]],
+        "ray_startup_and_load_seconds": [round(x, 2) for x in startup],
+        "ratio_serial": round(mean["serial"] / mean["loop"], 3),
+        "ratio_ray": round(mean["ray"] / mean["loop"], 3),
+        "same_accuracies": all(a == accuracies["loop"][0] for v in accuracies.values() for a in v),
         "machine": machine(),
     }
+    loop_seconds, serial_seconds, ray_seconds = mean["loop"], mean["serial"], mean["ray"]
     print(
         f"{len(cells)} cells on {args.model}: loop {loop_seconds:.1f}s, runner in-process {serial_seconds:.1f}s "
         f"(×{out['ratio_serial']}), one Ray worker {ray_seconds:.1f}s after load (×{out['ratio_ray']}; "
-        f"start-up and load {out['ray_startup_and_load_seconds']:.1f}s)"
+        f"start-up and load {min(out['ray_startup_and_load_seconds']):.1f}s); mean of {len(seconds['loop'])} run(s) each"
     )
     if args.json:
         print(json.dumps(out))
