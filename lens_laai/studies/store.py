@@ -60,7 +60,7 @@ def make_row(
     study: str, cell: Cell, status: str, result: Mapping[str, Any] | None, error: str | None, **run: Any
 ) -> dict[str, Any]:
     """A row: identity, axis values, metrics, cost, config. Axis values that are lists or tables become JSON text;
-    a metric whose name is also a setting gets the prefix ``result_``."""
+    a metric whose name is also a setting or a column of its own (``seconds``...) gets the prefix ``result_``."""
     row: dict[str, Any] = {"cell": cell.key, "study": study, "kind": cell.kind, "status": status, "error": error}
     for axis in cell.axes:
         value = cell.config[axis]
@@ -69,7 +69,7 @@ def make_row(
     for name in ("forward_equivalents", "labelled_pairs"):
         row[name] = result.pop(name, None)
     for name, value in result.items():
-        row[f"result_{name}" if name in row or name in cell.config else name] = value
+        row[f"result_{name}" if name in row or name in cell.config or name in RUN_COLUMNS else name] = value
     row["config"] = canonical_json(cell.config)
     row.update(run)
     return row
