@@ -30,6 +30,7 @@ over task × seed), the paired accuracy difference (new − old: mean, std, min,
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -92,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if layers is not None:
         fixed["layers"] = layers
     table = run_grid("search_cost", "search_cost:cell", {"task": tasks, "seed": seeds, "method": methods}, fixed, args)
-    table = table.drop(columns="seconds").rename(columns={"fit_seconds": "seconds", "result_n_test": "n_test"})  # n_test: the split's size
-    rows = table[["task", "seed", "method", *ROW_COLUMNS]]
+    table = table.drop(columns="seconds").rename(
+        columns={"fit_seconds": "seconds", "result_n_test": "n_test"}
+    )  # n_test: the split's size
+    grid = {"task": tasks, "seed": seeds, "method": methods}
+    order = {key: i for i, key in enumerate(itertools.product(*grid.values()))}  # rows in grid order
+    table = table.iloc[sorted(range(len(table)), key=lambda i: order[tuple(table[a].iloc[i] for a in grid)])]
+    rows = table[["task", "seed", "method", *ROW_COLUMNS]].reset_index(drop=True)
     if out:
         write_outputs(str(out), "rows", rows, {"args": vars(args), "machine": machine()})
     return report(_read(out) if out else rows, args)
