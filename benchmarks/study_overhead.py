@@ -9,7 +9,9 @@ layers 8, 12, 16 × seeds 0, 1 × n = 10, 20, 10 steps at one λ₂, 50 test pai
 * ``ray``: ``run_study(..., workers=1)``: one Ray actor, timed from when the actor has loaded the
   model to the last row written (Ray's start-up and the model load are reported apart).
 
-Every way uses one torch thread. The ways run in the order loop, serial, ray, ray, serial, loop (so a
+Every way uses one torch thread. Beside the side-by-side ratios, each runner's own share is reported
+as wall seconds over the sum of its rows' ``seconds`` (time inside the cells), minus one: on a machine
+shared with other jobs, whose speed drifts between the runs, that is the steadier number. The ways run in the order loop, serial, ray, ray, serial, loop (so a
 machine load that drifts during the run weighs on each alike; ``--quick``: once each) and the ratios
 are of the mean wall seconds over the 12 cells; the runner's target is within 10% of the loop
 (ratio ≤ 1.10) once the model is loaded.
@@ -53,9 +55,13 @@ def run_loop(ctx: CellContext, cells) -> tuple[float, list[float]]:
     return time.perf_counter() - start, [r["accuracy"] for r in rows]
 
 
+IN_CELLS: dict[str, list[float]] = {"serial": [], "ray": []}  # Σ of the rows' own `seconds` per run
+
+
 def run_serial(grid: Study, ctx: CellContext) -> tuple[float, list[float]]:
     start = time.perf_counter()
     table = run_study(grid, tempfile.mkdtemp(prefix="overhead-serial"), progress=False, threads=1, context=ctx)
+    IN_CELLS["serial"].append(float(table.seconds.sum()))
     return time.perf_counter() - start, table.accuracy.tolist()
 
 
@@ -72,6 +78,7 @@ def run_ray(grid: Study) -> tuple[float, list[float], float]:
         on_worker_start=lambda actors: marks.setdefault("warm", time.perf_counter()),
     )
     end = time.perf_counter()
+    IN_CELLS["ray"].append(float(table.seconds.sum()))
     return end - marks["warm"], table.accuracy.tolist(), marks["warm"] - start
 
 
@@ -123,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "ray_startup_and_load_seconds": [round(x, 2) for x in startup],
         "ratio_serial": round(mean["serial"] / mean["loop"], 3),
         "ratio_ray": round(mean["ray"] / mean["loop"], 3),
+        # the runner's own share, robust to a machine whose speed drifts between runs: wall / Σ cell seconds − 1
+        "serial_overhead_fraction": round(sum(seconds["serial"]) / sum(IN_CELLS["serial"]) - 1, 4),
+        "ray_overhead_fraction": round(sum(seconds["ray"]) / sum(IN_CELLS["ray"]) - 1, 4),
         "same_accuracies": all(a == accuracies["loop"][0] for v in accuracies.values() for a in v),
         "machine": machine(),
     }

@@ -239,11 +239,7 @@ def opinion_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
 def _opinion_keys() -> set[str]:
     from lens_laai.opinions.fit import fit_opinion
 
-    return (
-        OPINION_SPLIT
-        | set(inspect.signature(fit_opinion).parameters) - {"splits", "progress", "runners", "survey"} - {"model"}
-        | {"survey", "model"}
-    )
+    return OPINION_SPLIT | (set(inspect.signature(fit_opinion).parameters) - {"splits", "progress", "runners"})
 
 
 def _baseline_keys() -> set[str]:
