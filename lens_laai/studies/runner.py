@@ -132,10 +132,10 @@ def run_study(
         context: for ``workers=0``: a :class:`CellContext` to run in, e.g. one holding a model you
             have loaded (``ctx = CellContext(); ctx.model("smollm2-135m")``), so it is not loaded again.
     """
+    todo, done = pending(study, out)  # checks every cell's settings before anything is written
     store = ResultStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
     _record_study(study, store.root)
-    todo, done = pending(study, out)
     total = done + len(todo)
     bar = tqdm(total=total, initial=done, desc=f"study {study.name}", unit="cell", disable=not progress)
     failed = 0
