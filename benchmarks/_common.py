@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,45 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def add_study_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the benchmark's grid runs (lens_laai.studies): resumable, on Ray workers if asked."""
+    p.add_argument(
+        "--study-dir",
+        default=None,
+        help="results folder of the grid (Parquet, one file per cell; a rerun skips finished cells); "
+        "default: OUT_DIR/NAME.study, or a temporary folder without --out-dir",
+    )
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (0: run the cells in this process)")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. 'auto'); default: local")
+
+
+def run_grid(name: str, kind: str, axes: dict[str, list], fixed: dict[str, Any], args: argparse.Namespace):
+    """Run the benchmark's grid as a study (cell kind ``kind`` in this folder) and return its ok rows.
+
+    Failed cells are printed with their error and left out of the tables (a rerun retries them).
+    """
+    import tempfile
+
+    from lens_laai.studies import Study, run_study
+
+    folder = args.study_dir or (
+        str(Path(args.out_dir) / f"{name}.study") if args.out_dir else tempfile.mkdtemp(prefix=name)
+    )
+    study = Study(name, kind, axes=axes, fixed=fixed, paths=(str(Path(__file__).resolve().parent),))
+    table = run_study(
+        study,
+        folder,
+        workers=args.workers,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    # keep only this study's cells: the folder may hold rows of a larger grid
+    table = table[table.cell.isin({c.key for c in study.cells()})]
+    for row in table[table.status != "ok"].itertuples():
+        print(f"cell {row.cell} failed: {str(row.error).splitlines()[0]}", file=sys.stderr)
+    return table[table.status == "ok"].reset_index(drop=True)
 
 
 def get_task(name: str, data_dir: str | None, model_name: str) -> Task:

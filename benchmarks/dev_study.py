@@ -17,12 +17,15 @@ What one (task, seed) unit runs, every fit on zero-shot prompts ``Q: x\\nA:``:
   {1, 2, 4, 8}) and mean difference with their layer and scale chosen on the n pairs.
 
     OMP_NUM_THREADS=1 python benchmarks/dev_study.py --data-dir ../shared/datasets/function_vectors \\
-        --out-dir docs/results/dev_study --shard 0/2 --resume     # and --shard 1/2 beside it
+        --out-dir docs/results/dev_study --workers 2             # or --address auto on a Ray cluster
     python benchmarks/dev_study.py --summarise-only --out-dir docs/results/dev_study --json
     python benchmarks/dev_study.py --model lens-laai-tiny --quick --json
 
-``--out-dir`` gets ``cells``/``variants``/``methods`` rows CSVs (one set per shard), the summary
-tables (markdown) and ``dev_study.json``; ``--resume`` skips (task, seed) units already written.
+Each (task, seed) unit is one cell of a study (:mod:`lens_laai.studies`, cell kind ``dev_study:cell``):
+one Parquet row per unit under ``OUT_DIR/dev_study.study`` (its cells/variants/methods rows as JSON),
+a rerun skips finished units, ``--workers``/``--address`` spread them over Ray workers
+(``docs/scaling.md``). ``--out-dir`` gets ``cells``/``variants``/``methods`` rows CSVs and the
+summary tables (markdown); ``--summarise-only`` also reads the older per-shard CSVs.
 With ``--json`` the last line is one JSON object: per-protocol mean accuracy and the per-task table.
 """
 
@@ -35,16 +38,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import (
     TINY,
+    add_study_args,
     get_task,
-    load,
     machine,
     nested_splits,
     parser,
+    run_grid,
     to_markdown,
     write_outputs,
 )
@@ -84,57 +87,73 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="proximal steps per λ₂")
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--fv-prompts", type=int, default=8)
-    p.add_argument("--shard", default="0/1", help="k/N: run every N-th unit starting at k")
     p.add_argument("--skip", default="", help="comma list of parts to skip: variants,methods")
     p.add_argument(
         "--joint-only",
         action="store_true",
-        help="run only the joint fit (all --layers at once, λ₂ path by CV) per unit, into joint.shard*.csv",
+        help="run only the joint fit (all --layers at once, λ₂ path by CV) per unit, into joint.csv",
     )
-    p.add_argument("--resume", action="store_true")
+    add_study_args(p)
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
     if args.summarise_only:
         return report(args)
-    model = load(args)
     layers, rel = _ints(args.layers), _floats(args.rel)
     tasks, seeds = args.tasks.split(","), _ints(args.seeds)
     if args.quick or args.model == TINY:
         layers, rel, args.steps, args.n, args.n_test, args.fv_prompts = [0, 1], [0.5, 0.1], 3, 8, 6, 4
         tasks, seeds = tasks[:1], [0]
-    layers = [l for l in layers if l < model.cfg.n_layers]
-    k, n_shards = (int(x) for x in args.shard.split("/"))
-    out = Path(args.out_dir) if args.out_dir else None
     kinds = ("joint",) if args.joint_only else ("cells", "variants", "methods")
-    files = {kind: out / f"{kind}.shard{k}.csv" for kind in kinds} if out else {}
-    tables = {
-        kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()
+    fixed = {
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "n": args.n,
+        "n_valid": 40 if args.model != TINY else 4,
+        "n_test": args.n_test,
+        "layers": layers,
+        "rel": rel,
+        "steps": args.steps,
+        "folds": args.folds,
+        "fv_prompts": args.fv_prompts,
+        "skip": args.skip,
+        "joint_only": bool(args.joint_only),
     }
-    tables = {kind: tables.get(kind, []) for kind in kinds}
-    done = {(r["task"], r["seed"]) for r in tables[kinds[-1]]}
-    units = [(t, s) for s in seeds for t in tasks][k::n_shards]
-    for task_name, seed in tqdm(units, desc="task × seed", disable=args.no_progress):
-        if (task_name, seed) in done:
-            continue
-        task = get_task(task_name, args.data_dir, args.model)
-        splits = nested_splits(task, seed, args.n, 40 if args.model != TINY else 4, args.n_test, args.n)
-        cfg = FitConfig(steps=args.steps, folds=args.folds, seed=seed, n_train=args.n)
-        unit = (
-            {"joint": run_joint(model, splits, layers, rel, cfg)}
-            if args.joint_only
-            else run_unit(model, splits, layers, rel, cfg, args)
-        )
-        for kind, rows in unit.items():
-            tables[kind] += [{"task": task_name, "seed": seed, **r} for r in rows]
-        if out:
-            meta = {"args": vars(args), "machine": machine()}
-            for kind, f in files.items():
-                write_outputs(str(out), f.stem, pd.DataFrame(tables[kind]), meta)
+    units = run_grid("dev_study", "dev_study:cell", {"seed": seeds, "task": tasks}, fixed, args)
+    units = units.sort_values(
+        ["seed", "task"], key=lambda c: c.map({v: i for i, v in enumerate(seeds if c.name == "seed" else tasks)})
+    )
+    tables = {
+        kind: [{"task": u.task, "seed": u.seed, **r} for u in units.itertuples() for r in json.loads(getattr(u, kind))]
+        for kind in kinds
+    }
+    out = Path(args.out_dir) if args.out_dir else None
+    if out:
+        meta = {"args": vars(args), "machine": machine()}
+        for kind in kinds:
+            write_outputs(str(out), kind, pd.DataFrame(tables[kind]), meta)
     if not out:
         if not args.joint_only:
             print(to_markdown(protocols(pd.DataFrame(tables["cells"]), pd.DataFrame(tables["methods"]))))
         return 0
     return report(args)
+
+
+def cell(ctx, config: dict) -> dict:
+    """One (task, seed) unit (the study's cell kind): its cells, variants and methods rows, as JSON."""
+    from types import SimpleNamespace
+
+    model = ctx.model(config["model"])
+    task = get_task(config["task"], config["data_dir"], config["model"])
+    n = config["n"]
+    splits = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], n)
+    layers = [l for l in config["layers"] if l < model.cfg.n_layers]
+    cfg = FitConfig(steps=config["steps"], folds=config["folds"], seed=config["seed"], n_train=n)
+    if config["joint_only"]:
+        unit = {"joint": run_joint(model, splits, layers, config["rel"], cfg)}
+    else:
+        settings = SimpleNamespace(skip=config["skip"], fv_prompts=config["fv_prompts"])
+        unit = run_unit(model, splits, layers, config["rel"], cfg, settings)
+    return {kind: json.dumps(rows) for kind, rows in unit.items()} | {"labelled_pairs": n}
 
 
 def run_unit(
@@ -399,7 +418,10 @@ def per_task(table: pd.DataFrame) -> pd.DataFrame:
 def report(args) -> int:
     out = Path(args.out_dir or ".")
     read = {
-        kind: pd.concat([pd.read_csv(f) for f in sorted(out.glob(f"{kind}.shard*.csv"))] or [pd.DataFrame()])
+        kind: pd.concat(
+            [pd.read_csv(f) for f in sorted([*out.glob(f"{kind}.csv"), *out.glob(f"{kind}.shard*.csv")])]
+            or [pd.DataFrame()]
+        )
         for kind in ("cells", "variants", "methods", "joint")
     }
     if not read["joint"].empty:

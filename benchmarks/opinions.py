@@ -12,22 +12,27 @@ the standard deviation over held-out questions of the expected answer (ordinal v
 rows, per-question distributions, markdown tables and a figure (target vs plain vs persona vs
 intervened distributions) with --out-dir.
 
-    python benchmarks/opinions.py --out-dir docs/results
+    python benchmarks/opinions.py --out-dir docs/results                 # --workers 2 / --address auto: on Ray
     python benchmarks/opinions.py --model lens-laai-tiny --quick --json
+
+The grid (seed × group) runs as a study (:mod:`lens_laai.studies`): one Parquet row per cell (its
+method rows and per-question distributions as JSON) under OUT_DIR/opinions.study; a rerun skips the
+finished cells.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, load, machine, parser, to_markdown, write_outputs
+from _common import TINY, add_study_args, machine, parser, run_grid, to_markdown, write_outputs
 
 from lens_laai.fitting.fit import parse_layers
 from lens_laai.opinions.evaluate import (
@@ -66,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l1", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=10, help="proximal steps per (layer, λ₂)")
     p.add_argument("--figure-groups", default="POLVIEWS=Extremely liberal,POLVIEWS=Extremely conservative")
+    add_study_args(p)
     args = p.parse_args(argv)
     start = time.perf_counter()
-    model = load(args)
     survey = load_survey(args.survey)
     if args.quick or args.model == TINY:  # the tiny model's context cannot hold the GSS few-shot prompts
         survey = toy_survey()
@@ -76,62 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.n_train_questions, args.n_valid_questions, args.layers, args.steps = "0,1", 3, 1, "1", 3
     groups = [survey.group(g).name for g in args.groups.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    layers = parse_layers(args.layers, model.cfg.n_layers)
-    lambdas = [float(x) for x in args.group_l1.split(",")]
-    progress = not args.no_progress
-    every = {
-        g: {m: distributions(model, survey, survey.group(g), list(survey.questions), m) for m in ("plain", "persona")}
-        for g in tqdm(groups, desc="prompting baselines", disable=not progress)
+    fixed = {
+        "model": args.model,
+        "survey": "toy" if survey.name == toy_survey().name else args.survey,
+        "n_train_questions": args.n_train_questions,
+        "n_valid_questions": args.n_valid_questions,
+        "layers": args.layers,
+        "group_l1": [float(x) for x in args.group_l1.split(",")],
+        "l1": args.l1,
+        "steps": args.steps,
     }
-    rows, questions = [], []
-    for seed in seeds:
-        splits = survey.split(seed, args.n_train_questions, args.n_valid_questions)
-        runners: dict = {}  # every group of this split has the same prompts: build each layer's cache once
-        for g in tqdm(groups, desc=f"seed {seed}", disable=not progress):
-            grp = survey.group(g)
-            tables = {m: every[g][m][every[g][m]["key"].isin(splits.test)] for m in ("plain", "persona")}
-            demos = few_shot_demos(survey, grp, splits.train, None, seed)
-            tables["few_shot"] = distributions(model, survey, grp, splits.test, "few_shot", demos=demos)
-            tables["group_mean"] = group_mean(survey, grp, splits)
-            fitted = fit_opinion(
-                model,
-                survey,
-                g,
-                "auto",
-                splits=splits,
-                layers=layers,
-                l1=args.l1,
-                group_l1=lambdas,
-                steps=args.steps,
-                progress=False,
-                runners=runners,
-            )
-            plain_fit = fit_opinion(
-                model,
-                survey,
-                g,
-                fitted.layer,
-                splits=splits,
-                l1=0.0,
-                group_l1=0.0,
-                steps=args.steps,
-                progress=False,
-                runners=runners,
-            )
-            info = {}
-            for name, result in (("laai", fitted), ("laai_no_lasso", plain_fit)):
-                tables[name] = distributions(model, survey, grp, splits.test, "plain", result.intervention)
-                info[name] = {
-                    "layer": result.layer,
-                    "group_l1": result.group_l1,
-                    "n_selected": len(result.selected_heads),
-                    "fit_seconds": round(result.seconds, 1),
-                }
-            for method in METHODS:
-                table = tables[method].assign(group=g, seed=seed, method=method)
-                questions.append(table)
-                row = mean_metrics(table).iloc[0].to_dict()
-                rows.append({"group": g, "seed": seed, **row, **spread(table, survey), **info.get(method, {})})
+    table = run_grid("opinions", "opinions:cell", {"seed": seeds, "group": groups}, fixed, args)
+    order = {cell: i for i, cell in enumerate(itertools.product(seeds, groups))}  # the order the old loop ran
+    table = table.iloc[sorted(range(len(table)), key=lambda i: order[(table.seed.iloc[i], table.group.iloc[i])])]
+    rows = [r for cell_rows in table.rows for r in json.loads(cell_rows)]
+    questions = [pd.read_json(io.StringIO(q), orient="records", convert_dates=False) for q in table.questions]
+    layers = parse_layers(args.layers, int(table.n_layers.iloc[0]))
     rows = pd.DataFrame(rows)
     per_question = pd.concat(questions, ignore_index=True)
     wide = {metric: by_method_and_group(rows, metric) for metric in ("representativeness", "kl", "tv", "spread")}
@@ -173,6 +138,53 @@ def main(argv: list[str] | None = None) -> int:
         records = rows.astype(object).where(rows.notna(), None).to_dict("records")
         print(json.dumps({"rows": records, "seconds": meta["seconds"]}))
     return 0
+
+
+def cell(ctx, config: dict) -> dict:
+    """One (seed, group) cell: every method's scores on the seed's held-out questions (the study's cell kind)."""
+    model = ctx.model(config["model"])
+    survey = toy_survey() if config["survey"] == "toy" else load_survey(config["survey"])
+    seed, g = config["seed"], config["group"]
+    grp = survey.group(g)
+    splits = survey.split(seed, config["n_train_questions"], config["n_valid_questions"])
+    layers = parse_layers(config["layers"], model.cfg.n_layers)
+    runners = ctx.cache.setdefault(("opinion-runners", seed), {})  # same prompts for every group of a split
+    tables = {}
+    for m in ("plain", "persona"):  # every question once per group and worker (batched as before), then the test ones
+        key = ("every", config["survey"], g, m)
+        if key not in ctx.cache:
+            ctx.cache[key] = distributions(model, survey, grp, list(survey.questions), m)
+        tables[m] = ctx.cache[key][ctx.cache[key]["key"].isin(splits.test)]
+    demos = few_shot_demos(survey, grp, splits.train, None, seed)
+    tables["few_shot"] = distributions(model, survey, grp, splits.test, "few_shot", demos=demos)
+    tables["group_mean"] = group_mean(survey, grp, splits)
+    common = {"splits": splits, "steps": config["steps"], "progress": False, "runners": runners}
+    fitted = fit_opinion(
+        model, survey, g, "auto", layers=layers, l1=config["l1"], group_l1=config["group_l1"], **common
+    )
+    plain_fit = fit_opinion(model, survey, g, fitted.layer, l1=0.0, group_l1=0.0, **common)
+    info = {}
+    for name, result in (("laai", fitted), ("laai_no_lasso", plain_fit)):
+        tables[name] = distributions(model, survey, grp, splits.test, "plain", result.intervention)
+        info[name] = {
+            "layer": result.layer,
+            "group_l1": result.group_l1,
+            "n_selected": len(result.selected_heads),
+            "fit_seconds": round(result.seconds, 1),
+        }
+    rows, questions = [], []
+    for method in METHODS:
+        table = tables[method].assign(group=g, seed=seed, method=method)
+        questions.append(table)
+        row = mean_metrics(table).iloc[0].to_dict()
+        rows.append({"group": g, "seed": seed, **row, **spread(table, survey), **info.get(method, {})})
+    return {
+        "rows": json.dumps(rows),
+        "questions": pd.concat(questions, ignore_index=True).to_json(orient="records", double_precision=15),
+        "forward_equivalents": fitted.forward_equivalents + plain_fit.forward_equivalents,
+        "labelled_pairs": len(splits.train) + len(splits.valid),
+        "n_layers": model.cfg.n_layers,
+    }
 
 
 def group_mean(survey, group, splits) -> pd.DataFrame:

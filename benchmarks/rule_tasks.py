@@ -16,8 +16,10 @@ wall seconds of fitting.
 
 With --json the last line is a JSON list of rows {task, method, n, seed, accuracy,
 forward_equivalents, seconds}. --out-dir writes rule_tasks.csv / .md (mean ± std over seeds) and
-sample_efficiency.png, plus rule_tasks_n{n}.md (method × task) per n; --resume skips rows already
-in the CSV; --summarise-only rebuilds those files from the rows CSV without running anything.
+sample_efficiency.png, plus rule_tasks_n{n}.md (method × task) per n; --summarise-only rebuilds those
+files from the rows CSV without running anything. The grid (task × seed × n × method) runs as a study
+(:mod:`lens_laai.studies`): one Parquet row per cell under OUT_DIR/rule_tasks.study, a rerun skips the
+finished cells, and --workers N / --address spread the cells over Ray workers.
 """
 
 from __future__ import annotations
@@ -28,18 +30,18 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import (
     TASKS,
     TINY,
+    add_study_args,
     appended_meta,
     get_task,
-    load,
     machine,
     nested_splits,
     parser,
+    run_grid,
     to_markdown,
     write_outputs,
 )
@@ -73,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-l1", default="0.6,0.3,0.1", help="LAAI λ₂ path (best on validation)")
     p.add_argument("--steps", type=int, default=40, help="LAAI proximal steps per (layer, λ₂)")
     p.add_argument("--fv-prompts", type=int, default=16, help="shuffled-label prompts for the FV head search")
-    p.add_argument("--resume", action="store_true")
     p.add_argument(
         "--summarise-only",
         action="store_true",
@@ -85,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --summarise-only: a CSV of more rows (task, method, n, seed, accuracy, labelled_pairs) "
         "drawn in the figure only, e.g. the honest-protocol runs",
     )
+    add_study_args(p)
     args = p.parse_args(argv)
     if args.summarise_only:
         return summarise_only(p, args)
-    model = load(args)
     sizes, seeds = _ints(args.n), _ints(args.seeds)
-    layers = [l for l in _ints(args.layers) if l < model.cfg.n_layers]
+    layers = _ints(args.layers)
     if args.quick or args.model == TINY:
         sizes, seeds, layers, args.steps, args.n_test, args.n_valid, args.fv_prompts = [4, 6], [0], [1], 3, 8, 4, 4
         args.tasks = args.tasks.split(",")[0]
@@ -98,29 +99,63 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    csv = Path(args.out_dir) / "rule_tasks_rows.csv" if args.out_dir else None
-    rows = pd.read_csv(csv).to_dict("records") if args.resume and csv and csv.exists() else []
-    done = {(r["task"], r["method"], r["n"], r["seed"]) for r in rows}
-    jobs = [(t, s, n) for t in args.tasks.split(",") for s in seeds for n in sizes]
-    for task_name, seed, n in tqdm(jobs, desc="task × seed × n", disable=args.no_progress):
-        task = get_task(task_name, args.data_dir, args.model)
-        splits = nested_splits(task, seed, n, args.n_valid, args.n_test, max(sizes))
-        for method in methods:
-            if (task_name, method, n, seed) in done:
-                continue
-            row = run_method(method, model, splits, n, layers, args)
-            if row is None:
-                continue
-            rows.append({"task": task_name, "method": method, "n": n, "seed": seed, **row})
-            if csv:
-                write_outputs(
-                    args.out_dir,
-                    "rule_tasks_rows",
-                    pd.DataFrame(rows),
-                    appended_meta(args.out_dir, "rule_tasks_rows", {"args": vars(args), "machine": machine()}),
-                )
-    report(pd.DataFrame(rows), args)
+    fixed = {
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "n_valid": args.n_valid,
+        "n_test": args.n_test,
+        "n_train_max": max(sizes),
+        "layers": layers,
+        "group_l1": args.group_l1,
+        "steps": args.steps,
+        "fv_prompts": args.fv_prompts,
+        "quick": bool(args.quick),
+    }
+    axes = {"task": args.tasks.split(","), "seed": seeds, "n": sizes, "method": methods}
+    table = run_grid("rule_tasks", "rule_tasks:cell", axes, fixed, args)
+    table = table[~table.skipped.astype(bool)] if "skipped" in table else table
+    table = table.drop(columns="seconds").rename(columns={"fit_seconds": "seconds", "result_n_test": "n_test"})
+    rows = table[ROW_COLUMNS].sort_values(["task", "seed", "n", "method"], key=_grid_order(axes), kind="stable")
+    rows = rows.reset_index(drop=True)
+    if args.out_dir:
+        meta = {"args": vars(args), "machine": machine()}
+        write_outputs(args.out_dir, "rule_tasks_rows", rows, appended_meta(args.out_dir, "rule_tasks_rows", meta))
+    report(rows, args)
     return 0
+
+
+ROW_COLUMNS = [
+    "task",
+    "method",
+    "n",
+    "seed",
+    "accuracy",
+    "forward_equivalents",
+    "fit_forward_equivalents",
+    "seconds",
+    "n_test",
+    "detail",
+    "labelled_pairs",
+]
+
+
+def _grid_order(axes: dict[str, list]):
+    """Sort key: each column in the order of its axis (the order the old loop ran them)."""
+    return lambda col: col.map({v: i for i, v in enumerate(axes[col.name])})
+
+
+def cell(ctx, config: dict) -> dict:
+    """One (task, seed, n, method) cell: the seed's nested split, then the method (the study's cell kind)."""
+    from types import SimpleNamespace
+
+    model = ctx.model(config["model"])
+    task = get_task(config["task"], config["data_dir"], config["model"])
+    n = config["n"]
+    splits = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], config["n_train_max"])
+    layers = [l for l in config["layers"] if l < model.cfg.n_layers]
+    settings = SimpleNamespace(**{k: config[k] for k in ("group_l1", "steps", "fv_prompts", "quick")})
+    row = run_method(config["method"], model, splits, n, layers, settings)
+    return {"skipped": True} if row is None else {**row, "skipped": False}
 
 
 def summarise_only(p, args) -> int:
@@ -224,7 +259,7 @@ def _row(acc: float, fe: float, seconds: float, n_test: int, fit_fe: float, extr
         "accuracy": acc,
         "forward_equivalents": round(fe, 1),
         "fit_forward_equivalents": round(fit_fe, 1),
-        "seconds": round(seconds, 2),
+        "fit_seconds": round(seconds, 2),
         "n_test": n_test,
         "detail": extra,
     }

@@ -15,9 +15,13 @@ Cost is in forward-pass equivalents (one full forward of one zero-shot prompt; b
 seconds; accuracy is top-1 of the target's first token on the same held-out test set.
 
     OMP_NUM_THREADS=1 python benchmarks/search_cost.py --data-dir ../shared/datasets/function_vectors \\
-        --out-dir docs/results/search_cost --shard 0/2 --resume --json   # and --shard 1/2 beside it
+        --out-dir docs/results/search_cost --workers 2 --json      # or --address auto on a Ray cluster
     python benchmarks/search_cost.py --summarise-only --out-dir docs/results/search_cost --json
     python benchmarks/search_cost.py --model lens-laai-tiny --quick --json
+
+The grid (task × seed × method) runs as a study (:mod:`lens_laai.studies`): one Parquet row per cell
+under ``OUT_DIR/search_cost.study``, a rerun skips the finished cells, ``--workers``/``--address``
+spread the cells over Ray workers. ``rows.csv`` is the table of every finished cell.
 
 With ``--json`` the last line is one JSON object with ``old_forward_equivalents``,
 ``new_forward_equivalents``, ``fv_forward_equivalents``, ``old_accuracy``, ``new_accuracy`` (means
@@ -26,24 +30,25 @@ over task × seed), the paired accuracy difference (new − old: mean, std, min,
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import (
     TASKS,
     TINY,
+    add_study_args,
     get_task,
-    load,
     machine,
     nested_splits,
     old_default_layers,
     parser,
+    run_grid,
     to_markdown,
     write_outputs,
 )
@@ -57,14 +62,18 @@ METHODS = ("old", "new", "fv", "md")
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
+    add_study_args(p)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--methods", default="old,new,fv")
-    p.add_argument("--shard", default="0/1", help="k/N: run every N-th (task, seed, method) starting at k")
-    p.add_argument("--tag", default="", help="rows file name tag, so jobs running side by side write apart")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="candidate layers of fv and md (default: the library's default_layers; "
+        "the published table used 4,8,12,16,20 on SmolLM2)",
+    )
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out_dir) if args.out_dir else None
@@ -72,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:
             p.error("--summarise-only needs --out-dir")
         return report(_read(out), args)
-    model = load(args)
     methods = [m for m in args.methods.split(",") if m]
     if set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
@@ -80,24 +88,38 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or args.model == TINY
     if quick:
         tasks, seeds, n, n_test = tasks[:1], [0], 8, 6
-    k, n_shards = (int(x) for x in args.shard.split("/"))
-    rows_file = out / f"rows{'.' + args.tag if args.tag else ''}.shard{k}.csv" if out else None
-    rows = pd.read_csv(rows_file).to_dict("records") if args.resume and rows_file and rows_file.exists() else []
-    done = {(r["task"], r["seed"], r["method"]) for r in rows}
-    jobs = [(t, s, m) for t in tasks for s in seeds for m in methods][k::n_shards]
-    for task_name, seed, method in tqdm(jobs, desc="task × seed × method", disable=args.no_progress):
-        if (task_name, seed, method) in done:
-            continue
-        task = get_task(task_name, args.data_dir, args.model)
-        splits = nested_splits(task, seed, n, 40 if not quick else 4, n_test, n)
-        rows.append({"task": task_name, "seed": seed, "method": method, **run(method, model, splits, quick)})
-        if out:
-            write_outputs(str(out), rows_file.stem, pd.DataFrame(rows), {"args": vars(args), "machine": machine()})
-    return report(_read(out) if out else pd.DataFrame(rows), args)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    fixed = {"model": args.model, "data_dir": args.data_dir, "n": n, "n_test": n_test, "quick": quick}
+    if layers is not None:
+        fixed["layers"] = layers
+    table = run_grid("search_cost", "search_cost:cell", {"task": tasks, "seed": seeds, "method": methods}, fixed, args)
+    table = table.drop(columns="seconds").rename(
+        columns={"fit_seconds": "seconds", "result_n_test": "n_test"}
+    )  # n_test: the split's size
+    grid = {"task": tasks, "seed": seeds, "method": methods}
+    order = {key: i for i, key in enumerate(itertools.product(*grid.values()))}  # rows in grid order
+    table = table.iloc[sorted(range(len(table)), key=lambda i: order[tuple(table[a].iloc[i] for a in grid)])]
+    rows = table[["task", "seed", "method", *ROW_COLUMNS]].reset_index(drop=True)
+    if out:
+        write_outputs(str(out), "rows", rows, {"args": vars(args), "machine": machine()})
+    return report(_read(out) if out else rows, args)
 
 
-def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
-    """Fit one method on one split; its cost, choice and test accuracy."""
+ROW_COLUMNS = ["accuracy", "forward_equivalents", "seconds", "labelled_pairs", "n_test", "detail"]
+
+
+def cell(ctx, config: dict) -> dict:
+    """One (task, seed, method) cell of the study: split, fit, score (the study's cell kind)."""
+    model = ctx.model(config["model"])
+    task = get_task(config["task"], config["data_dir"], config["model"])
+    quick, n = config["quick"], config["n"]
+    splits = nested_splits(task, config["seed"], n, 4 if quick else 40, config["n_test"], n)
+    return run(config["method"], model, splits, quick, config.get("layers"))
+
+
+def run(method: str, model, splits: TaskSplits, quick: bool, layers: list[int] | None = None) -> dict:
+    """Fit one method on one split; its cost, choice and test accuracy (fv and md choose among ``layers``)."""
+    layers = layers or default_layers(model.cfg.n_layers)
     honest = TaskSplits(splits.train, Task(splits.train.name, []), splits.test, splits.seed)
     steps = {"steps": 2} if quick else {}
     start = time.perf_counter()
@@ -122,7 +144,7 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
             model,
             honest,
             "auto",
-            layers=default_layers(model.cfg.n_layers),
+            layers=layers,
             shots=min(10, len(splits.train) - 1),
             progress=False,
         )
@@ -133,7 +155,7 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
             model,
             honest,
             top_k=min(10, model.cfg.n_heads * model.cfg.n_layers),
-            layers=default_layers(model.cfg.n_layers),
+            layers=layers,
             shots=shots,
             n_prompts=4 if quick else 16,
             scales=(1.0, 2.0, 4.0, 8.0),
@@ -145,7 +167,7 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
     return {
         "accuracy": evaluate(model, honest, iv).accuracy,
         "forward_equivalents": round(fe, 1),
-        "seconds": round(seconds, 2),
+        "fit_seconds": round(seconds, 2),
         "labelled_pairs": labelled,
         "n_test": len(splits.test),
         "detail": detail,
@@ -153,8 +175,18 @@ def run(method: str, model, splits: TaskSplits, quick: bool) -> dict:
 
 
 def _read(out: Path | None) -> pd.DataFrame:
-    files = sorted(out.glob("rows*.shard*.csv")) if out else []
-    return pd.concat([pd.read_csv(f) for f in files]) if files else pd.DataFrame()
+    """``rows.csv`` (the study's table), plus rows of older per-shard files for cells it does not hold."""
+    if out is None:
+        return pd.DataFrame()
+    new = pd.read_csv(out / "rows.csv") if (out / "rows.csv").exists() else pd.DataFrame()
+    legacy = [pd.read_csv(f) for f in sorted(out.glob("rows*.shard*.csv"))]
+    if not legacy:
+        return new
+    old = pd.concat(legacy)
+    if not new.empty:
+        have = set(zip(new.task, new.seed, new.method))
+        old = old[[k not in have for k in zip(old.task, old.seed, old.method)]]
+    return pd.concat([new, old], ignore_index=True)
 
 
 def report(rows: pd.DataFrame, args) -> int:

@@ -191,7 +191,7 @@ def test_dev_study_smoke(capsys, tmp_path):
         "mean-difference",
         "laai (joint over layers, CV on the n pairs)",
     } <= methods
-    cells = pd.read_csv(tmp_path / "cells.shard0.csv")
+    cells = pd.read_csv(tmp_path / "cells.csv")
     assert {"cv_accuracy", "valid40_accuracy", "test_accuracy", "lambda_max"} <= set(cells.columns)
     assert (tmp_path / "dev_study_per_task.md").exists() and (tmp_path / "dev_study_variants.md").exists()
 
@@ -207,3 +207,20 @@ def test_a_resumed_job_keeps_the_record_of_earlier_rows(tmp_path):
     assert merged["note"] == "curated" and [j["args"]["n"] for j in merged["jobs"]] == ["5", "50"]
     (tmp_path / "plain.meta.json").write_text(json.dumps({"args": {"n": "5"}}))
     assert [j["args"]["n"] for j in appended_meta(str(tmp_path), "plain", {"args": {"n": "10"}})["jobs"]] == ["5", "10"]
+
+
+def test_study_overhead_smoke(capsys):
+    out = run_script("study_overhead", TINY, capsys)
+    assert out["cells"] == 12 and out["same_accuracies"], "the runner computes what the loop computes"
+    assert out["ratio_serial"] > 0 and out["ratio_ray"] > 0 and len(out["ray_seconds_after_load"]) == 1
+
+
+def test_a_rerun_of_a_benchmark_skips_the_cells_it_has(capsys, tmp_path):
+    first = run_script("search_cost", [*TINY, "--no-progress", "--out-dir", str(tmp_path), "--methods", "md"], capsys)
+    cells = sorted((tmp_path / "search_cost.study" / "cells").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in cells]
+    again = run_script(
+        "search_cost", [*TINY, "--no-progress", "--out-dir", str(tmp_path), "--methods", "md,new"], capsys
+    )
+    assert [f.stat().st_mtime_ns for f in cells] == stamps and len(list(cells[0].parent.iterdir())) == 2
+    assert again["md_accuracy"] == first["md_accuracy"] and "new_accuracy" in again

@@ -41,6 +41,7 @@ from lens_laai.cli.opinion import (
     fit_survey,
     is_survey,
 )
+from lens_laai.cli.study import add_parser as add_study_parser
 from lens_laai.errors import FitError, LensLaaiError
 from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, FitConfig
 
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compose)
 
     add_parsers(sub, add_task_args)
+    add_study_parser(sub)
     return p
 
 

@@ -1,0 +1,105 @@
+"""``lens-laai study``: run a grid of cells (fits, evaluations, analyses) on this machine or a Ray cluster.
+
+    lens-laai study run STUDY.toml --out runs/study                 # local: one Ray worker per core (or GPU)
+    lens-laai study run STUDY.toml --out runs/study --address auto  # on a running Ray cluster
+    lens-laai study run STUDY.toml --out runs/study --workers 0     # in this process, no Ray
+    lens-laai study status STUDY.toml --out runs/study              # cells done, failed, to run
+
+Results: ``runs/study/cells/*.parquet``, one row per cell (``pd.read_parquet``, DuckDB, or
+``lens_laai.studies.read_results``). A rerun skips the cells already done and retries failed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from lens_laai.errors import LensLaaiError
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``study run`` and ``study status`` on the top-level subparsers."""
+    p = sub.add_parser("study", help="run a grid of fits / evaluations / analyses (locally or on Ray)")
+    inner = p.add_subparsers(dest="study_command", required=True)
+    run = inner.add_parser("run", help="run every unfinished cell of a study file")
+    status = inner.add_parser("status", help="how many cells are done, failed and still to run")
+    for q in (run, status):
+        q.add_argument("study", help="study TOML file (name, kind, [axes], [fixed])")
+        q.add_argument("--out", required=True, help="results folder (Parquet, one file per cell)")
+        q.add_argument("--json", action="store_true", help="end with one JSON line")
+    run.add_argument("--address", default=None, help="Ray cluster address ('auto', 'ray://head:10001'); default: local")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray workers (default: one per GPU, else per core; on a cluster, one per GPU or CPU); 0: run here, no Ray",
+    )
+    run.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 when GPUs exist)")
+    run.add_argument("--device", default=None, help="device each worker loads the model on (default: cuda with GPUs)")
+    run.add_argument("--dtype", default=None, help="model dtype (e.g. bf16)")
+    run.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1 with Ray)")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=run_command)
+    status.set_defaults(func=status_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from lens_laai.studies import load_study, run_study
+
+    study = load_study(args.study)
+    gpus = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if _local_gpus() else 0.0)
+    workers = args.workers
+    if workers is None:
+        workers = 0 if args.address else (_local_gpus() if gpus else os.cpu_count() or 1)
+        if args.address is None and workers == 0:
+            workers = 1
+    if workers < 0:
+        raise LensLaaiError(f"--workers must be ≥ 0, got {workers}.")
+    if workers or args.address:
+        try:
+            import ray  # noqa: F401
+        except ImportError as err:
+            raise LensLaaiError(
+                "Running a study on workers needs Ray: pip install 'lens-laai[study]' (or --workers 0 to run here)."
+            ) from err
+    table = run_study(
+        study,
+        args.out,
+        workers=workers,
+        address=args.address,
+        gpus_per_worker=gpus,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    return _summary(args, table, len(study.cells()))
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from lens_laai.studies import load_study, pending, read_results
+
+    study = load_study(args.study)
+    todo, _ = pending(study, args.out)
+    return _summary(args, read_results(args.out), len(study.cells()), len(todo))
+
+
+def _summary(args: argparse.Namespace, table: Any, total: int, todo: int | None = None) -> int:
+    ok = int((table["status"] == "ok").sum()) if len(table) else 0
+    failed = int((table["status"] == "failed").sum()) if len(table) else 0
+    todo = total - ok if todo is None else todo
+    print(f"{args.out}: {total} cells, {ok} done, {failed} failed, {todo} to run")
+    if failed:
+        for row in table[table["status"] == "failed"].head(5).itertuples():
+            print(f"  failed {row.cell}: {str(row.error).splitlines()[0]}")
+    if args.json:
+        print(json.dumps({"out": args.out, "cells": total, "ok": ok, "failed": failed, "to_run": todo}))
+    return 1 if failed else 0
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
