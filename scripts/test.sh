@@ -15,8 +15,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "chromium is not installed and we are not root: the browser test will be skipped" >&2
   fi
 fi
+# The documentation site, built strictly with every notebook executed on the embedded model: a broken
+# link, a missing reference or a failing notebook fails the job. tests/test_docs.py opens the result.
+docs_rc=0
+bash "$root/scripts/docs.sh" || docs_rc=$?
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
+if [ "$docs_rc" -ne 0 ]; then
+  echo "the documentation build failed (scripts/docs.sh, exit $docs_rc)" >&2
+  [ "$rc" -eq 0 ] && rc=1
+fi
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose" >&2
   exit 1

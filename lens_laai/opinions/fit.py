@@ -139,8 +139,8 @@ def fit_opinion(
             in the first fit's ``forward_equivalents`` only).
 
     Raises:
-        FitError: a bad option (before any work) or a non-finite loss. TaskError: an unknown group,
-        or no training question the group answered.
+        FitError: a bad option (before any work) or a non-finite loss.
+        TaskError: an unknown group, or no training question the group answered.
     """
     lambdas = tuple(sorted(_floats(group_l1), reverse=True))
     layers_arg = layers if layers is None or isinstance(layers, str) else tuple(layers)

@@ -27,7 +27,7 @@ from lens_laai.tasks.task import Pair, Task
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a query and its demonstrations become text, and how a target follows it.
+    r"""How a query and its demonstrations become text, and how a target follows it.
 
     The default is the Function Vectors format (``Q: {input}\nA:``, targets after a space).
     :meth:`verbatim` uses your strings unchanged (prompts you formatted yourself, targets with
