@@ -68,12 +68,21 @@ napoleon_numpy_docstring = False
 nitpicky = True
 nitpick_ignore_regex = [
     # third-party names: no inventory offline
-    (r"py:.*", r"~?(torch|pd|pandas|np|numpy|nn|transformer_lens|transformers|jaxtyping|matplotlib|scipy|os|typing|collections|pathlib|argparse|tqdm|safetensors|circuitsvis|enum|json|ast|datetime|contextlib|abc|dataclasses)(\..*)?"),
-    (r"py:.*", r"(Tensor|TransformerBridge|DataFrame|Series|Figure|Axes|Path|PathLike|Float|Int|Bool|Generator|Iterator|Iterable|Sequence|Mapping|Callable|Any|Literal|TypeVar|Protocol|ndarray|dtype|device|Module|T|Namespace|ArgumentParser|AbstractContextManager|HookPoint|ActivationCache|PreTrainedTokenizerBase|TextIO|Self)"),
+    (
+        r"py:.*",
+        r"~?(torch|pd|pandas|np|numpy|nn|transformer_lens|transformers|jaxtyping|matplotlib|scipy|os|typing|collections|pathlib|argparse|tqdm|safetensors|circuitsvis|enum|json|ast|datetime|contextlib|abc|dataclasses)(\..*)?",
+    ),
+    (
+        r"py:.*",
+        r"(Tensor|TransformerBridge|DataFrame|Series|Figure|Axes|Path|PathLike|Float|Int|Bool|Generator|Iterator|Iterable|Sequence|Mapping|Callable|Any|Literal|TypeVar|Protocol|ndarray|dtype|device|Module|T|Namespace|ArgumentParser|AbstractContextManager|HookPoint|ActivationCache|PreTrainedTokenizerBase|TextIO|Self)",
+    ),
     # jaxtyping shape strings ('batch pos') and napoleon's reading of "Summary: ..." property docstrings
     (r"py:class", r".*[ '].*"),
     # type aliases (Literal[...] names) and private helpers are not documented objects
-    (r"py:.*", r"(.*\.)?(Pair|Hook|Where|Positions|Init|Select|Objective|TaskLike|Divergence|Method|Kind|DeltaAt|Key|Batchable|Path_)"),
+    (
+        r"py:.*",
+        r"(.*\.)?(Pair|Hook|Where|Positions|Init|Select|Objective|TaskLike|Divergence|Method|Kind|DeltaAt|Key|Batchable|Path_)",
+    ),
     (r"py:.*", r"(.*\.)?(_\w+|T)"),
     (r"py:meth", r"replay"),  # BlockCall.replay has no docstring, so no entry
     (r"py:data", r"(.*\.)?[A-Z][A-Z0-9_]+"),

@@ -12,8 +12,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 DELTA = "#d62728"
 CHANGED = "#f7b6b2"
@@ -24,7 +24,9 @@ TOKENS = ["Q", ":", " hot", "\\n", "A", ":"]
 
 
 def _box(ax, x, y, w, h, text, color=BOX, size=9, c="black"):
-    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="#555", lw=0.8))
+    ax.add_patch(
+        FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="#555", lw=0.8)
+    )
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, color=c)
 
 
@@ -48,7 +50,17 @@ def block_panel(ax) -> None:
         _box(ax, x + 0.04, 2.2, width - 0.08, 1.0, f"z$_{h}$", size=8)
         on = h in SELECTED
         label = f"Δ$_{h}$" if on else "0"
-        _box(ax, x + 0.04, 3.8, width - 0.08, 0.8, label, color=DELTA if on else PLAIN, size=8, c="white" if on else "#777")
+        _box(
+            ax,
+            x + 0.04,
+            3.8,
+            width - 0.08,
+            0.8,
+            label,
+            color=DELTA if on else PLAIN,
+            size=8,
+            c="white" if on else "#777",
+        )
         _arrow(ax, (x + width / 2, 1.4), (x + width / 2, 2.2))
         _arrow(ax, (x + width / 2, 3.2), (x + width / 2, 3.8))
     ax.text(8.0, 2.7, "hook_z\n[pos, head, d_head]", fontsize=8, va="center")
@@ -62,9 +74,12 @@ def block_panel(ax) -> None:
     _arrow(ax, (2.0, 7.4), (0.8, 7.9))
     _box(ax, 2.0, 8.7, 5.8, 0.9, "blocks L+1 … → unembed → next-token logits", color=PLAIN)
     ax.text(
-        5.0, -0.25,
+        5.0,
+        -0.25,
         "Group lasso λ₂ Σ$_h$‖Δ$_h$‖₂: most heads' Δ$_h$ are exactly 0 (grey).",
-        ha="center", fontsize=8, color="#333",
+        ha="center",
+        fontsize=8,
+        color="#333",
     )
 
 
@@ -82,7 +97,10 @@ def positions_panel(ax, n_layers: int = 8, layer: int = 4) -> None:
     ax.set_xlim(-0.2, len(TOKENS) + 0.1)
     ax.set_ylim(-0.2, n_layers + 1.2)
     ax.set_xticks([p + 0.46 for p in range(len(TOKENS))], [repr(t)[1:-1] if t != "\\n" else "\\n" for t in TOKENS])
-    ax.set_yticks([l + 0.46 for l in range(n_layers)], [f"L{'+' if l > layer else ''}{l - layer}" if l != layer else "L" for l in range(n_layers)])
+    ax.set_yticks(
+        [l + 0.46 for l in range(n_layers)],
+        [f"L{'+' if l > layer else ''}{l - layer}" if l != layer else "L" for l in range(n_layers)],
+    )
     ax.tick_params(length=0, labelsize=8)
     for side in ax.spines.values():
         side.set_visible(False)

@@ -1,0 +1,123 @@
+"""The documentation: notebooks kept without outputs, every notebook and public name on the site, code in the
+guides that at least compiles and imports, and circuitsvis views that render offline on the built site.
+
+The site itself is built (strictly, notebooks executed) by ``bash scripts/docs.sh``, which
+``scripts/test.sh`` runs before pytest; the browser test reads that build and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import lens_laai
+
+ROOT = Path(__file__).parents[1]
+DOCS = ROOT / "docs"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SITE = DOCS / "_build" / "html"
+# pages written for the site (the results, performance, scaling, analysis and method pages are reports)
+GUIDES = [DOCS / p for p in ("index.md", "install.md", "overview.md", "which_analysis.md", "about_docs.md")] + sorted(
+    (DOCS / "howto").glob("*.md")
+)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_stored_without_outputs(path):
+    """The repository keeps notebooks stripped; the site shows them executed."""
+    cells = json.loads(path.read_text())["cells"]
+    dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c["outputs"] or c["execution_count"])]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; strip them (e.g. `jupyter nbconvert --clear-output`)"
+
+
+def test_every_notebook_is_a_tutorial_on_the_site():
+    conf = (DOCS / "conf.py").read_text()
+    listed = ast.literal_eval(re.search(r"^NOTEBOOKS = (\[.*\])$", conf, re.M).group(1))
+    assert sorted(listed) == sorted(p.stem for p in NOTEBOOKS)
+    index = (DOCS / "index.md").read_text()
+    assert all(f"tutorials/{name}\n" in index for name in listed)
+
+
+def test_api_reference_lists_every_public_name():
+    page = (DOCS / "api.md").read_text()
+    missing = []
+    for name in lens_laai.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(lens_laai, name)
+        if f"~{obj.__module__}.{obj.__qualname__}\n" not in page:
+            missing.append(name)
+    assert not missing, f"docs/api.md does not list {missing}"
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.M | re.S)
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_guide_code_compiles_and_its_imports_exist(path):
+    """Each guide's Python parses, and every name it imports from lens_laai exists (so renames break the build)."""
+    for block in python_blocks(path):
+        tree = ast.parse(block, filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lens_laai"):
+                module = __import__(node.module, fromlist=["_"])
+                absent = [a.name for a in node.names if not hasattr(module, a.name)]
+                assert not absent, f"{path.name}: {node.module} has no {absent}"
+
+
+def page_requests(net_log: Path) -> list[str]:
+    """URLs the page asked for other than file: and data: (the browser's own requests have no origin)."""
+    data = json.loads(net_log.read_text())
+    start = data["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    params = [e["params"] for e in data["events"] if e["type"] == start and "url" in e.get("params", {})]
+    return [
+        p["url"]
+        for p in params
+        if p.get("initiator") != "not an origin" and not p["url"].startswith(("file:", "data:"))
+    ]
+
+
+def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
+    page = SITE / "tutorials" / "heads_vs_ablation.html"
+    if not page.exists():
+        pytest.skip("the site is not built: run `bash scripts/docs.sh` first (scripts/test.sh does)")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
+    html = page.read_text(encoding="utf-8")
+    if "cell_output" not in html:
+        pytest.skip("the site was built without executing the notebooks (LENS_LAAI_DOCS_EXECUTE=off)")
+    expected = re.findall(r'<div id="(circuits-vis-[0-9a-f-]+)"', html)
+    assert len(expected) >= 2, "the tutorial page holds its circuitsvis views"
+    assert "unpkg.com" not in html and "CircuitsVis.render" in html
+    shot = Path(os.environ.get("LENS_LAAI_DOCS_SCREENSHOT", tmp_path / "views.png"))
+    log = tmp_path / "net.json"
+    command = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--proxy-server=http://127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--log-net-log={log}",
+        "--virtual-time-budget=15000",
+        f"--screenshot={shot}",
+        "--window-size=1280,1400",
+        "--dump-dom",
+        page.as_uri() + "#circuitsvis-views",
+    ]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
+    for view in expected:
+        inner = re.search(rf'<div id="{view}"[^>]*>(.{{0,200}})', dom, re.S)
+        assert inner and re.match(r"\s*<(div|span|svg|table|canvas)", inner.group(1)), f"view {view} rendered content"
+    assert shot.stat().st_size > 10_000
+    assert page_requests(log) == [], "the page fetched something from the network"
