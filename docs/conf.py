@@ -30,7 +30,6 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "method_figure",
 ]
@@ -40,8 +39,9 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "results/**", "jupyter_e
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
 
-# MyST: $…$ maths, ::: fences, heading anchors so page#section links are checked.
-myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
+# MyST: ::: fences, definition lists, heading anchors so page#section links are checked. No $…$ maths:
+# MathJax would come from a CDN, and the site is meant to work offline (formulas are written in Unicode).
+myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 # Notebooks run at build time, on the embedded model; any error fails the build (with -W).

@@ -85,20 +85,18 @@ def page_requests(net_log: Path) -> list[str]:
     ]
 
 
-def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
-    page = SITE / "tutorials" / "heads_vs_ablation.html"
-    if not page.exists():
+def built(page: str) -> Path:
+    path = SITE / page
+    if not path.exists():
         pytest.skip("the site is not built: run `bash scripts/docs.sh` first (scripts/test.sh does)")
+    return path
+
+
+def open_in_browser(page: Path, tmp_path: Path, shot: Path, fragment: str = "") -> tuple[str, list[str]]:
+    """The page's DOM after 15 s of virtual time in headless Chromium with the network blocked, and what it fetched."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
-    html = page.read_text(encoding="utf-8")
-    if "cell_output" not in html:
-        pytest.skip("the site was built without executing the notebooks (LENS_LAAI_DOCS_EXECUTE=off)")
-    expected = re.findall(r'<div id="(circuits-vis-[0-9a-f-]+)"', html)
-    assert len(expected) >= 2, "the tutorial page holds its circuitsvis views"
-    assert "unpkg.com" not in html and "CircuitsVis.render" in html
-    shot = Path(os.environ.get("LENS_LAAI_DOCS_SCREENSHOT", tmp_path / "views.png"))
     log = tmp_path / "net.json"
     command = [
         browser,
@@ -113,11 +111,30 @@ def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
         f"--screenshot={shot}",
         "--window-size=1280,1400",
         "--dump-dom",
-        page.as_uri() + "#circuitsvis-views",
+        page.as_uri() + fragment,
     ]
     dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
+    return dom, page_requests(log)
+
+
+def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
+    page = built("tutorials/heads_vs_ablation.html")
+    html = page.read_text(encoding="utf-8")
+    if "cell_output" not in html:
+        pytest.skip("the site was built without executing the notebooks (LENS_LAAI_DOCS_EXECUTE=off)")
+    expected = re.findall(r'<div id="(circuits-vis-[0-9a-f-]+)"', html)
+    assert len(expected) >= 2, "the tutorial page holds its circuitsvis views"
+    assert "unpkg.com" not in html and "CircuitsVis.render" in html
+    shot = Path(os.environ.get("LENS_LAAI_DOCS_SCREENSHOT", tmp_path / "views.png"))
+    dom, requests = open_in_browser(page, tmp_path, shot, "#circuitsvis-views")
     for view in expected:
         inner = re.search(rf'<div id="{view}"[^>]*>(.{{0,200}})', dom, re.S)
         assert inner and re.match(r"\s*<(div|span|svg|table|canvas)", inner.group(1)), f"view {view} rendered content"
     assert shot.stat().st_size > 10_000
-    assert page_requests(log) == [], "the page fetched something from the network"
+    assert requests == [], "the page fetched something from the network"
+
+
+@pytest.mark.parametrize("page", ["index.html", "overview.html", "which_analysis.html", "api.html"])
+def test_site_pages_load_nothing_from_the_network(page, tmp_path):
+    dom, requests = open_in_browser(built(page), tmp_path, tmp_path / "page.png")
+    assert "</article>" in dom and requests == [], f"{page} fetched {requests}"
