@@ -88,9 +88,10 @@ def test_task_calculus_notebook_runs_on_tiny_model(monkeypatch):
     from lens_laai import Task
 
     source = code_of("task_calculus.ipynb")
-    defaults = ['MODEL = "smollm2-135m"', "N_TRAIN, SEED = 20, 0", "N_DEMOS, SHOTS = 10, 5"]
+    defaults = ['MODEL = "smollm2-135m"', "N_TRAIN, SEED = 20, 0", "N_DEMOS, SHOTS = 10, 5", "N_TEST = 150"]
     assert all(d in source for d in defaults)
-    for old, new in zip(defaults, ['MODEL = "lens-laai-tiny"', "N_TRAIN, SEED = 4, 0", "N_DEMOS, SHOTS = 2, 1"]):
+    tiny = ['MODEL = "lens-laai-tiny"', "N_TRAIN, SEED = 4, 0", "N_DEMOS, SHOTS = 2, 1", "N_TEST = 10"]
+    for old, new in zip(defaults, tiny):
         source = source.replace(old, new)
     tasks = {
         "antonym": Task("antonym", tiny_task().pairs),
