@@ -36,7 +36,7 @@ def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
 
 def test_heads_notebook_runs_on_tiny_model(monkeypatch):
     source = code_of("heads_vs_ablation.ipynb")
-    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source and "group_l1_rel=0.5" in source
+    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source and "group_l1_rel=[0.5, 0.3]" in source
     source = (
         source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"')
         .replace("STEPS = 10", "STEPS = 3")
@@ -46,7 +46,7 @@ def test_heads_notebook_runs_on_tiny_model(monkeypatch):
             "n_prompts=6, shots=2, patching_prompts=4, n_random=4",
         )
         .replace('layer="auto"', "layer=1")
-        .replace("group_l1_rel=0.5", "group_l1_rel=0.05")
+        .replace("group_l1_rel=[0.5, 0.3]", "group_l1_rel=0.05")
         .replace('"Q: early\\nA:"', '"Q: hot\\nA:"')
     )
     run_on_tiny_task(source, "heads_vs_ablation.ipynb", monkeypatch)
