@@ -61,7 +61,18 @@ RANKED = {  # score column -> larger means more important for the task
 
 @dataclass
 class HeadAnalysis:
-    """Everything :func:`head_table` measured; see the module docstring."""
+    """Everything :func:`head_table` measured; see the module docstring.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> analysis = head_table(model, task, iv, methods=["dla"], n_prompts=4, shots=2, progress=False)
+        >>> type(analysis).__name__, len(analysis.table) == model.cfg.n_layers * model.cfg.n_heads
+        ('HeadAnalysis', True)
+    """
 
     table: pd.DataFrame
     scores: dict[str, Tensor]
@@ -107,6 +118,16 @@ def head_table(
         patching_prompts: how many of those prompts activation patching uses (it costs one
             forward of them per head, the most expensive column).
         n_random: random head sets in the ablation control.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> analysis = head_table(model, task, iv, methods=["dla", "ablation"], n_prompts=4, shots=2, progress=False)
+        >>> tuple(analysis.scores["dla"].shape), {"layer", "head", "norm", "dla", "zero_acc_drop"} <= set(analysis.table.columns)
+        ((3, 4), True)
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -479,7 +500,15 @@ def agreement(reference: Tensor, estimate: Tensor, seed: int = 0) -> dict[str, f
 
 
 def spearman_permutation(x: np.ndarray, y: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """Spearman ρ and a two-sided permutation p-value (NaN when either side is constant)."""
+    """Spearman ρ and a two-sided permutation p-value (NaN when either side is constant).
+
+    Example:
+        >>> import numpy as np
+        >>> from lens_laai.analysis.head_table import spearman_permutation
+        >>> rho, p = spearman_permutation(np.arange(10.0), np.arange(10.0) ** 2)
+        >>> round(rho, 3), p < 0.01
+        (1.0, True)
+    """
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     rx, ry = _ranks(x), _ranks(y)

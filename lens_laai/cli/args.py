@@ -84,7 +84,13 @@ def parse_penalties(text: str | None, flag: str) -> float | list[float] | None:
 
 
 def parse_floats(text: str, flag: str) -> float | list[float]:
-    """One finite number, or a comma list of them (a list of one is the number)."""
+    """One finite number, or a comma list of them (a list of one is the number).
+
+    Example:
+        >>> from lens_laai.cli.args import parse_floats
+        >>> parse_floats("0.5,0.2,0.05", "--group-l1-rel"), parse_floats("0.3", "--group-l1")
+        ([0.5, 0.2, 0.05], 0.3)
+    """
     values = [parse_float(v, flag) for v in text.split(",") if v.strip()]
     if not values:
         raise LensLaaiError(f"{flag} needs at least one number, got {text!r}.")

@@ -486,6 +486,12 @@ class CostMeter:
     One forward-pass equivalent is one full forward of one prompt: ``prompt tokens × n_layers``
     token-layers. Attention's length-dependent cost is ignored, which flatters long prompts
     slightly on the full path and never the fast path.
+
+    Example:
+        >>> from lens_laai.fastpath.runner import CostMeter
+        >>> meter = CostMeter()
+        >>> type(meter).__name__
+        'CostMeter'
     """
 
     def __init__(self) -> None:

@@ -56,7 +56,15 @@ CARRIED_METADATA = ("data", "template")
 
 @runtime_checkable
 class Intervention(Protocol):
-    """What evaluation, generation and analysis need of any intervention."""
+    """What evaluation, generation and analysis need of any intervention.
+
+    Example:
+        >>> from lens_laai import HeadAblation, HeadIntervention, Intervention
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> isinstance(HeadIntervention.zeros(model, 1), Intervention), isinstance(HeadAblation.zero(model, [(1, 0)]), Intervention)
+        (True, True)
+    """
 
     metadata: dict[str, Any]
     positions: Positions
@@ -253,7 +261,18 @@ class InterventionBase:
 def load_intervention(
     path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False
 ) -> InterventionBase:
-    """Load any saved intervention (head, residual, ablation), whichever kind the manifest names."""
+    """Load any saved intervention (head, residual, ablation), whichever kind the manifest names.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai import HeadAblation, load_intervention
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> path = HeadAblation.zero(model, [(1, 0)]).save(tempfile.mkdtemp() + "/ablation")
+        >>> loaded = load_intervention(path, model=model)
+        >>> type(loaded).__name__, loaded.heads
+        ('HeadAblation', [(1, 0)])
+    """
     import json
 
     manifest_path = Path(path) / "manifest.json"
@@ -305,7 +324,13 @@ def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in every manifest."""
+    """Library versions recorded in every manifest.
+
+    Example:
+        >>> from lens_laai.interventions.protocol import versions
+        >>> sorted(versions())
+        ['lens_laai_version', 'transformer_lens_version']
+    """
     import transformer_lens
 
     from lens_laai.version import __version__

@@ -124,7 +124,14 @@ class Group:
 
 @dataclass(frozen=True)
 class SurveySplits:
-    """Question keys for training, validation (layer/λ choice) and testing, cut with ``seed``."""
+    """Question keys for training, validation (layer/λ choice) and testing, cut with ``seed``.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> splits = toy_survey().split(seed=0, n_train=4, n_valid=2)
+        >>> len(splits.train), len(splits.valid), len(splits.test)
+        (4, 2, 2)
+    """
 
     train: tuple[str, ...]
     valid: tuple[str, ...]
@@ -137,7 +144,14 @@ class SurveySplits:
 
 @dataclass
 class Survey:
-    """Questions and groups; see the module docstring. Build with :func:`load_survey` or directly."""
+    """Questions and groups; see the module docstring. Build with :func:`load_survey` or directly.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> len(survey.questions), sorted(survey.groups)[:2]
+        (8, ['AGE=Old', 'AGE=Young'])
+    """
 
     name: str
     questions: dict[str, SurveyQuestion]
@@ -287,6 +301,12 @@ def toy_survey() -> Survey:
 
     Two-option questions with a refusal option and three-option questions; the groups disagree
     in opposite directions, so a fit has something to learn. The numbers are invented.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> len(survey.questions), "PARTY=Red" in survey.groups
+        (8, True)
     """
     questions, groups = {}, {}
     words = ["hot", "big", "fast", "old", "good", "high", "open", "dark"]

@@ -36,7 +36,14 @@ DEFAULT_SPLIT = {"seed": 0, "n_train": 20, "n_valid": 0}
 
 
 def pair_hash(pair: Pair) -> str:
-    """A 16-hex-digit hash of one (input, output) pair."""
+    """A 16-hex-digit hash of one (input, output) pair.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import pair_hash
+        >>> h = pair_hash(("hot", "cold"))
+        >>> len(h), h == pair_hash(("hot", "cold")), h == pair_hash(("cold", "hot"))
+        (16, True, False)
+    """
     return hashlib.sha256(json.dumps(list(pair), ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -150,7 +157,21 @@ def held_out(
 
 
 def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
-    """Refuse a held-out ``part`` that contains pairs any record's fit saw."""
+    """Refuse a held-out ``part`` that contains pairs any record's fit saw.
+
+    Example:
+        >>> from lens_laai import TaskError
+        >>> from lens_laai.tasks.provenance import DataRecord, check_unseen
+        >>> from lens_laai.testing import tiny_task
+        >>> splits = tiny_task().split(seed=0, n_train=8)
+        >>> record = DataRecord.of(splits)
+        >>> check_unseen(splits.test, [record])  # held-out pairs: nothing to say
+        >>> try:
+        ...     check_unseen(splits.train, [record])
+        ... except TaskError:
+        ...     print("refused")
+        refused
+    """
     seen = {h for r in records for h in r.seen}
     leaked = [p for p in part.pairs if pair_hash(p) in seen]
     if leaked:
