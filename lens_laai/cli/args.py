@@ -66,7 +66,13 @@ def task_from_args(args: argparse.Namespace):
 
 
 def parse_int(text: str, flag: str, words: str = "'auto'") -> int:
-    """An integer flag that also takes the words ``words``, which the caller handles first."""
+    """An integer flag that also takes the words ``words``, which the caller handles first.
+
+    Example:
+        >>> from lens_laai.cli.args import parse_int
+        >>> parse_int("16", "--layer")
+        16
+    """
     try:
         return int(text)
     except ValueError:

@@ -290,7 +290,14 @@ def load_intervention(
 
 
 def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
-    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01")."""
+    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01").
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.protocol import by_layer
+        >>> sorted(by_layer({"layer.3": torch.zeros(2), "layer.1": torch.ones(2)}))
+        [1, 3]
+    """
     out: dict[int, Tensor] = {}
     for name, tensor in tensors.items():
         prefix, _, index = name.partition(".")

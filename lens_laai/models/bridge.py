@@ -63,7 +63,14 @@ def model_fingerprint(model: TransformerBridge) -> dict[str, Any]:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """A 16-hex-digit hash of evenly spaced samples of the first, middle and last weight tensors."""
+    """A 16-hex-digit hash of evenly spaced samples of the first, middle and last weight tensors.
+
+    Example:
+        >>> from lens_laai.models.bridge import weights_digest
+        >>> from lens_laai.testing import tiny_model
+        >>> weights_digest(tiny_model()) == weights_digest(tiny_model()), weights_digest(tiny_model()) == weights_digest(tiny_model(seed=1))
+        (True, False)
+    """
     params = [p for _, p in model.named_parameters()]
     if not params:
         return "none"
@@ -77,7 +84,14 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def model_name(model: TransformerBridge) -> str:
-    """A readable model name for manifests and tables."""
+    """A readable model name for manifests and tables.
+
+    Example:
+        >>> from lens_laai.models.bridge import model_name
+        >>> from lens_laai.testing import tiny_model
+        >>> model_name(tiny_model())
+        'lens-laai-tiny'
+    """
     return str(getattr(model.cfg, "model_name", None) or getattr(model.tokenizer, "name_or_path", "unknown"))
 
 

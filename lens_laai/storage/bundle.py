@@ -39,7 +39,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.storage.bundle import atomic_write_text
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+        >>> atomic_write_text(path, "written in one step")
+        >>> path.read_text()
+        'written in one step'
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -49,7 +49,15 @@ def pair_hash(pair: Pair) -> str:
 
 @dataclass(frozen=True)
 class DataRecord:
-    """What one fit saw: enough to reproduce its held-out split and to recognise its pairs."""
+    """What one fit saw: enough to reproduce its held-out split and to recognise its pairs.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord
+        >>> from lens_laai.testing import tiny_task
+        >>> record = DataRecord.of(tiny_task().split(seed=0, n_train=8))
+        >>> record.task, record.seed, record.n_train, record.n_test
+        ('tiny-antonym', 0, 8, 16)
+    """
 
     task: str
     task_hash: str | None
@@ -123,7 +131,15 @@ def held_out(
     n_valid: int | None = None,
     n_test: int | None = None,
 ) -> TaskSplits:
-    """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them."""
+    """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord, held_out
+        >>> from lens_laai.testing import tiny_task
+        >>> splits = tiny_task().split(seed=0, n_train=8)
+        >>> held_out(tiny_task(), [DataRecord.of(splits)]).test.pairs == splits.test.pairs
+        True
+    """
     asked = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)) if v is not None}
     if not records:
         return task.split(**{**DEFAULT_SPLIT, **asked}, n_test=n_test)
