@@ -4,8 +4,8 @@ Implements Task-driven Layerwise Additive Activation Intervention (Nguyen et al.
 a learned Δ ∈ R^{n_heads × d_head} added to ``blocks.L.attn.hook_z`` at the last prompt token,
 fitted on a few examples with a sparse-group-lasso penalty so that whole heads switch off.
 
-The top level holds what a notebook calls: load a model and a task, :func:`fit`, :func:`evaluate`
-or :func:`generate` with the intervention, :func:`head_table` to see which heads carry the task,
+The top level holds what a notebook calls: load a model and a task, :func:`~lens_laai.fit`, :func:`~lens_laai.evaluate`
+or :func:`generate` with the intervention, :func:`~lens_laai.head_table` to see which heads carry the task,
 and the survey entry points. Settings and policy helpers (``FitConfig``, ``default_layers``,
 ``auto_layer``) live in :mod:`lens_laai.fitting`; the fast path in :mod:`lens_laai.fastpath`;
 the baselines in :mod:`lens_laai.baselines`.

@@ -37,5 +37,12 @@ __all__ = [
 
 
 def tiny_task() -> Task:
-    """An antonym-like task whose words are single tokens of :func:`tiny_tokenizer`."""
+    """An antonym-like task whose words are single tokens of :func:`tiny_tokenizer`.
+
+    Example:
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tiny_task()
+        >>> len(task), task.pairs[0]
+        (24, ('hot', 'cold'))
+    """
     return Task("tiny-antonym", list(TINY_PAIRS))

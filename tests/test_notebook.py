@@ -36,7 +36,7 @@ def test_quickstart_notebook_runs_on_tiny_model(monkeypatch):
 
 def test_heads_notebook_runs_on_tiny_model(monkeypatch):
     source = code_of("heads_vs_ablation.ipynb")
-    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source
+    assert 'MODEL = "smollm2-135m"' in source and "STEPS = 10" in source and "group_l1_rel=[0.5, 0.3]" in source
     source = (
         source.replace('MODEL = "smollm2-135m"', 'MODEL = "lens-laai-tiny"')
         .replace("STEPS = 10", "STEPS = 3")
@@ -46,7 +46,7 @@ def test_heads_notebook_runs_on_tiny_model(monkeypatch):
             "n_prompts=6, shots=2, patching_prompts=4, n_random=4",
         )
         .replace('layer="auto"', "layer=1")
-        .replace("group_l1=0.3", "group_l1=0.01")
+        .replace("group_l1_rel=[0.5, 0.3]", "group_l1_rel=0.05")
         .replace('"Q: early\\nA:"', '"Q: hot\\nA:"')
     )
     run_on_tiny_task(source, "heads_vs_ablation.ipynb", monkeypatch)
@@ -80,3 +80,26 @@ def test_opinion_notebook_runs_on_tiny_model(tmp_path):
 
     matplotlib.use("Agg")
     exec(compile(source, str(notebook), "exec"), {"__name__": "notebook"})
+
+
+def test_task_calculus_notebook_runs_on_tiny_model(monkeypatch):
+    """Antonym then its reverse stands in for antonym then French (the tiny vocabulary has no French)."""
+    import lens_laai
+    from lens_laai import Task
+
+    source = code_of("task_calculus.ipynb")
+    defaults = ['MODEL = "smollm2-135m"', "N_TRAIN, SEED = 20, 0", "N_DEMOS, SHOTS = 10, 5", "N_TEST = 150"]
+    assert all(d in source for d in defaults)
+    tiny = ['MODEL = "lens-laai-tiny"', "N_TRAIN, SEED = 4, 0", "N_DEMOS, SHOTS = 2, 1", "N_TEST = 10"]
+    for old, new in zip(defaults, tiny):
+        source = source.replace(old, new)
+    tasks = {
+        "antonym": Task("antonym", tiny_task().pairs),
+        "english-french": Task("english-french", [(b, a) for a, b in tiny_task().pairs]),
+    }
+    monkeypatch.setattr(lens_laai, "load_task", tasks.__getitem__)
+    namespace = {"__name__": "notebook"}
+    exec(compile(source, str(NOTEBOOK.parent / "task_calculus.ipynb"), "exec"), namespace)
+    table = namespace["table"]
+    assert list(table.columns) == ["composed", "antonym (step 1 only)", "French of input (step 2 only)"]
+    assert table.index[-1] == "1-shot prompt (composed demos)" and table["composed"].between(0, 1).all()

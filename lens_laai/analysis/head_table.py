@@ -78,7 +78,18 @@ METHODS = ("dla", "act_patch", "attr_patch", "fv_cie", "ablation", "necessity", 
 
 @dataclass
 class HeadAnalysis:
-    """Everything :func:`head_table` measured; see the module docstring. ``answer()`` says it in sentences."""
+    """Everything :func:`head_table` measured; see the module docstring. ``answer()`` says it in sentences.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> analysis = head_table(model, task, iv, methods=["dla"], n_prompts=4, shots=2, progress=False)
+        >>> type(analysis).__name__, len(analysis.table) == model.cfg.n_layers * model.cfg.n_heads
+        ('HeadAnalysis', True)
+    """
 
     table: pd.DataFrame
     scores: dict[str, Tensor]
@@ -137,6 +148,16 @@ def head_table(
             returns); adds a ``selection_probability`` column.
         dense: an intervention on the whole layer (e.g. a fit with a small penalty): the
             sufficiency check compares the selected heads' held-out accuracy with it.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> analysis = head_table(model, task, iv, methods=["dla", "ablation"], n_prompts=4, shots=2, progress=False)
+        >>> tuple(analysis.scores["dla"].shape), {"layer", "head", "norm", "dla", "zero_acc_drop"} <= set(analysis.table.columns)
+        ((3, 4), True)
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

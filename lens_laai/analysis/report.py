@@ -36,7 +36,14 @@ img { max-width: 100%; } .view { border: 1px solid #eee; padding: 8px; margin: 1
 
 
 def circuitsvis_bundle() -> str:
-    """circuitsvis' browser bundle (shipped inside the Python package), safe to inline in a script tag."""
+    """circuitsvis' browser bundle (shipped inside the Python package), safe to inline in a script tag.
+
+    Example:
+        >>> from lens_laai.analysis.report import circuitsvis_bundle
+        >>> bundle = circuitsvis_bundle()
+        >>> "CircuitsVis" in bundle and "</script>" not in bundle
+        True
+    """
     import circuitsvis
 
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"

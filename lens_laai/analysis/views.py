@@ -51,7 +51,17 @@ LABELS = {
 
 
 def heatmaps(scores: dict[str, Tensor], columns: Sequence[str] | None = None, per_row: int = 4):
-    """Side-by-side layer × head heatmaps, one colour scale per score (diverging around 0 when signed)."""
+    """Side-by-side layer × head heatmaps, one colour scale per score (diverging around 0 when signed).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import torch
+        >>> from lens_laai.analysis.views import heatmaps
+        >>> fig = heatmaps({"norm": torch.rand(3, 4), "dla": torch.randn(3, 4)})
+        >>> len(fig.axes) >= 2
+        True
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -93,6 +103,18 @@ def regularisation_path(
     """Each head's ‖Δ_h‖ against λ₂ (log scale, as glmnet draws it), with validation accuracy on a twin axis.
 
     ``path`` and ``interventions`` are what :func:`lens_laai.fit_path` returns.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from lens_laai import fit_path
+        >>> from lens_laai.analysis.views import regularisation_path
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model = tiny_model()
+        >>> path, ivs = fit_path(model, tiny_task().split(seed=0, n_train=8), 1, [0.5, 0.05], relative=True, steps=2, progress=False)
+        >>> fig = regularisation_path(path, ivs, label="training accuracy")
+        >>> type(fig).__name__
+        'Figure'
     """
     import matplotlib
 
@@ -118,7 +140,17 @@ def regularisation_path(
 
 
 def figure_png(fig: Any) -> str:
-    """A figure as a base64 PNG data URI (no file, no network)."""
+    """A figure as a base64 PNG data URI (no file, no network).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> from lens_laai.analysis.views import figure_png
+        >>> fig, ax = plt.subplots()
+        >>> figure_png(fig).startswith("data:image/png;base64,")
+        True
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -126,7 +158,15 @@ def figure_png(fig: Any) -> str:
 
 @dataclass
 class View:
-    """One circuitsvis element with its properties."""
+    """One circuitsvis element with its properties.
+
+    Example:
+        >>> from lens_laai.analysis.views import View
+        >>> view = View("ColoredTokens", {"tokens": ["a", "b"], "values": [0.5, -1.0]}, title="demo")
+        >>> html = view.html()  # the circuitsvis bundle inline: renders offline
+        >>> "CircuitsVis.render" in html and "unpkg" not in html
+        True
+    """
 
     name: str
     props: dict[str, Any]
@@ -149,7 +189,18 @@ def _tokens(model: TransformerBridge, prompt: str) -> tuple[Tensor, list[str]]:
 
 @torch.no_grad()
 def attention_views(model: TransformerBridge, iv: HeadIntervention, prompt: str, top: int = 4) -> list[View]:
-    """The selected heads' attention patterns, and those of the later heads whose last-token pattern Δ changes most."""
+    """The selected heads' attention patterns, and those of the later heads whose last-token pattern Δ changes most.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.views import attention_views
+        >>> views = attention_views(model, iv, "Q: hot\\nA:")  # each renders itself in Jupyter
+        >>> {v.name for v in views}
+        {'AttentionHeads'}
+    """
     ids, tokens = _tokens(model, prompt)
     names = lambda n: n.endswith("attn.hook_pattern")
     _, base = model.run_with_cache(ids, names_filter=names)
@@ -205,7 +256,18 @@ def attention_views(model: TransformerBridge, iv: HeadIntervention, prompt: str,
 
 @torch.no_grad()
 def generation_view(model: TransformerBridge, iv: HeadIntervention, prompt: str, max_new_tokens: int = 8) -> View:
-    """An intervened greedy generation, each token coloured by log p_Δ − log p_0 (teacher-forced on that text)."""
+    """An intervened greedy generation, each token coloured by log p_Δ − log p_0 (teacher-forced on that text).
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, group_l1_rel=0.05, progress=False).intervention
+        >>> from lens_laai.analysis.views import generation_view
+        >>> view = generation_view(model, iv, "Q: hot\\nA:", max_new_tokens=2)
+        >>> view.name, len(view.props["tokens"]) == len(view.props["values"])
+        ('ColoredTokens', True)
+    """
     from lens_laai.evaluation.evaluate import generate
 
     continuation = generate(model, prompt, iv, max_new_tokens=max_new_tokens)

@@ -34,7 +34,16 @@ def prompting_baseline(
     template: PromptTemplate = PromptTemplate(),
     batch_size: int = 32,
 ) -> EvalResult:
-    """Accuracy of plain k-shot prompting (demonstrations from the train split) on ``split``."""
+    """Accuracy of plain k-shot prompting (demonstrations from the train split) on ``split``.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai.baselines.prompting import prompting_baseline
+        >>> result = prompting_baseline(model, task.split(seed=0, n_train=8), shots=2)
+        >>> 0.0 <= result.accuracy <= 1.0
+        True
+    """
     check_shots(splits, shots, split)
     return evaluate(
         model, splits, shots=shots, split=split, demo_seed=demo_seed, template=template, batch_size=batch_size

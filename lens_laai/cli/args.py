@@ -68,7 +68,13 @@ def task_from_args(args: argparse.Namespace):
 
 
 def parse_int(text: str, flag: str, words: str = "'auto'") -> int:
-    """An integer flag that also takes the words ``words``, which the caller handles first."""
+    """An integer flag that also takes the words ``words``, which the caller handles first.
+
+    Example:
+        >>> from lens_laai.cli.args import parse_int
+        >>> parse_int("16", "--layer")
+        16
+    """
     try:
         value = int(text)
     except ValueError:
@@ -94,7 +100,13 @@ def parse_penalties(text: str | None, flag: str, at_most: float | None = None) -
 
 
 def parse_floats(text: str, flag: str) -> float | list[float]:
-    """One finite number, or a comma list of them (a list of one is the number); no empty elements."""
+    """One finite number, or a comma list of them (a list of one is the number); no empty elements.
+
+    Example:
+        >>> from lens_laai.cli.args import parse_floats
+        >>> parse_floats("0.5,0.2,0.05", "--group-l1-rel"), parse_floats("0.3", "--group-l1")
+        ([0.5, 0.2, 0.05], 0.3)
+    """
     values = [parse_float(v, flag) for v in _elements(text, flag, "number")]
     return values[0] if len(values) == 1 else values
 

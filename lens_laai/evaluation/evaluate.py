@@ -45,7 +45,16 @@ SPLITS = ("train", "valid", "test", "all")
 
 @dataclass
 class EvalResult:
-    """Accuracy over ``n`` examples and one table row per example."""
+    """Accuracy over ``n`` examples and one table row per example.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import evaluate
+        >>> result = evaluate(model, task.split(seed=0, n_train=8))
+        >>> type(result).__name__, result.n, float(result.table["correct"].mean()) == result.accuracy
+        ('EvalResult', 16, True)
+    """
 
     accuracy: float
     n: int
@@ -144,6 +153,17 @@ def evaluate(
     ``intervention`` may be a list (e.g. ``[iv, ablation]``): their hooks act together, in order.
     k-shot demonstrations are drawn from the train split. Returns accuracy and a table with
     ``input, target, prediction, correct, target_logprob, target_rank, prompt``.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import evaluate
+        >>> splits = task.split(seed=0, n_train=8)
+        >>> result = evaluate(model, splits, shots=2)  # 2-shot prompting; pass an intervention to apply it
+        >>> result.n == len(splits.test), 0.0 <= result.accuracy <= 1.0
+        (True, True)
+        >>> result.table.columns.tolist()[:4]
+        ['input', 'target', 'prediction', 'correct']
     """
     start = time.perf_counter()
     ivs = _as_list(intervention)
@@ -215,6 +235,16 @@ def evaluate_many(
     Any intervention of the protocol works. Those acting at the last token share one prefix
     pass per batch and layer (the fast path of :mod:`lens_laai.fastpath`), so scoring a λ path
     or an α grid costs little more than scoring one. The split must be held out for all of them.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import HeadIntervention, evaluate_many
+        >>> splits = task.split(seed=0, n_train=8)
+        >>> iv = HeadIntervention.zeros(model, 1)
+        >>> table = evaluate_many(model, splits, [iv, 2 * iv])
+        >>> len(table), "accuracy" in table.columns
+        (2, True)
     """
     for iv in interventions:
         iv.check_model(model)
@@ -303,6 +333,14 @@ def generate(
     uncached generation compute the same thing in every case.
     ``temperature=0`` is greedy; otherwise sample, optionally restricted by ``top_k`` / ``top_p``,
     reproducibly with ``seed``. Each row stops at the tokenizer's EOS.
+
+    Example:
+        >>> from lens_laai import generate
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> texts = generate(model, ["Q: hot\\nA:", "Q: up\\nA:"], max_new_tokens=2)  # greedy; pass an intervention to steer
+        >>> len(texts), all(isinstance(t, str) for t in texts)
+        (2, True)
     """
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     _check_generate_args(texts, max_new_tokens, delta_at, temperature, top_k, top_p)

@@ -25,7 +25,17 @@ from lens_laai.tasks.prompts import Batch
 def last_token_z(
     model: TransformerBridge, batches: list[Batch], layers: Sequence[int]
 ) -> Float[Tensor, "prompt layer head d_head"]:
-    """``hook_z`` at the last token of every prompt, for ``layers`` (one forward per batch)."""
+    """``hook_z`` at the last token of every prompt, for ``layers`` (one forward per batch).
+
+    Example:
+        >>> from lens_laai.fastpath.recording import last_token_z
+        >>> from lens_laai.tasks.prompts import model_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> z = last_token_z(model, model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"]), [0, 2])
+        >>> tuple(z.shape)  # [prompt, layer, head, d_head]
+        (2, 2, 4, 16)
+    """
     grabbed: dict[int, list[Tensor]] = {l: [] for l in layers}
 
     def grab(layer: int) -> Callable:

@@ -37,7 +37,15 @@ class Scores:
 
 @torch.no_grad()
 def score_logits(logits: Float[Tensor, "batch vocab"], target_ids: Int[Tensor, " batch"]) -> Scores:
-    """Score last-position ``logits`` against each row's first target token."""
+    """Score last-position ``logits`` against each row's first target token.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fastpath.scoring import score_logits
+        >>> scores = score_logits(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), torch.tensor([1, 2]))
+        >>> scores.correct.tolist(), scores.rank.tolist()
+        ([True, False], [0, 1])
+    """
     logp = torch.log_softmax(logits.float(), dim=-1)
     target_ids = target_ids.to(logp.device)
     target_lp = logp.gather(1, target_ids[:, None])[:, 0]

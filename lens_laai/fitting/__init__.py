@@ -1,6 +1,6 @@
 """Fitting Δ: the objective, the sparse-group-lasso solver, λ paths, layer policy and selection on the n pairs.
 
-* :mod:`~lens_laai.fitting.fit`: :func:`fit`, :func:`fit_path`, :class:`FitResult`, the settings
+* :mod:`~lens_laai.fitting.fit`: :func:`~lens_laai.fit`, :func:`fit_path`, :class:`FitResult`, the settings
   (:class:`FitConfig`) and the one layer policy (:func:`default_layers`, :func:`auto_layer`);
 * :mod:`~lens_laai.fitting.layer_fit`: the objective and the λ₂ path at one layer;
 * :mod:`~lens_laai.fitting.solver`: FISTA with the sparse-group-lasso proximal step;
@@ -13,7 +13,6 @@ from lens_laai.fitting.fit import (
     FitResult,
     auto_layer,
     default_layers,
-    fit,
     fit_path,
     parse_layers,
 )
@@ -26,9 +25,10 @@ __all__ = [
     "auto_layer",
     "cross_validate",
     "default_layers",
-    "fit",
     "fit_path",
     "fold_splits",
     "lambda_values",
     "parse_layers",
 ]
+
+# ``fit`` itself is ``lens_laai.fit``: exported here it would hide the module lens_laai.fitting.fit.

@@ -54,13 +54,24 @@ def default_layers(n_layers: int) -> list[int]:
     development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
     20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
     layers try every layer of that range.
+
+    Example:
+        >>> from lens_laai import default_layers
+        >>> default_layers(30)
+        [4, 8, 12, 16, 20]
     """
     lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
     return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints."""
+    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints.
+
+    Example:
+        >>> from lens_laai.fitting.fit import parse_layers
+        >>> parse_layers("default", 30), parse_layers("4,8", 30), len(parse_layers("all", 30))
+        ([4, 8, 12, 16, 20], [4, 8], 30)
+    """
     if spec is None or spec == "default":
         return default_layers(n_layers)
     if spec == "all":
@@ -92,6 +103,11 @@ def auto_layer(n_layers: int) -> int:
 
     A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
     did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
+
+    Example:
+        >>> from lens_laai import auto_layer
+        >>> auto_layer(30), auto_layer(32)
+        (16, 17)
     """
     return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
 
@@ -105,6 +121,12 @@ class FitConfig:
     layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
     ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
     pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+
+    Example:
+        >>> from lens_laai import FitConfig
+        >>> config = FitConfig(layer=16, group_l1=0.2, n_train=20)
+        >>> config.layer, config.group_l1, config.relative, config.seed
+        (16, 0.2, True, 0)
     """
 
     layer: int | str = "auto"
@@ -177,6 +199,16 @@ class FitResult:
     ``"none"`` with a validation split), or the training accuracy when there was nothing to choose
     and no validation split. ``sweep`` has one row per
     candidate (layer, λ₂) with that score.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> result = fit(model, task, layer=1, n_train=8, steps=3, progress=False)
+        >>> type(result).__name__, result.selection, len(result.splits.train)
+        ('FitResult', 'none', 8)
+        >>> {"step", "loss", "n_selected"} <= set(result.history.columns)
+        True
     """
 
     intervention: HeadIntervention
@@ -259,6 +291,16 @@ def fit(
 
     Raises:
         FitError: a bad setting (before any work), or a loss that is not finite.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit
+        >>> result = fit(model, task, layer=1, n_train=8, steps=5, progress=False)
+        >>> result.layer, result.intervention.layers, result.config.n_train
+        (1, [1], 8)
+        >>> result.selected_heads == result.intervention.selected_heads()
+        True
     """
     lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
     steps = max(1, STEP_BUDGET // len(lambdas)) if steps is None else steps
@@ -483,6 +525,17 @@ def fit_path(
     ``group_l1s`` are absolute, or fractions of λ_max with ``relative=True``. Returns a DataFrame
     (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> from lens_laai import fit_path
+        >>> splits = task.split(seed=0, n_train=8)
+        >>> path, interventions = fit_path(model, splits, 1, [0.5, 0.05], relative=True, steps=3, progress=False)
+        >>> path["group_l1_rel"].tolist(), len(interventions)
+        ([0.5, 0.05], 2)
+        >>> bool((path["n_selected"].diff().dropna() >= 0).all())  # a smaller λ₂ keeps at least as many heads
+        True
     """
     template = template or PromptTemplate()
     lambdas = tuple(sorted(lambda_values(group_l1s), reverse=True))

@@ -30,7 +30,15 @@ from lens_laai.tasks.task import Task
 
 
 def fold_splits(train: Task, folds: int, seed: int) -> list[tuple[Task, Task]]:
-    """``folds`` (fit part, held-out part) pairs; the held-out parts partition ``train`` (seeded shuffle)."""
+    """``folds`` (fit part, held-out part) pairs; the held-out parts partition ``train`` (seeded shuffle).
+
+    Example:
+        >>> from lens_laai.fitting.selection import fold_splits
+        >>> from lens_laai.testing import tiny_task
+        >>> folds = fold_splits(tiny_task().subset(list(range(8))), folds=2, seed=0)
+        >>> [(len(fit_part), len(held)) for fit_part, held in folds]
+        [(4, 4), (4, 4)]
+    """
     if not isinstance(folds, int) or isinstance(folds, bool) or not 2 <= folds <= len(train):
         raise FitError(
             f"folds must be an integer within 2..n_train ({len(train)}), got {folds!r}; "

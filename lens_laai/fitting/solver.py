@@ -21,14 +21,30 @@ from lens_laai.errors import FitError
 
 
 def penalty(delta: Float[Tensor, "head d_head"], l1: float, group_l1: float) -> Tensor:
-    """``l1 * ‖Δ‖₁ + group_l1 * Σ_h ‖Δ_h‖₂``."""
+    """``l1 * ‖Δ‖₁ + group_l1 * Σ_h ‖Δ_h‖₂``.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fitting.solver import penalty
+        >>> round(float(penalty(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), l1=0.1, group_l1=1.0)), 4)  # 0.1·7 + 1·5
+        5.7
+    """
     return l1 * delta.abs().sum() + group_l1 * delta.norm(dim=-1).sum()
 
 
 def prox_sparse_group_lasso(
     v: Float[Tensor, "head d_head"], step_l1: float, step_group: float
 ) -> Float[Tensor, "head d_head"]:
-    """``argmin_x ½‖x − v‖² + step_l1‖x‖₁ + step_group Σ_h ‖x_h‖₂`` in closed form."""
+    """``argmin_x ½‖x − v‖² + step_l1‖x‖₁ + step_group Σ_h ‖x_h‖₂`` in closed form.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fitting.solver import prox_sparse_group_lasso
+        >>> v = torch.tensor([[3.0, 4.0], [0.1, 0.1]])
+        >>> prox_sparse_group_lasso(v, 0.0, 1.0)  # the small head becomes exactly zero
+        tensor([[2.4000, 3.2000],
+                [0.0000, 0.0000]])
+    """
     u = torch.sign(v) * torch.clamp(v.abs() - step_l1, min=0.0)
     norms = u.norm(dim=-1, keepdim=True)
     scale = torch.clamp(1.0 - step_group / torch.where(norms > 0, norms, torch.ones_like(norms)), min=0.0)
@@ -96,6 +112,15 @@ def fista(
     is not monotone, so the last one can be worse) and one :class:`StepRecord` per iteration.
     Raises :class:`~lens_laai.errors.FitError` for non-finite or out-of-range options or ``x0``,
     and when the loss or gradient is not finite at an accepted iterate (``x0`` included).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fitting.solver import fista
+        >>> target = torch.tensor([[2.0, 0.0], [0.05, 0.0]])
+        >>> f = lambda x: float(((x - target) ** 2).sum() / 2)
+        >>> x, records = fista(lambda x: (f(x), x - target), f, torch.zeros(2, 2), l1=0.0, group_l1=0.1, steps=50, lr=1.0)
+        >>> (x[1] == 0).all().item(), round(x[0, 0].item(), 3)  # head 1 switched off exactly
+        (True, 1.9)
     """
     _check_options(x0, l1, group_l1, steps, lr, shrink, grow, max_backtracks)
     rel_slack = 1e-12 if x0.dtype == torch.float64 else 1e-6

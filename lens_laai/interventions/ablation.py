@@ -62,6 +62,17 @@ class HeadAblation(InterventionBase):
             one row, the mean, for mean ablation).
         seed: the seed of the resampling draws (each forward call draws one reference per row; every
             ``fwd_hooks()`` / ``apply()`` starts the draws again from this seed, so results repeat).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai import HeadAblation
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> ablation = HeadAblation.zero(model, [(1, 0), (2, 3)])
+        >>> ablation.kind, ablation.heads, ablation.layers
+        ('zero', [(1, 0), (2, 3)], [1, 2])
+        >>> with ablation.apply(model):
+        ...     logits = model(torch.tensor([[1, 5, 6]]))
     """
 
     FORMAT: ClassVar[str] = "lens_laai.HeadAblation"

@@ -73,6 +73,23 @@ class HeadIntervention(InterventionBase):
         positions: ``"last"`` (each row's last real token, default), ``"all"``, or indices;
             see :mod:`lens_laai.interventions.positions`.
         metadata: JSON-serialisable facts (fit config, the data it was fitted on, template, scores).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
+        >>> delta[2] = 1.0
+        >>> iv = HeadIntervention.from_deltas(model, {1: delta})
+        >>> iv.selected_heads(), tuple(iv.head_norms().shape)
+        ([(1, 2)], (3, 4))
+        >>> with iv.apply(model):  # Δ at each row's last token; the hooks are gone after the block
+        ...     steered = model(torch.tensor([[1, 5, 6]]))
+        >>> bool((steered != model(torch.tensor([[1, 5, 6]]))).any())
+        True
+        >>> torch.equal((iv + iv).deltas[1], (2 * iv).deltas[1])  # task calculus: interventions add and scale
+        True
     """
 
     FORMAT: ClassVar[str] = "lens_laai.HeadIntervention"

@@ -47,7 +47,13 @@ Positions = str | tuple[int, ...]
 
 
 def check_positions(positions: Any) -> Positions:
-    """Normalise ``positions`` (a list becomes a tuple) or raise :class:`InterventionError`."""
+    """Normalise ``positions`` (a list becomes a tuple) or raise :class:`InterventionError`.
+
+    Example:
+        >>> from lens_laai.interventions.positions import check_positions
+        >>> check_positions("last"), check_positions([0, -1])
+        ('last', (0, -1))
+    """
     if isinstance(positions, str):
         if positions not in ("last", "all"):
             raise InterventionError(f"positions must be 'last', 'all' or a tuple of ints, got {positions!r}.")
@@ -74,7 +80,14 @@ def positions_from_json(value: Any) -> Positions:
 
 
 def last_real_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
-    """Index of each row's last non-padding token (any padding side)."""
+    """Index of each row's last non-padding token (any padding side).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.positions import last_real_index
+        >>> last_real_index(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist()  # left and right padding
+        [2, 1]
+    """
     mask = attention_mask.bool()
     if not mask.any(-1).all():
         raise InterventionError("A row of the attention mask is all padding; it has no last real token.")

@@ -58,7 +58,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @runtime_checkable
 class Intervention(Protocol):
-    """What evaluation, generation and analysis need of any intervention."""
+    """What evaluation, generation and analysis need of any intervention.
+
+    Example:
+        >>> from lens_laai import HeadAblation, HeadIntervention, Intervention
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> isinstance(HeadIntervention.zeros(model, 1), Intervention), isinstance(HeadAblation.zero(model, [(1, 0)]), Intervention)
+        (True, True)
+    """
 
     metadata: dict[str, Any]
     positions: Positions
@@ -272,7 +280,18 @@ class InterventionBase:
 def load_intervention(
     path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False
 ) -> InterventionBase:
-    """Load any saved intervention (head, residual, ablation), whichever kind the manifest names."""
+    """Load any saved intervention (head, residual, ablation), whichever kind the manifest names.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai import HeadAblation, load_intervention
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> path = HeadAblation.zero(model, [(1, 0)]).save(tempfile.mkdtemp() + "/ablation")
+        >>> loaded = load_intervention(path, model=model)
+        >>> type(loaded).__name__, loaded.heads
+        ('HeadAblation', [(1, 0)])
+    """
     fmt = saved_format(Path(path))
     kind = InterventionBase.registry.get(fmt) if isinstance(fmt, str) else None
     if kind is None:
@@ -284,7 +303,14 @@ def load_intervention(
 
 
 def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
-    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01")."""
+    """``{"layer.N": t}`` as ``{N: t}``; refuse any other name, and two names for one layer ("layer.1", "layer.01").
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.protocol import by_layer
+        >>> sorted(by_layer({"layer.3": torch.zeros(2), "layer.1": torch.ones(2)}))
+        [1, 3]
+    """
     out: dict[int, Tensor] = {}
     for name, tensor in tensors.items():
         prefix, _, index = name.partition(".")
@@ -364,7 +390,13 @@ def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:
 
 
 def versions() -> dict[str, str]:
-    """Library versions recorded in every manifest."""
+    """Library versions recorded in every manifest.
+
+    Example:
+        >>> from lens_laai.interventions.protocol import versions
+        >>> sorted(versions())
+        ['lens_laai_version', 'transformer_lens_version']
+    """
     import transformer_lens
 
     from lens_laai.version import __version__

@@ -42,7 +42,20 @@ RESID_HOOK = "blocks.{layer}.hook_resid_post"
 
 @dataclass(eq=False)
 class ResidualIntervention(InterventionBase):
-    """A vector added to the output of block ``layer`` (``blocks.{layer}.hook_resid_post``)."""
+    """A vector added to the output of block ``layer`` (``blocks.{layer}.hook_resid_post``).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.residual import ResidualIntervention
+        >>> from lens_laai.models.bridge import model_fingerprint, model_name
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> iv = ResidualIntervention(torch.ones(model.cfg.d_model), 1, model_name(model), model_fingerprint(model))
+        >>> with iv.apply(model):
+        ...     logits = model(torch.tensor([[1, 5, 6]]))
+        >>> iv.layers
+        [1]
+    """
 
     FORMAT: ClassVar[str] = "lens_laai.ResidualIntervention"
     TENSOR_STEM: ClassVar[str] = "vector"

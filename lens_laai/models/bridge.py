@@ -33,21 +33,44 @@ _SAMPLES_PER_TENSOR = 2048
 
 
 def freeze(model: TransformerBridge) -> TransformerBridge:
-    """Put ``model`` in eval mode with every parameter's ``requires_grad`` off."""
+    """Put ``model`` in eval mode with every parameter's ``requires_grad`` off.
+
+    Example:
+        >>> from lens_laai.models.bridge import freeze
+        >>> from lens_laai.testing import tiny_model
+        >>> model = freeze(tiny_model())
+        >>> model.training, any(p.requires_grad for p in model.parameters())
+        (False, False)
+    """
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
 
 
 def model_fingerprint(model: TransformerBridge) -> dict[str, Any]:
-    """Shape facts an intervention depends on, plus a digest of the weights."""
+    """Shape facts an intervention depends on, plus a digest of the weights.
+
+    Example:
+        >>> from lens_laai.models.bridge import model_fingerprint
+        >>> from lens_laai.testing import tiny_model
+        >>> fingerprint = model_fingerprint(tiny_model())
+        >>> fingerprint["n_layers"], fingerprint["n_heads"], fingerprint == model_fingerprint(tiny_model(seed=1))
+        (3, 4, False)
+    """
     cfg = model.cfg
     shapes = {key: int(getattr(cfg, key)) for key in SHAPE_KEYS}
     return {**shapes, DIGEST_KEY: weights_digest(model)}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """A 16-hex-digit hash of evenly spaced samples of the first, middle and last weight tensors."""
+    """A 16-hex-digit hash of evenly spaced samples of the first, middle and last weight tensors.
+
+    Example:
+        >>> from lens_laai.models.bridge import weights_digest
+        >>> from lens_laai.testing import tiny_model
+        >>> weights_digest(tiny_model()) == weights_digest(tiny_model()), weights_digest(tiny_model()) == weights_digest(tiny_model(seed=1))
+        (True, False)
+    """
     params = [p for _, p in model.named_parameters()]
     if not params:
         return "none"
@@ -61,14 +84,34 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def model_name(model: TransformerBridge) -> str:
-    """A readable model name for manifests and tables."""
+    """A readable model name for manifests and tables.
+
+    Example:
+        >>> from lens_laai.models.bridge import model_name
+        >>> from lens_laai.testing import tiny_model
+        >>> model_name(tiny_model())
+        'lens-laai-tiny'
+    """
     return str(getattr(model.cfg, "model_name", None) or getattr(model.tokenizer, "name_or_path", "unknown"))
 
 
 def check_fingerprint(
     fingerprint: dict[str, Any], made_for: str, model: TransformerBridge, strict: bool = False
 ) -> None:
-    """Refuse ``model`` unless its shapes match ``fingerprint``; warn (or refuse if ``strict``) on other weights."""
+    """Refuse ``model`` unless its shapes match ``fingerprint``; warn (or refuse if ``strict``) on other weights.
+
+    Example:
+        >>> from lens_laai import InterventionError
+        >>> from lens_laai.models.bridge import check_fingerprint, model_fingerprint
+        >>> from lens_laai.testing import tiny_model
+        >>> fingerprint = model_fingerprint(tiny_model())
+        >>> check_fingerprint(fingerprint, "tiny", tiny_model())  # same shapes and weights: nothing to say
+        >>> try:
+        ...     check_fingerprint(fingerprint, "tiny", tiny_model(n_layers=2))
+        ... except InterventionError:
+        ...     print("refused: other shapes")
+        refused: other shapes
+    """
     theirs = model_fingerprint(model)
     keys = sorted((set(fingerprint) | set(SHAPE_KEYS)) - {DIGEST_KEY})
     diff = {
@@ -93,7 +136,15 @@ def check_fingerprint(
 
 
 def head_output_weights(model: TransformerBridge, layer: int) -> Float[Tensor, "head d_head d_model"]:
-    """``W_O`` of ``layer`` per head: what a unit of ``hook_z`` adds to the residual stream."""
+    """``W_O`` of ``layer`` per head: what a unit of ``hook_z`` adds to the residual stream.
+
+    Example:
+        >>> from lens_laai.models.bridge import head_output_weights
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> tuple(head_output_weights(model, 1).shape) == (model.cfg.n_heads, model.cfg.d_head, model.cfg.d_model)
+        True
+    """
     return model.blocks[layer].attn.W_O.detach()
 
 
@@ -118,5 +169,11 @@ HOOK_TEMPLATE = "blocks.{layer}.attn.hook_z"
 
 
 def hook_name(layer: int) -> str:
-    """The per-head attention output hook of block ``layer`` (``blocks.L.attn.hook_z``)."""
+    """The per-head attention output hook of block ``layer`` (``blocks.L.attn.hook_z``).
+
+    Example:
+        >>> from lens_laai.models.bridge import hook_name
+        >>> hook_name(16)
+        'blocks.16.attn.hook_z'
+    """
     return HOOK_TEMPLATE.format(layer=layer)

@@ -87,6 +87,14 @@ def load_model(
     Raises:
         ModelError: an unknown dtype, an unavailable device, conflicting placement arguments, or
             a model that cannot be found.
+
+    Example:
+        >>> from lens_laai import load_model
+        >>> model = load_model("lens-laai-tiny")  # load_model("smollm2-135m") is the embedded model
+        >>> model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+        (3, 4, 16)
+        >>> any(p.requires_grad for p in model.parameters())
+        False
     """
     device, dtype = check_placement(device, dtype)
     split = device_map is not None or n_devices is not None
@@ -150,7 +158,13 @@ def check_placement(
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A ``torch.dtype`` from a name (``"bf16"``, ``"float32"``, …) or a dtype; ``None`` stays ``None``."""
+    """A ``torch.dtype`` from a name (``"bf16"``, ``"float32"``, …) or a dtype; ``None`` stays ``None``.
+
+    Example:
+        >>> from lens_laai.models.loading import parse_dtype
+        >>> parse_dtype("bf16"), parse_dtype("float32"), parse_dtype(None)
+        (torch.bfloat16, torch.float32, None)
+    """
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:

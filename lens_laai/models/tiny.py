@@ -94,7 +94,14 @@ def tiny_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> TransformerBridge:
-    """A frozen random grouped-query Llama wrapped in a ``TransformerBridge`` (float32 on the CPU by default)."""
+    """A frozen random grouped-query Llama wrapped in a ``TransformerBridge`` (float32 on the CPU by default).
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model(n_layers=2)
+        >>> model.cfg.n_layers, model.cfg.n_heads
+        (2, 4)
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -316,7 +323,13 @@ def tiny_model_for(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> TransformerBridge:
-    """A frozen ``TransformerBridge`` around :func:`tiny_hf_model_for` (float32 on the CPU by default)."""
+    """A frozen ``TransformerBridge`` around :func:`tiny_hf_model_for` (float32 on the CPU by default).
+
+    Example:
+        >>> from lens_laai.testing import tiny_model_for
+        >>> tiny_model_for("gpt2").cfg.n_layers
+        3
+    """
     hf_model = tiny_hf_model_for(architecture, seed, n_layers)
     return boot_in_memory(f"lens-laai-tiny-{architecture}", hf_model, tiny_tokenizer(), dtype, device)
 

@@ -54,7 +54,17 @@ METHODS = ("plain", "persona", "few_shot")
 
 @dataclass
 class OpinionEval:
-    """One row per (method, held-out question): target and model distributions and their distances."""
+    """One row per (method, held-out question): target and model distributions and their distances.
+
+    Example:
+        >>> from lens_laai import compare_methods
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> survey = toy_survey()
+        >>> result = compare_methods(tiny_model(), survey, "PARTY=Red", survey.split(0, 3, 1), methods=["plain"])
+        >>> type(result).__name__, {"kl", "tv", "representativeness"} <= set(result.summary().columns)
+        ('OpinionEval', True)
+    """
 
     table: pd.DataFrame
 
@@ -239,6 +249,15 @@ def evaluate_opinion(
     """Score one method (or ``intervention`` on plain prompts) on a split's questions; see the module docstring.
 
     With an intervention the split, and the prompt format unless given, are read from its record.
+
+    Example:
+        >>> from lens_laai import evaluate_opinion
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> survey = toy_survey()
+        >>> plain = evaluate_opinion(tiny_model(), survey, "PARTY=Red", method="plain", splits=survey.split(0, 3, 1))
+        >>> {"kl", "tv", "representativeness"} <= set(plain.scores())
+        True
     """
     grp = survey.group(group)
     if intervention is not None:
@@ -271,7 +290,17 @@ def compare_methods(
     prompt: OpinionPrompt | None = None,
     batch_size: int = 16,
 ) -> OpinionEval:
-    """Every prompting method and every named intervention on ``splits.test``, in one table."""
+    """Every prompting method and every named intervention on ``splits.test``, in one table.
+
+    Example:
+        >>> from lens_laai import compare_methods
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> survey = toy_survey()
+        >>> table = compare_methods(tiny_model(), survey, "PARTY=Red", survey.split(0, 3, 1), methods=["plain", "persona"])
+        >>> table.summary()["method"].tolist()
+        ['plain', 'persona']
+    """
     parts = [
         evaluate_opinion(
             model, survey, group, method=m, splits=splits, shots=shots, prompt=prompt, batch_size=batch_size

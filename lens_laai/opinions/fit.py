@@ -58,7 +58,17 @@ DEFAULT_L1 = 1e-4
 
 @dataclass
 class OpinionFitResult:
-    """The chosen intervention, the (layer, λ₂) sweep on validation, and the winner's solver history."""
+    """The chosen intervention, the (layer, λ₂) sweep on validation, and the winner's solver history.
+
+    Example:
+        >>> from lens_laai import fit_opinion
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> survey = toy_survey()
+        >>> result = fit_opinion(tiny_model(), survey, "PARTY=Red", 1, splits=survey.split(0, 3, 1), steps=2, progress=False)
+        >>> type(result).__name__, len(result.sweep) >= 1
+        ('OpinionFitResult', True)
+    """
 
     intervention: HeadIntervention
     layer: int
@@ -140,8 +150,18 @@ def fit_opinion(
             in the first fit's ``forward_equivalents`` only).
 
     Raises:
-        FitError: a bad option (before any work) or a non-finite loss. TaskError: an unknown group,
-        or no training question the group answered.
+        FitError: a bad option (before any work) or a non-finite loss.
+        TaskError: an unknown group, or no training question the group answered.
+
+    Example:
+        >>> from lens_laai import fit_opinion
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> model, survey = tiny_model(), toy_survey()
+        >>> splits = survey.split(seed=0, n_train=3, n_valid=1)
+        >>> result = fit_opinion(model, survey, "PARTY=Red", 1, splits=splits, steps=2, progress=False)
+        >>> result.layer, result.intervention.layers
+        (1, [1])
     """
     lambdas = tuple(sorted(lambda_values(group_l1), reverse=True))
     layers_arg = layers if layers is None or isinstance(layers, str) else tuple(layers)

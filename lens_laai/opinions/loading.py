@@ -20,7 +20,13 @@ from lens_laai.storage.safe_read import loads_json, read_regular_file
 
 
 def bundled_surveys() -> list[str]:
-    """Names of the surveys shipped with lens_laai (``lens_laai/data/surveys/*.json``)."""
+    """Names of the surveys shipped with lens_laai (``lens_laai/data/surveys/*.json``).
+
+    Example:
+        >>> from lens_laai import bundled_surveys
+        >>> bundled_surveys()
+        ['gss-spending']
+    """
     folder = resources.files("lens_laai") / "data" / "surveys"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
@@ -30,6 +36,12 @@ def load_survey(source: str | Path) -> Survey:
 
     Raises:
         TaskError: an unknown name, a missing path, or a malformed file (naming file, row and column).
+
+    Example:
+        >>> from lens_laai import load_survey
+        >>> survey = load_survey("gss-spending")  # or our survey JSON file, or an OpinionQA directory
+        >>> len(survey.questions), survey.group("POLVIEWS=Extremely conservative").n_respondents > 0
+        (18, True)
     """
     if isinstance(source, str) and source in bundled_surveys():
         text = (resources.files("lens_laai") / "data" / "surveys" / f"{source}.json").read_text(encoding="utf-8")

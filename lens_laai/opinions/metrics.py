@@ -81,7 +81,13 @@ def question_metrics(target: np.ndarray, model: np.ndarray, ordinal: Sequence[fl
 
 
 def representativeness(w1: Sequence[float]) -> float:
-    """OpinionQA's representativeness: ``1 − mean W₁/range`` over questions."""
+    """OpinionQA's representativeness: ``1 − mean W₁/range`` over questions.
+
+    Example:
+        >>> from lens_laai.opinions.metrics import representativeness
+        >>> representativeness([0.0, 0.5])  # mean W₁ / range of 0.25
+        0.75
+    """
     values = list(w1)
     return 1.0 - float(np.mean(values)) if values else math.nan
 

@@ -48,7 +48,18 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 @dataclass(frozen=True)
 class OpinionPrompt:
-    """How a question (with optional persona and answered demonstrations) becomes text; recorded in fits."""
+    """How a question (with optional persona and answered demonstrations) becomes text; recorded in fits.
+
+    Example:
+        >>> from lens_laai.opinions.prompts import OpinionPrompt
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> print(OpinionPrompt().render(toy_survey().questions["Q0"]))
+        Question: How much hot?
+        A. More
+        B. Same
+        C. Less
+        Answer:
+    """
 
     query: str = "Question: {question}\n{options}\nAnswer:"
     option: str = "{letter}. {text}"

@@ -40,7 +40,14 @@ FORMAT = "lens_laai.survey/1"
 
 @dataclass(frozen=True)
 class SurveyQuestion:
-    """One question: its text, the ordinal options (prompt order) and their values, then refusal options."""
+    """One question: its text, the ordinal options (prompt order) and their values, then refusal options.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> question = toy_survey().questions["Q0"]
+        >>> question.options, question.ordinal
+        (('More', 'Same', 'Less'), (1.0, 2.0, 3.0))
+    """
 
     key: str
     text: str
@@ -91,7 +98,14 @@ class SurveyQuestion:
 
 @dataclass(frozen=True)
 class Answers:
-    """One group's answers to one question: weighted counts per ordinal option, refusal weight, respondents."""
+    """One group's answers to one question: weighted counts per ordinal option, refusal weight, respondents.
+
+    Example:
+        >>> from lens_laai.opinions.survey import Answers
+        >>> answers = Answers(counts=(30.0, 8.0, 6.0), n=44)
+        >>> answers.distribution.round(2).tolist()
+        [0.68, 0.18, 0.14]
+    """
 
     counts: tuple[float, ...]
     refusal: float = 0.0
@@ -112,7 +126,14 @@ class Answers:
 
 @dataclass(frozen=True)
 class Group:
-    """Respondents with ``attribute == value``; ``persona`` completes "Answer ... as if {persona}."."""
+    """Respondents with ``attribute == value``; ``persona`` completes "Answer ... as if {persona}.".
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> group = toy_survey().group("PARTY=Red")
+        >>> group.attribute, group.value, group.persona, group.n_respondents
+        ('PARTY', 'Red', 'you were red', 60)
+    """
 
     name: str
     attribute: str
@@ -124,7 +145,14 @@ class Group:
 
 @dataclass(frozen=True)
 class SurveySplits:
-    """Question keys for training, validation (layer/λ choice) and testing, cut with ``seed``."""
+    """Question keys for training, validation (layer/λ choice) and testing, cut with ``seed``.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> splits = toy_survey().split(seed=0, n_train=4, n_valid=2)
+        >>> len(splits.train), len(splits.valid), len(splits.test)
+        (4, 2, 2)
+    """
 
     train: tuple[str, ...]
     valid: tuple[str, ...]
@@ -137,7 +165,14 @@ class SurveySplits:
 
 @dataclass
 class Survey:
-    """Questions and groups; see the module docstring. Build with :func:`load_survey` or directly."""
+    """Questions and groups; see the module docstring. Build with :func:`load_survey` or directly.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> len(survey.questions), sorted(survey.groups)[:2]
+        (8, ['AGE=Old', 'AGE=Young'])
+    """
 
     name: str
     questions: dict[str, SurveyQuestion]
@@ -287,6 +322,12 @@ def toy_survey() -> Survey:
 
     Two-option questions with a refusal option and three-option questions; the groups disagree
     in opposite directions, so a fit has something to learn. The numbers are invented.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> len(survey.questions), "PARTY=Red" in survey.groups
+        (8, True)
     """
     questions, groups = {}, {}
     words = ["hot", "big", "fast", "old", "good", "high", "open", "dark"]

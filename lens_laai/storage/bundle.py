@@ -47,17 +47,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.storage.bundle import atomic_write_text
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+        >>> atomic_write_text(path, "written in one step")
+        >>> path.read_text()
+        'written in one step'
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.storage.bundle import sha256_file
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+        >>> _ = path.write_text("abc")
+        >>> sha256_file(path)[:16]
+        'ba7816bf8f01cfea'
+    """
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def is_save(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory whose manifest.json is an object with a ``lens_laai.*`` format."""
+    """Whether ``path`` is a directory whose manifest.json is an object with a ``lens_laai.*`` format.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.storage.bundle import is_save
+        >>> from lens_laai.testing import tiny_model
+        >>> folder = tempfile.mkdtemp()
+        >>> path = HeadIntervention.zeros(tiny_model(), 1).save(folder + "/iv")
+        >>> is_save(path), is_save(folder)
+        (True, False)
+    """
     return _our_manifest(Path(path)) is not None
 
 

@@ -27,12 +27,20 @@ from lens_laai.tasks.task import Pair, Task
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a query and its demonstrations become text, and how a target follows it.
+    r"""How a query and its demonstrations become text, and how a target follows it.
 
     The default is the Function Vectors format (``Q: {input}\nA:``, targets after a space).
     :meth:`verbatim` uses your strings unchanged (prompts you formatted yourself, targets with
     whatever leading space they need); :meth:`chat` wraps each query in the tokenizer's chat
     template. The template is recorded in a fitted intervention, and evaluation reuses it.
+
+    Example:
+        >>> from lens_laai import PromptTemplate
+        >>> template = PromptTemplate()
+        >>> template.render("hot", demos=[("up", "down")]), template.target("cold")
+        ('Q: up\nA: down\n\nQ: hot\nA:', ' cold')
+        >>> PromptTemplate(query="Word: {input}\nOpposite:").render("hot")
+        'Word: hot\nOpposite:'
     """
 
     query: str = "Q: {input}\nA:"
@@ -80,7 +88,15 @@ class PromptTemplate:
 
 @dataclass
 class Batch:
-    """Left-padded prompts with the first target token of each row."""
+    """Left-padded prompts with the first target token of each row.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import model_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> batch = model_batches(tiny_model(), ["Q: hot\\nA:", "Q: big\\nA:"], [" cold", " small"])[0]
+        >>> len(batch), batch.input_ids.shape == batch.attention_mask.shape, batch.target_ids.shape[0]
+        (2, True, 2)
+    """
 
     input_ids: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
@@ -114,6 +130,14 @@ def k_shot_prompts(
 
     Demonstrations are drawn per prompt (seeded) from ``demos`` (default: ``task`` itself),
     never including the query pair. Returns ``(prompts, targets)``.
+
+    Example:
+        >>> from lens_laai import Task
+        >>> from lens_laai.tasks.prompts import k_shot_prompts
+        >>> task = Task.from_pairs([("hot", "cold"), ("up", "down"), ("big", "small")])
+        >>> prompts, targets = k_shot_prompts(task, shots=1, seed=0)
+        >>> prompts[0].endswith("Q: hot\\nA:"), targets
+        (True, [' cold', ' down', ' small'])
     """
     if shots < 0:
         raise TaskError(f"shots must be ≥ 0, got {shots}.")
@@ -136,7 +160,15 @@ def k_shot_prompts(
 
 
 def target_token_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of ``target`` (already carrying its leading space); an empty result is an error."""
+    """Token ids of ``target`` (already carrying its leading space); an empty result is an error.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import target_token_ids
+        >>> from lens_laai.testing import tiny_model
+        >>> ids = target_token_ids(tiny_model().tokenizer, " cold")
+        >>> len(ids) >= 1
+        True
+    """
     ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not ids:
         raise TaskError(f"Target {target!r} tokenises to nothing; remove that pair or fix its output.")
@@ -152,7 +184,14 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Left-pad token rows into ``(input_ids, attention_mask)``: every row ends at position -1."""
+    """Left-pad token rows into ``(input_ids, attention_mask)``: every row ends at position -1.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import left_pad
+        >>> ids, mask = left_pad([[5, 6, 7], [8]], pad=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -165,7 +204,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "batc
 def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], prepend_bos: bool = True, max_tokens: int | None = None, reserve: int = 0
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Tokenise and left-pad ``prompts``; refuse any that, with ``reserve`` more tokens, exceed ``max_tokens``."""
+    """Tokenise and left-pad ``prompts``; refuse any that, with ``reserve`` more tokens, exceed ``max_tokens``.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import encode_prompts
+        >>> from lens_laai.testing import tiny_model
+        >>> ids, mask = encode_prompts(tiny_model().tokenizer, ["Q: hot\\nA:", "Q: up\\nA:"])
+        >>> ids.shape == mask.shape, bool(mask[:, -1].all())  # left-padded: every row ends at -1
+        (True, True)
+    """
     bos = tokenizer.bos_token_id if prepend_bos else None
     rows = [([bos] if bos is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if any(not r for r in rows):
@@ -219,7 +266,15 @@ def model_batches(
     batch_size: int = 32,
     template: PromptTemplate | None = None,
 ) -> list[Batch]:
-    """Batches for ``model``: its tokenizer, its context length as the limit, on its device."""
+    """Batches for ``model``: its tokenizer, its context length as the limit, on its device.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import model_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> batches = model_batches(tiny_model(), ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"], batch_size=1)
+        >>> len(batches), batches[0].input_ids.shape[0]
+        (2, 1)
+    """
     prepend_bos = template.prepend_bos if template is not None else True
     device = model.cfg.device
     return [

@@ -36,7 +36,14 @@ DEFAULT_SPLIT = {"seed": 0, "n_train": 20, "n_valid": 0}
 
 
 def pair_hash(pair: Pair) -> str:
-    """A 16-hex-digit hash of one (input, output) pair."""
+    """A 16-hex-digit hash of one (input, output) pair.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import pair_hash
+        >>> h = pair_hash(("hot", "cold"))
+        >>> len(h), h == pair_hash(("hot", "cold")), h == pair_hash(("cold", "hot"))
+        (16, True, False)
+    """
     return hashlib.sha256(json.dumps(list(pair), ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -56,7 +63,15 @@ def loose_pair_hash(pair: Pair) -> str:
 
 @dataclass(frozen=True)
 class DataRecord:
-    """What one fit saw: enough to reproduce its held-out split and to recognise its pairs."""
+    """What one fit saw: enough to reproduce its held-out split and to recognise its pairs.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord
+        >>> from lens_laai.testing import tiny_task
+        >>> record = DataRecord.of(tiny_task().split(seed=0, n_train=8))
+        >>> record.task, record.seed, record.n_train, record.n_test
+        ('tiny-antonym', 0, 8, 16)
+    """
 
     task: str
     task_hash: str | None
@@ -134,7 +149,15 @@ def held_out(
     n_valid: int | None = None,
     n_test: int | None = None,
 ) -> TaskSplits:
-    """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them."""
+    """The split of ``task`` that ``records`` say was held out; explicit settings must agree with them.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord, held_out
+        >>> from lens_laai.testing import tiny_task
+        >>> splits = tiny_task().split(seed=0, n_train=8)
+        >>> held_out(tiny_task(), [DataRecord.of(splits)]).test.pairs == splits.test.pairs
+        True
+    """
     asked = {k: v for k, v in (("seed", seed), ("n_train", n_train), ("n_valid", n_valid)) if v is not None}
     if not records:
         return task.split(**{**DEFAULT_SPLIT, **asked}, n_test=n_test)
@@ -170,7 +193,21 @@ def held_out(
 
 
 def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
-    """Refuse a held-out ``part`` that contains pairs any record's fit saw, up to whitespace and case."""
+    """Refuse a held-out ``part`` that contains pairs any record's fit saw, up to whitespace and case.
+
+    Example:
+        >>> from lens_laai import TaskError
+        >>> from lens_laai.tasks.provenance import DataRecord, check_unseen
+        >>> from lens_laai.testing import tiny_task
+        >>> splits = tiny_task().split(seed=0, n_train=8)
+        >>> record = DataRecord.of(splits)
+        >>> check_unseen(splits.test, [record])  # held-out pairs: nothing to say
+        >>> try:
+        ...     check_unseen(splits.train, [record])
+        ... except TaskError:
+        ...     print("refused")
+        refused
+    """
     seen = {h for r in records for h in r.seen}
     loose = {h for r in records for h in r.seen_loose}
     leaked = [p for p in part.pairs if pair_hash(p) in seen or loose_pair_hash(p) in loose]

@@ -36,6 +36,12 @@ class Task:
 
     Exact duplicate pairs are dropped with a warning: a pair listed twice could otherwise land
     in both the training and the test split.
+
+    Example:
+        >>> from lens_laai import Task
+        >>> task = Task.from_pairs([("hot", "cold"), ("up", "down"), ("big", "small")], name="mini")
+        >>> len(task), task.inputs, task.outputs[0]
+        (3, ['hot', 'up', 'big'], 'cold')
     """
 
     name: str
@@ -151,7 +157,14 @@ def _check_pair(name: str, i: int, pair: Any) -> Pair:
 
 @dataclass(frozen=True)
 class TaskSplits:
-    """Disjoint train / valid / test parts of one task, cut by ``seed``."""
+    """Disjoint train / valid / test parts of one task, cut by ``seed``.
+
+    Example:
+        >>> from lens_laai import load_task
+        >>> splits = load_task("antonym").split(seed=0, n_train=20)
+        >>> len(splits.train), len(splits.valid), len(splits.test), splits.seed
+        (20, 0, 344, 0)
+    """
 
     train: Task
     valid: Task
@@ -160,13 +173,26 @@ class TaskSplits:
 
 
 def bundled_tasks() -> list[str]:
-    """Names of the task files shipped with lens_laai."""
+    """Names of the task files shipped with lens_laai.
+
+    Example:
+        >>> from lens_laai import bundled_tasks
+        >>> bundled_tasks()
+        ['antonym', 'english-french', 'english-german', 'synonym']
+    """
     folder = resources.files("lens_laai") / "data" / "tasks"
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
 def load_task(name_or_path: str | os.PathLike) -> Task:
-    """A bundled task by name (``"antonym"``) or any Function Vectors-format JSON file."""
+    """A bundled task by name (``"antonym"``) or any Function Vectors-format JSON file.
+
+    Example:
+        >>> from lens_laai import load_task
+        >>> task = load_task("antonym")  # or a path to a Function Vectors JSON file
+        >>> task.name, len(task), task.pairs[0] in task.pairs
+        ('antonym', 364, True)
+    """
     text = str(name_or_path)
     if text in bundled_tasks():
         with resources.as_file(resources.files("lens_laai") / "data" / "tasks" / f"{text}.json") as p:
@@ -184,6 +210,14 @@ def compose_tasks(first: Task, second: Task, name: str | None = None) -> Task:
 
     Keeps the pairs whose intermediate word is an input of ``second`` (matched case-insensitively),
     e.g. antonym then English→French: ``hot`` → ``cold`` → ``froid``.
+
+    Example:
+        >>> from lens_laai import Task, compose_tasks
+        >>> first = Task.from_pairs([("hot", "cold"), ("up", "down"), ("big", "small")], name="antonym")
+        >>> second = Task.from_pairs([("cold", "froid"), ("down", "bas")], name="french")
+        >>> chained = compose_tasks(first, second)
+        >>> chained.name, chained.pairs
+        ('antonym+french', [('hot', 'froid'), ('up', 'bas')])
     """
     lookup = {a.strip().lower(): b for a, b in second.pairs}
     pairs = [(a, lookup[b.strip().lower()]) for a, b in first.pairs if b.strip().lower() in lookup]
