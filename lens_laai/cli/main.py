@@ -98,11 +98,35 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-test", type=int, default=None, help="cap on test pairs (default: the rest)")
     f.add_argument(
         "--select",
-        choices=["auto", "cv", "valid"],
-        default="auto",
-        help="how layer and λ₂ are chosen: 'cv' (cross-validation on the training pairs), 'valid' (on "
-        "--n-valid extra pairs: the older protocol), 'auto' (valid if --n-valid > 0, else cv when "
-        "there is a choice to make; a single layer's λ₂ path ends at its last value)",
+        choices=["cv", "valid", "none", "auto"],
+        default="cv",
+        help="how the head set (the λ₂ path's point) and layer are chosen: 'cv' (default: cross-validation on "
+        "the training pairs), 'valid' (on --n-valid extra pairs: the older protocol), 'none' (one layer: "
+        "the path's last point); 'auto' is deprecated (valid if --n-valid > 0, else cv with several "
+        "layers, else none) and says what it chose",
+    )
+    f.add_argument(
+        "--rule",
+        choices=["1se", "min"],
+        default=FitConfig.rule,
+        help="at one layer: '1se' (default: the sparsest head set within one standard error of the best "
+        "cross-validated accuracy) or 'min' (the best)",
+    )
+    f.add_argument(
+        "--max-heads", type=int, default=None, help="a head budget instead of --rule: at most this many heads"
+    )
+    f.add_argument(
+        "--no-relaxed",
+        action="store_true",
+        help="keep the penalised Δ (default: refit the chosen heads with the group penalty off)",
+    )
+    f.add_argument(
+        "--stability",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also refit on N complementary-pair subsamples (one batched fit) and report each head's "
+        "selection probability (default 0: off)",
     )
     f.add_argument("--folds", type=int, default=FitConfig.folds, help="folds for --select cv (default %(default)s)")
     f.add_argument(
@@ -193,7 +217,13 @@ def _fit(args: argparse.Namespace) -> int:
             "--select valid chooses on a validation split; give --n-valid N (extra labelled pairs) or --select cv."
         )
     cross_validates = args.select == "cv" or (args.select == "auto" and not args.n_valid)
-    if layer in ("sweep", "joint") and cross_validates and not 2 <= args.folds <= args.n_train:
+    if args.max_heads is not None and (args.max_heads < 1 or layer in ("sweep", "joint")):
+        raise FitError("--max-heads is a head budget (an integer ≥ 1) on one layer; not with --layer sweep or joint.")
+    if args.stability and (args.stability < 2 or args.stability % 2):
+        raise FitError(
+            f"--stability takes an even number of subsamples ≥ 2 (complementary pairs), got {args.stability}."
+        )
+    if cross_validates and not 2 <= args.folds <= args.n_train:
         raise FitError(f"--folds must be within 2..--n-train ({args.n_train}), got {args.folds}.")
     if layer == "auto" and args.layers != "default":
         raise FitError(
@@ -218,11 +248,15 @@ def _fit(args: argparse.Namespace) -> int:
         lr=args.lr,
         init=args.init,
         select=args.select,
+        rule=args.rule,
+        relaxed=not args.no_relaxed,
+        max_heads=args.max_heads,
         folds=args.folds,
         halving=not args.no_halving,
         progress=not args.no_progress,
     )
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
+    stable = _stability(model, splits, result, args) if args.stability else None
     zero = few = None
     if not args.no_baselines:
         zero = evaluate(model, splits, shots=0, progress=not args.no_progress).accuracy
@@ -237,11 +271,19 @@ def _fit(args: argparse.Namespace) -> int:
         "group_l1": result.config.group_l1,
         "relative": result.config.relative,
         "selection": result.selection,
+        "selection_rule": result.selection_rule,
+        "relaxed": result.relaxed,
+        "n_selected": result.n_selected,
+        "penalised_n_selected": len(result.penalised.selected_heads()) if result.penalised else None,
         "labelled_pairs_used": len(splits.train) + (len(splits.valid) if result.selection == "valid" else 0),
         "selected_heads": [list(h) for h in result.selected_heads],
         "n_heads_total": model.cfg.n_heads,
         "train_accuracy": result.train_accuracy,
-        "valid_accuracy": result.valid_accuracy,
+        "penalised_train_accuracy": result.penalised_train_accuracy,
+        "cv_accuracy": result.cv_accuracy,
+        "cv_accuracy_se": result.cv_accuracy_se,
+        "validation_accuracy": result.valid_accuracy if len(splits.valid) else None,
+        "valid_accuracy": _deprecated_valid_accuracy(result, splits),
         "test_accuracy": test.accuracy,
         "n_test": test.n,
         "zero_shot_accuracy": zero,
@@ -252,20 +294,41 @@ def _fit(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if stable is not None:
+        summary["stability"] = stable
     if not args.json or not args.no_progress:
-        _print_fit_table(summary, result.sweep)
+        _print_fit_table(summary, result.candidates)
     if args.json:
         print(json.dumps(summary))
     return 0
 
 
+def _deprecated_valid_accuracy(result: Any, splits: Any) -> float:
+    """The old ``valid_accuracy`` key: the score the choice was made on, or the training accuracy (removed next release)."""
+    if result.cv_accuracy is not None:
+        return result.cv_accuracy
+    return result.valid_accuracy if len(splits.valid) else result.train_accuracy
+
+
+def _stability(model: Any, splits: Any, result: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from lens_laai.fitting.stability import stability
+
+    st = stability(model, splits, layer=result.layer, n_subsamples=args.stability, progress=not args.no_progress)
+    return st.summary(result.selected_heads)
+
+
 def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     heads = ", ".join(f"L{l}H{h}" for l, h in s["selected_heads"]) or "none"
+    how = {"cv-1se": "cross-validation, one-standard-error rule", "cv-min": "cross-validation, best score"}
+    rule = how.get(s["selection_rule"], s["selection_rule"])
     print(
         f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
-        f"{s['n_heads_total']} heads selected ({heads})"
+        f"{s['n_heads_total']} heads selected ({heads}); {rule}"
+        + ("; relaxed refit (group penalty off on those heads)" if s["relaxed"] else "")
     )
-    if len(sweep) > 1:
+    if "group_l1_rel" in sweep and "chosen" in sweep and len(sweep) > 1:
+        _print_frontier(s, sweep)
+    elif len(sweep) > 1:
         used = f"{s['labelled_pairs_used']} labelled pairs used in all"
         if s["selection"] == "none":
             print(f"\nλ₂ path at layer {s['layer']} (warm starts; its last value is the fit; {used}):")
@@ -284,6 +347,8 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
         [(m, a) for m, a in rows if a is not None], columns=["method", f"test accuracy (n={s['n_test']})"]
     )
     print("\n" + table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if "stability" in s:
+        _print_stability(s["stability"])
     print(
         f"\nfit {s['fit_seconds']:.1f}s ({s['forward_equivalents']:.0f} forward-pass equivalents), "
         f"total {s['seconds']:.1f}s; saved to {s['out']}"
@@ -357,3 +422,26 @@ def _compose(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
+    """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
+    cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
+    table = path[list(cols)].rename(columns=cols)
+    for est in ("relaxed", "penalised"):
+        if f"{est}_cv_accuracy" in path:
+            acc, se = path[f"{est}_cv_accuracy"], path[f"{est}_cv_accuracy_se"]
+            table[f"CV acc ({est})"] = [f"{a:.2f} ± {e:.2f}" for a, e in zip(acc, se)]
+    table["pick"] = ["<-" if c else "" for c in path.chosen]
+    used = f"{s['labelled_pairs_used']} labelled pairs used in all"
+    print(f"\nSparsity–accuracy frontier at layer {s['layer']} (λ₂ path, warm starts; {used}):")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def _print_stability(st: dict[str, Any]) -> None:
+    probs = ", ".join(f"L{h['layer']}H{h['head']} {h['selection_probability']:.2f}" for h in st["heads"])
+    print(
+        f"\nStability over {st['n_subsamples']} complementary-pair subsamples (selection probability): {probs}\n"
+        f"stable set (probability ≥ {st['threshold']}): {', '.join(st['stable_heads']) or 'none'}; "
+        f"expected falsely selected heads ≤ {st['error_bound']:.2f} (Shah & Samworth 2013)"
+    )

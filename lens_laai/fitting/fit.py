@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -30,13 +31,16 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError, TaskError
 from lens_laai.fastpath.runner import CostMeter
+from lens_laai.fitting.frontier import PathChoice, choose_on_path
 from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
     Init,
     LayerFit,
+    delta_hooks,
     layer_path,
     solve_layer,
     training_batches,
 )
+from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_refit
 from lens_laai.fitting.selection import choose, cross_validate, summarise
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.tasks.prompts import PromptTemplate
@@ -80,9 +84,11 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-Select = Literal["auto", "cv", "valid"]
-DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.2, 0.05)
-STEP_BUDGET = 30  # proximal steps in all unless ``steps`` is given: split evenly over the λ₂ path
+Select = Literal["cv", "valid", "none", "auto"]
+DEFAULT_GROUP_L1_REL: tuple[float, ...] = tuple(round(0.9 * (0.05 / 0.9) ** (i / 7), 4) for i in range(8))
+"""The default λ₂ path: 8 points, geometric from 0.9 to 0.05 of λ_max (0.9, 0.596, 0.394, …, 0.05)."""
+STEPS_PER_POINT = 4  # proximal steps per λ₂ of the default path (warm starts carry the rest)
+STEP_BUDGET = 30  # proximal steps in all for a λ₂ path you give, unless ``steps`` is given
 AUTO_DEPTH = 16 / 30  # layer="auto": the layer at this fraction of the depth (development study, docs/results.md)
 
 
@@ -111,7 +117,7 @@ class FitConfig:
     l1: float = 1e-3
     group_l1: float = DEFAULT_GROUP_L1_REL[-1]
     relative: bool = True
-    steps: int = STEP_BUDGET // len(DEFAULT_GROUP_L1_REL)
+    steps: int = STEPS_PER_POINT
     lr: float = 1.0
     n_train: int = 20
     n_valid: int = 0
@@ -122,6 +128,11 @@ class FitConfig:
     select: str = "cv"
     folds: int = 2
     halving: bool = True
+    rule: str = "1se"
+    cv_metric: str = "accuracy"
+    relaxed: bool = True
+    relaxed_steps: int = RELAXED_STEPS
+    max_heads: int | None = None
     objective: Objective = "first_token"
     batch_size: int = 32
     fast: bool = True
@@ -145,7 +156,19 @@ class FitConfig:
         if self.init not in ("zero", "mean-difference"):
             raise FitError(f"init must be 'zero' or 'mean-difference', got {self.init!r}.")
         if self.select not in ("auto", "cv", "valid", "none"):
-            raise FitError(f"select must be 'auto', 'cv' or 'valid', got {self.select!r}.")
+            raise FitError(f"select must be 'cv', 'valid' or 'none', got {self.select!r}.")
+        if self.rule not in ("1se", "min"):
+            raise FitError(
+                f"rule must be '1se' (the sparsest point within one standard error) or 'min', got {self.rule!r}."
+            )
+        if self.cv_metric not in ("accuracy", "ce"):
+            raise FitError(f"cv_metric must be 'accuracy' or 'ce', got {self.cv_metric!r}.")
+        if not isinstance(self.relaxed, bool):
+            raise FitError(f"relaxed must be True or False, got {self.relaxed!r}.")
+        for name in ("relaxed_steps", "max_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise FitError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
             raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
         if not isinstance(self.halving, bool):
@@ -171,11 +194,16 @@ class FitConfig:
 class FitResult:
     """A fitted intervention with its training record and selection scores.
 
-    ``valid_accuracy`` is the score the choice was made on: the pooled held-out accuracy of
-    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``, and
-    ``"none"`` with a validation split), or the training accuracy when there was nothing to choose
-    and no validation split. ``sweep`` has one row per
-    candidate (layer, λ₂) with that score.
+    ``intervention`` is the relaxed refit when ``relaxed`` (Δ refitted on the penalised fit's heads
+    with the group penalty off), and ``penalised`` the penalised fit it came from (the same object
+    otherwise). ``train_accuracy`` is the returned intervention's accuracy on the training pairs,
+    ``penalised_train_accuracy`` the penalised fit's. ``cv_accuracy`` ± ``cv_accuracy_se``: the
+    chosen candidate's cross-validated accuracy on the training pairs (``None`` when nothing was
+    cross-validated); ``valid_accuracy``: accuracy on the validation split (NaN without one).
+    ``candidates`` has one row per fitted candidate: the λ₂ path's points at one layer (the
+    sparsity–accuracy frontier, ``chosen`` marking the pick), or (layer, λ₂) pairs of a sweep.
+    ``selection`` says what chose (``"cv"``, ``"valid"``, ``"none"``), ``selection_rule`` how
+    (``"cv-1se"``, ``"cv-min"``, ``"max_heads=3"``, ``"last"``, …).
     """
 
     intervention: HeadIntervention
@@ -185,12 +213,28 @@ class FitResult:
     valid_accuracy: float
     selected_heads: list[tuple[int, int]]
     config: FitConfig
-    sweep: pd.DataFrame
+    candidates: pd.DataFrame
     splits: TaskSplits
     seconds: float
     forward_equivalents: float
     fast_path: bool = True
     selection: str = "none"
+    selection_rule: str = "last"
+    relaxed: bool = False
+    penalised: HeadIntervention | None = None
+    penalised_train_accuracy: float | None = None
+    cv_accuracy: float | None = None
+    cv_accuracy_se: float | None = None
+
+    @property
+    def n_selected(self) -> int:
+        return len(self.selected_heads)
+
+    @property
+    def sweep(self) -> pd.DataFrame:
+        """Deprecated name of :attr:`candidates` (it was a λ path when no layer was swept); removed in 0.x+1."""
+        warnings.warn("FitResult.sweep is now FitResult.candidates.", DeprecationWarning, stacklevel=2)
+        return self.candidates
 
 
 def fit(
@@ -210,7 +254,11 @@ def fit(
     seed: int | None = None,
     shots: int = 0,
     init: Init = "zero",
-    select: Select = "auto",
+    select: Select = "cv",
+    rule: str = FitConfig.rule,
+    relaxed: bool = FitConfig.relaxed,
+    relaxed_steps: int = FitConfig.relaxed_steps,
+    max_heads: int | None = None,
     folds: int = FitConfig.folds,
     halving: bool = FitConfig.halving,
     objective: Objective = "first_token",
@@ -221,33 +269,45 @@ def fit(
 ) -> FitResult:
     """Fit a sparse per-head intervention; see the module docstring.
 
+    By default: at the layer :func:`auto_layer` names, the group lasso's λ₂ path
+    (:data:`DEFAULT_GROUP_L1_REL`, 8 points from 0.9 to 0.05 of λ_max, warm starts) is fitted on the
+    training pairs; ``folds``-fold cross-validation on the same pairs scores every point, and the
+    one-standard-error rule (``rule="1se"``) keeps the sparsest point whose cross-validated accuracy
+    is within one standard error of the best; its heads are then refitted with the group penalty off
+    (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
+    point's heads kept and scores.
+
     Args:
         task: a :class:`Task` (split here by ``seed`` into ``n_train``/``n_valid``/rest, defaults
-            0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
+            20/0/rest), ready :class:`TaskSplits` (then give none of those four), or a list of
             your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
             (e.g. :meth:`PromptTemplate.chat`).
-        layer: a layer index; ``"joint"``: one fit over all candidate ``layers`` at once with a
-            group per (layer, head), so the group Lasso picks layers and heads together (the
-            result may act on several layers; ``FitResult.layer`` is then the one with the largest
-            ‖Δ‖); ``"sweep"``: the paper's single layer, each candidate fitted and the best kept;
-            ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed on the development
-            study). Candidates of sweep and joint: ``layers`` (default :func:`default_layers`;
-            ``"all"`` for every layer).
-        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.2, 0.05)``, a path
-            fitted largest first with warm starts). At one layer the path is a schedule and its
-            last value is the fit; with several candidates the choice covers it too.
-            ``group_l1``: absolute λ₂ instead (one value or a path); give one of the two.
+        layer: a layer index; ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed
+            on the development study); ``"sweep"``: the paper's single layer, each candidate fitted
+            and the best kept; ``"joint"``: one fit over all candidate ``layers`` at once with a
+            group per (layer, head), so the group Lasso picks layers and heads together (the result
+            may act on several layers; ``FitResult.layer`` is then the one with the largest ‖Δ‖).
+            Candidates of sweep and joint: ``layers`` (default :func:`default_layers`; ``"all"``).
+        group_l1_rel: λ₂ as fractions of λ_max at each layer, one value or a path (fitted largest
+            first with warm starts; default :data:`DEFAULT_GROUP_L1_REL`). ``group_l1``: absolute
+            λ₂ instead; give one of the two.
         l1: λ₁ (absolute).
-        select: how the layer and λ₂ are chosen when there is more than one candidate. ``"cv"``:
-            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled
-            data beyond ``n_train``. ``"valid"``: on the validation split (``n_valid`` more
-            labelled pairs; the older protocol). ``"auto"``: ``"valid"`` when there is a
-            validation split, else ``"cv"`` when there are several layers, else no choice. The
-            chosen candidate is refitted on all training pairs.
-        folds, halving: cross-validation folds; with ``halving`` only the better half of the layers
-            go on to each next λ₂ (successive halving, see :func:`lens_laai.fitting.selection.cross_validate`).
-        steps, lr: proximal steps per λ₂ (default: 30 in all, split over the path) and the initial
-            step size (adapted by backtracking).
+        select: what chooses among the path's points (and layers): ``"cv"`` (default):
+            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled data
+            beyond ``n_train``; ``"valid"``: the validation split (``n_valid`` more labelled pairs;
+            the older protocol); ``"none"``: no choice, the path's last (smallest) λ₂ at one layer.
+            ``"auto"`` is deprecated: it was ``"valid"`` with a validation split, else ``"cv"``
+            with several layers, else ``"none"``; it still does that, with a warning naming its choice.
+        rule: at one layer, ``"1se"`` (the sparsest point within one standard error of the best
+            cross-validated accuracy, glmnet's ``lambda.1se``) or ``"min"`` (the best).
+        relaxed: refit the chosen heads with the group penalty off (``relaxed_steps`` steps from the
+            penalised Δ); ``result.penalised`` keeps the penalised fit.
+        max_heads: a head budget instead of a rule: the densest path point keeping at most this
+            many heads (no cross-validation), then the relaxed refit.
+        folds, halving: cross-validation folds; with several layers and ``halving`` only the better
+            half of the layers go on to each next λ₂ (see :func:`lens_laai.fitting.selection.cross_validate`).
+        steps, lr: proximal steps per λ₂ (default :data:`STEPS_PER_POINT` on the default path; 30
+            in all, split over a path you give) and the initial step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
         init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
             ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
@@ -260,7 +320,8 @@ def fit(
         FitError: a bad setting (before any work), or a loss that is not finite.
     """
     lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
-    steps = max(1, STEP_BUDGET // len(lambdas)) if steps is None else steps
+    if steps is None:
+        steps = STEPS_PER_POINT if group_l1 is None and group_l1_rel is None else max(1, STEP_BUDGET // len(lambdas))
     cfg = FitConfig(
         layer=layer,
         layers=_layers_arg(layers),
@@ -277,65 +338,112 @@ def fit(
         objective=objective,
         batch_size=batch_size,
         fast=fast,
+        rule=rule,
+        relaxed=relaxed,
+        relaxed_steps=relaxed_steps,
+        max_heads=max_heads,
     )
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
-    splits, source, template = _prepare_data(task, template, n_train, n_valid, n_test, seed)
+    splits, source, template = prepare_data(task, template, n_train, n_valid, n_test, seed)
     candidates: list = cfg.candidate_layers(model.cfg.n_layers)
     if layer == "joint":
         candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
-    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint")
+    one_layer = len(candidates) == 1 and layer != "joint"
+    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint", path=one_layer)
+    if max_heads is not None and not one_layer:
+        raise FitError("max_heads is a head budget on one layer's λ₂ path; use it with one layer (not sweep or joint).")
     cfg = replace(
         cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed, select=how
     )
+    if max_heads is not None:
+        how = "none"  # a budget, not a score, picks the point
+        cfg = replace(cfg, select=how)
     _check_splits(splits, shots, how, cfg)
     start, meter = time.perf_counter(), CostMeter()
-    if how == "cv":
-        best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
-    elif how == "none":  # one layer: the λ₂ path is a warm-start schedule and its last value is the fit
-        fits = list(
-            layer_path(
-                model,
-                splits.train,
-                splits.valid,
-                candidates[0],
-                lambdas,
-                cfg,
-                template,
-                meter,
-                progress and len(lambdas) == 1,
-            )
+    choice: PathChoice | None = None
+    if one_layer:
+        choice = choose_on_path(model, splits, candidates[0], lambdas, cfg, template, meter, how=how, progress=progress)
+        best, table = choice.penalised, choice.table
+    elif how == "cv":
+        best, table, cv_choice = _fit_cross_validated(
+            model, splits, candidates, lambdas, cfg, template, meter, progress
         )
-        best, sweep = fits[-1], pd.DataFrame([f.row() for f in fits])
     else:
-        best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
+        best, table = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
     chosen = replace(
         cfg,
         layer="joint" if layer == "joint" else best.layer,
         group_l1=best.group_l1_rel if relative else best.group_l1,
     )
-    extra = {
-        "group_l1_absolute": best.group_l1,
-        "lambda_max": best.lambda_max,
-        "selection": how,
-        "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1],
-    }
-    iv = best.intervention(model, splits, source, chosen, template, **extra)
+    final, penalised_iv, rule_used, cv = _finish(model, splits, source, chosen, template, best, choice, table, how)
+    if how == "cv" and choice is None:
+        cv = (cv_choice["cv_accuracy"], None)
+    iv = final.intervention(
+        model, splits, source, chosen, template, **_extra(best, how, rule_used, cv, lambdas, chosen)
+    )
     return FitResult(
         intervention=iv,
         layer=best.main_layer,
         history=pd.DataFrame([asdict(r) for r in best.history]),
-        train_accuracy=best.train_accuracy,
-        valid_accuracy=best.valid_accuracy,
+        train_accuracy=final.train_accuracy,
+        valid_accuracy=final.valid_accuracy if len(splits.valid) else float("nan"),
         selected_heads=iv.selected_heads(),
         config=chosen,
-        sweep=sweep,
+        candidates=table,
         splits=splits,
         seconds=time.perf_counter() - start,
         forward_equivalents=meter.forward_equivalents(),
         fast_path=best.fast_path,
         selection=how,
+        selection_rule=rule_used,
+        relaxed=relaxed,
+        penalised=penalised_iv,
+        penalised_train_accuracy=best.train_accuracy,
+        cv_accuracy=cv[0],
+        cv_accuracy_se=cv[1],
     )
+
+
+def _finish(model, splits, source, chosen, template, best, choice, table, how):
+    """(the LayerFit returned, the penalised intervention, the rule's name, (cv accuracy, its SE))."""
+    cv: tuple[float | None, float | None] = (None, None)
+    est = "relaxed" if chosen.relaxed else "penalised"
+    if choice is not None:
+        rule_used = choice.rule
+        if f"{est}_cv_accuracy" in table and rule_used.startswith("cv"):
+            cv = (float(table[f"{est}_cv_accuracy"][choice.index]), float(table[f"{est}_cv_accuracy_se"][choice.index]))
+    else:
+        rule_used = "cv-min" if how == "cv" else "valid-max"
+    penalised_iv = best.intervention(model, splits, source, chosen, template)
+    if not chosen.relaxed:
+        return best, penalised_iv, rule_used, cv
+    if choice is not None:
+        delta, train_acc, valid = choice.relaxed, choice.relaxed_train_accuracy, choice.relaxed_valid
+    else:
+        delta, _ = relaxed_refit(best.runner, chosen, best.delta, chosen.relaxed_steps, best.sites)
+        train_acc = best.runner.scores(delta_hooks(best.sites, delta))[0]
+        valid = best.valid_runner.scores(delta_hooks(best.sites, delta)) if best.valid_runner is not None else None
+    final = replace(best, delta=delta, train_accuracy=train_acc)
+    if valid is not None:
+        final.valid_accuracy, final.valid_ce = valid
+    return final, penalised_iv, rule_used, cv
+
+
+def _extra(best, how, rule_used, cv, lambdas, chosen) -> dict[str, Any]:
+    """What the intervention's metadata records beyond the config."""
+    return {
+        "group_l1_absolute": best.group_l1,
+        "lambda_max": best.lambda_max,
+        "selection": how,
+        "selection_rule": rule_used,
+        "relaxed": chosen.relaxed,
+        "penalised_n_selected": best.n_selected,
+        "penalised_train_accuracy": best.train_accuracy,
+        "cv_accuracy": cv[0],
+        "cv_accuracy_se": cv[1],
+        "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1],
+    }
 
 
 def _fit_on_validation(
@@ -356,32 +464,44 @@ def _fit_on_validation(
 
 def _fit_cross_validated(
     model, splits, candidates, lambdas, cfg, template, meter, progress
-) -> tuple[LayerFit, pd.DataFrame]:
+) -> tuple[LayerFit, pd.DataFrame, dict[str, Any]]:
     """Choose (layer, λ₂) by cross-validation on the training pairs, then refit it on all of them."""
     table = cross_validate(model, splits.train, candidates, lambdas, cfg, template, meter, progress)
     choice = choose(table)
     path = [lam for lam in lambdas if lam >= choice["lam"]]
     fitted = list(layer_path(model, splits.train, splits.valid, choice["layer"], path, cfg, template, meter))[-1]
-    fitted.valid_accuracy, fitted.valid_ce = choice["cv_accuracy"], choice["cv_ce"]
-    return fitted, summarise(table)
+    return fitted, summarise(table), choice
 
 
-def _selection(select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False) -> str:
-    """``"cv"``, ``"valid"`` or ``"none"`` (one layer: no choice; a λ₂ path ends at its last value).
+def _selection(
+    select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False, path: bool = False
+) -> str:
+    """``"cv"``, ``"valid"`` or ``"none"`` (one candidate, or ``select="none"`` at one layer: the path's last point).
 
-    A joint fit chooses its λ₂ on the path by cross-validation (as measured in the development study)."""
-    if select not in ("auto", "cv", "valid"):
-        raise FitError(f"select must be 'auto', 'cv' or 'valid', got {select!r}.")
+    ``"auto"`` (deprecated) resolves as it always did, with a warning naming its choice."""
+    if select not in ("auto", "cv", "valid", "none"):
+        raise FitError(f"select must be 'cv', 'valid' or 'none', got {select!r}.")
+    if select == "auto":
+        if len(splits.valid):
+            select, why = "valid", "a validation split was given"
+        elif n_layers > 1 or joint:
+            select, why = "cv", "no validation split, several layers"
+        else:
+            select, why = "none", "no validation split, one layer: the path's last λ₂"
+        warnings.warn(
+            f"select='auto' is deprecated; here it chose select={select!r} ({why}). "
+            "Pass select='cv', 'valid' or 'none'.",
+            FutureWarning,
+            stacklevel=3,
+        )
     if n_layers * n_lambdas == 1:
         return "none"
     if select == "valid" and not len(splits.valid):
         raise FitError(
             "select='valid' chooses on the validation split, which is empty; use n_valid ≥ 1 or select='cv'."
         )
-    if select == "auto":
-        if len(splits.valid):
-            return "valid"
-        return "cv" if n_layers > 1 or joint else "none"
+    if select == "none" and not path:
+        raise FitError("select='none' makes no choice; with several layers use select='cv' or 'valid'.")
     return select
 
 
@@ -397,7 +517,7 @@ def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], b
     return values, True
 
 
-def _prepare_data(
+def prepare_data(
     task: TaskLike,
     template: PromptTemplate | None,
     n_train: int | None,
@@ -405,7 +525,7 @@ def _prepare_data(
     n_test: int | None,
     seed: int | None,
 ) -> tuple[TaskSplits, Task | None, PromptTemplate]:
-    """Splits, the task they were cut from (if known), and the template."""
+    """Splits, the task they were cut from (if known), and the template (what :func:`fit` does with ``task``)."""
     if isinstance(task, TaskSplits):
         given = [
             k
