@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--folds", type=int, default=FitConfig.folds)
     p.add_argument("--shard", default="0/1")
+    p.add_argument("--reverse", action="store_true", help="run the shard's units last first (a second worker)")
+    p.add_argument("--tag", default="", help="suffix of this worker's files, e.g. 'r' for a --reverse worker")
+    p.add_argument("--skip-dense", action="store_true", help="skip the previous default's schedule")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--summarise-only", action="store_true")
     args = p.parse_args(argv)
@@ -64,17 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick or args.model == TINY:
         tasks, seeds, n, n_test, n_valid = tasks[:1], [0], 8, 6, 4
     k, n_shards = (int(x) for x in args.shard.split("/"))
-    files = {kind: out / f"{kind}.shard{k}.csv" for kind in ("points", "methods")} if out else {}
-    tables = {kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()}
+    files = {kind: out / f"{kind}.shard{k}{args.tag}.csv" for kind in ("points", "methods")} if out else {}
+    tables = {
+        kind: (pd.read_csv(f).to_dict("records") if args.resume and f.exists() else []) for kind, f in files.items()
+    }
     tables = {kind: tables.get(kind, []) for kind in ("points", "methods")}
     done = {(r["task"], r["seed"]) for r in tables["methods"]}
     units = [(t, s) for s in seeds for t in tasks][k::n_shards]
-    for task_name, seed in tqdm(units, desc="task × seed", disable=args.no_progress):
-        if (task_name, seed) in done:
+    for task_name, seed in tqdm(units[::-1] if args.reverse else units, desc="task × seed", disable=args.no_progress):
+        if (task_name, seed) in done | _done_elsewhere(out):
             continue
         task = get_task(task_name, args.data_dir, args.model)
         splits = nested_splits(task, seed, n, n_valid, n_test, n)
-        points, methods = run_unit(model, splits, seed, args.folds)
+        points, methods = run_unit(model, splits, seed, args.folds, args.skip_dense)
         tables["points"] += [{"task": task_name, "seed": seed, **r} for r in points]
         tables["methods"] += [{"task": task_name, "seed": seed, **r} for r in methods]
         if out:
@@ -85,7 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_unit(model, splits, seed: int, folds: int) -> tuple[list[dict], list[dict]]:
+def _done_elsewhere(out: Path | None) -> set[tuple[str, int]]:
+    """Units any worker has written to ``out`` (workers may share a shard, one forward, one reversed)."""
+    if out is None:
+        return set()
+    done = set()
+    for f in out.glob("methods.shard*.csv"):
+        done |= {(r.task, int(r.seed)) for r in pd.read_csv(f).itertuples()}
+    return done
+
+
+def run_unit(model, splits, seed: int, folds: int, skip_dense: bool = False) -> tuple[list[dict], list[dict]]:
     layer, template = auto_layer(model.cfg.n_layers), PromptTemplate()
     cfg = FitConfig(steps=STEPS_PER_POINT, folds=folds, seed=seed, n_train=len(splits.train))
     start, meter = time.perf_counter(), CostMeter()
@@ -119,19 +134,23 @@ def run_unit(model, splits, seed: int, folds: int) -> tuple[list[dict], list[dic
     full_seconds = time.perf_counter() - start
     for row in points:
         row["path_seconds"] = full_seconds
-    start = time.perf_counter()
-    dense = list(
-        layer_path(
-            model, splits.train, splits.test, layer, DENSE, FitConfig(steps=10, seed=seed), template, CostMeter()
+    methods = []
+    if not skip_dense:
+        start = time.perf_counter()
+        dense = list(
+            layer_path(
+                model, splits.train, splits.test, layer, DENSE, FitConfig(steps=10, seed=seed), template, CostMeter()
+            )
+        )[-1]
+        methods.append(
+            {
+                "method": "dense (0.05·λ_max, previous default)",
+                "accuracy": dense.valid_accuracy,
+                "n_selected": dense.n_selected,
+                "seconds": time.perf_counter() - start,
+            }
         )
-    )[-1]
-    methods = [
-        {
-            "method": "dense (0.05·λ_max, previous default)",
-            "accuracy": dense.valid_accuracy,
-            "n_selected": dense.n_selected,
-            "seconds": time.perf_counter() - start,
-        },
+    methods += [
         {
             "method": "10-shot",
             "accuracy": evaluate(model, splits, shots=min(10, len(splits.train) - 1), progress=False).accuracy,

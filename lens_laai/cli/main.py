@@ -313,7 +313,10 @@ def _deprecated_valid_accuracy(result: Any, splits: Any) -> float:
 def _stability(model: Any, splits: Any, result: Any, args: argparse.Namespace) -> dict[str, Any]:
     from lens_laai.fitting.stability import stability
 
-    st = stability(model, splits, layer=result.layer, n_subsamples=args.stability, progress=not args.no_progress)
+    lam = result.config.group_l1 if result.config.relative else None  # Λ: down to the λ₂ the fit chose
+    st = stability(
+        model, splits, layer=result.layer, n_subsamples=args.stability, lam=lam, progress=not args.no_progress
+    )
     return st.summary(result.selected_heads)
 
 
