@@ -42,7 +42,6 @@ def test_folds_partition_the_training_pairs(task):
 
 def test_default_fit_uses_only_the_training_pairs(tiny, task):
     from lens_laai import auto_layer
-
     from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, STEPS_PER_POINT
 
     result = fit(tiny, task, n_train=10, progress=False)
