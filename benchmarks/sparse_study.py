@@ -219,6 +219,42 @@ def rules(points: pd.DataFrame, methods: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([by, m]).reset_index(names="rule")
 
 
+DEFAULT_RULE = "relaxed, 1se (accuracy)"  # what fit() does by default
+
+
+def per_task(points: pd.DataFrame, methods: pd.DataFrame, rule: str = DEFAULT_RULE) -> pd.DataFrame:
+    """Per task (mean over seeds): the default's heads and test accuracy, the dense fit, 10-shot, and the
+    Jaccard index of the default's head sets across seeds."""
+    p = picks(points)
+    p = p[p.rule == rule]
+    last = points.groupby(["task", "seed"], sort=False).tail(1)  # 0.05·λ_max: the path's last point
+    rows = []
+    for task, unit in p.groupby("task", sort=False):
+        sets = [set(str(h).split()) for h in unit.heads]
+        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+        jaccard = np.mean([len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs]) if pairs else float("nan")
+        dense = last[last.task == task]
+        m = methods[methods.task == task]
+        rows.append(
+            {
+                "task": task,
+                "seeds": len(unit),
+                "default_heads": unit.n_selected.mean(),
+                "default_accuracy": unit.test_accuracy.mean(),
+                "dense_heads": dense.n_selected.mean(),
+                "dense_accuracy": dense.test_accuracy.mean(),
+                "dense_old_schedule": m[m.method.str.startswith("dense")].accuracy.mean(),
+                "10-shot": m[m.method == "10-shot"].accuracy.mean(),
+                "jaccard_across_seeds": jaccard,
+                "head_sets": " | ".join(str(h) for h in unit.heads),
+            }
+        )
+    table = pd.DataFrame(rows)
+    mean = table.drop(columns=["task", "head_sets"]).mean(numeric_only=True).to_dict()
+    mean["default_heads_median"] = float(p.n_selected.median())
+    return pd.concat([table, pd.DataFrame([{"task": "mean", **mean, "head_sets": ""}])], ignore_index=True)
+
+
 def summarise(out: Path | None) -> int:
     if out is None:
         raise SystemExit("--summarise-only needs --out-dir")
@@ -240,6 +276,9 @@ def summarise(out: Path | None) -> int:
         .reset_index()
     )
     write_outputs(str(out), "sparse_study_frontier", frontier, meta)
+    tasks = per_task(points, methods)
+    write_outputs(str(out), "sparse_study_per_task", tasks, meta)
+    print(to_markdown(tasks))
     print(to_markdown(table))
     print(to_markdown(frontier))
     return 0

@@ -31,6 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
+from lens_laai.fitting.config import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
 from lens_laai.fitting.layer_fit import LayerFit, delta_hooks, layer_path
 from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path, relaxed_refit
 from lens_laai.fitting.selection import choose_point, cross_validated_path, score_table
@@ -171,7 +172,6 @@ def frontier(
     Arguments are those of :func:`lens_laai.fit` (a Task is split by ``seed`` into ``n_train`` and
     the rest; ``layer="auto"`` is the default layer).
     """
-    from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
 
     splits, _, template = prepare_data(
         task, template, n_train, 0 if not isinstance(task, TaskSplits) else None, n_test, seed

@@ -43,6 +43,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter, LayerRunner
+from lens_laai.fitting.config import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
 from lens_laai.fitting.layer_fit import training_batches
 from lens_laai.fitting.solver import fista
 from lens_laai.interventions.head import delta_hook
@@ -154,7 +155,6 @@ def stability(
     λ₂ at which the error bound at ``threshold`` is at most ``max_false`` heads. Task arguments are
     those of :func:`lens_laai.fit`.
     """
-    from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
 
     if not 0.5 < threshold <= 1:
         raise FitError(f"threshold must be in (0.5, 1], got {threshold!r}: the bound needs π > 1/2.")
