@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "stability_forward_equivalents": round(cost["stability"], 1),
         "fit_heads": [f"L{l}H{h}" for l, h in result.selected_heads],
         "stable_heads": [f"L{l}H{h}" for l, h in st.stable_heads()],
+        "selection_probability": {
+            f"L{r.layer}H{r.head}": round(r.selection_probability, 3) for r in st.table.itertuples()
+        },
         "error_bound": round(st.error_bound, 3),
         "runs": runs,
         "machine": machine(),

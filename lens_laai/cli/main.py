@@ -109,8 +109,14 @@ def _parser() -> argparse.ArgumentParser:
         "--rule",
         choices=["1se", "min"],
         default=FitConfig.rule,
-        help="at one layer: '1se' (default: the sparsest head set within one standard error of the best "
-        "cross-validated accuracy) or 'min' (the best)",
+        help="at one layer: 'min' (default: the best cross-validated --cv-metric) or '1se' (the sparsest "
+        "head set within one standard error of the best)",
+    )
+    f.add_argument(
+        "--cv-metric",
+        choices=["ce", "accuracy"],
+        default=FitConfig.cv_metric,
+        help="what --rule reads: held-out cross-entropy (default) or accuracy",
     )
     f.add_argument(
         "--max-heads", type=int, default=None, help="a head budget instead of --rule: at most this many heads"
@@ -249,6 +255,7 @@ def _fit(args: argparse.Namespace) -> int:
         init=args.init,
         select=args.select,
         rule=args.rule,
+        cv_metric=args.cv_metric,
         relaxed=not args.no_relaxed,
         max_heads=args.max_heads,
         folds=args.folds,
@@ -322,8 +329,12 @@ def _stability(model: Any, splits: Any, result: Any, args: argparse.Namespace) -
 
 def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     heads = ", ".join(f"L{l}H{h}" for l, h in s["selected_heads"]) or "none"
-    how = {"cv-1se": "cross-validation, one-standard-error rule", "cv-min": "cross-validation, best score"}
-    rule = how.get(s["selection_rule"], s["selection_rule"])
+    parts = s["selection_rule"].split("-")
+    if parts[0] == "cv" and len(parts) == 3:
+        metric = "cross-entropy" if parts[2] == "ce" else "accuracy"
+        rule = f"cross-validated {metric}, " + ("best" if parts[1] == "min" else "one-standard-error rule")
+    else:
+        rule = s["selection_rule"]
     print(
         f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
         f"{s['n_heads_total']} heads selected ({heads}); {rule}"

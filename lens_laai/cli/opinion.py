@@ -110,6 +110,7 @@ def fit_survey(args: argparse.Namespace) -> int:
             ("--group-l1-rel", args.group_l1_rel),
             ("--select", args.select not in ("cv", "auto")),
             ("--rule", args.rule != FitConfig.rule),
+            ("--cv-metric", args.cv_metric != FitConfig.cv_metric),
             ("--max-heads", args.max_heads is not None),
             ("--no-relaxed", args.no_relaxed),
             ("--stability", bool(args.stability)),

@@ -103,8 +103,8 @@ class FitConfig:
     select: str = "cv"
     folds: int = 2
     halving: bool = True
-    rule: str = "1se"
-    cv_metric: str = "accuracy"
+    rule: str = "min"
+    cv_metric: str = "ce"
     relaxed: bool = True
     relaxed_steps: int = RELAXED_STEPS
     max_heads: int | None = None
@@ -178,7 +178,7 @@ class FitResult:
     ``candidates`` has one row per fitted candidate: the λ₂ path's points at one layer (the
     sparsity–accuracy frontier, ``chosen`` marking the pick), or (layer, λ₂) pairs of a sweep.
     ``selection`` says what chose (``"cv"``, ``"valid"``, ``"none"``), ``selection_rule`` how
-    (``"cv-1se"``, ``"cv-min"``, ``"max_heads=3"``, ``"last"``, …).
+    (``"cv-min-ce"``, ``"cv-1se-accuracy"``, ``"max_heads=3"``, ``"last"``, …).
     """
 
     intervention: HeadIntervention

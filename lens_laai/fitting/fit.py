@@ -84,6 +84,7 @@ def fit(
     init: Init = "zero",
     select: Select = "cv",
     rule: str = FitConfig.rule,
+    cv_metric: str = FitConfig.cv_metric,
     relaxed: bool = FitConfig.relaxed,
     relaxed_steps: int = FitConfig.relaxed_steps,
     max_heads: int | None = None,
@@ -99,10 +100,10 @@ def fit(
 
     By default: at the layer :func:`auto_layer` names, the group lasso's λ₂ path
     (:data:`DEFAULT_GROUP_L1_REL`, 8 points from 0.9 to 0.05 of λ_max, warm starts) is fitted on the
-    training pairs; ``folds``-fold cross-validation on the same pairs scores every point, and the
-    one-standard-error rule (``rule="1se"``) keeps the sparsest point whose cross-validated accuracy
-    is within one standard error of the best; its heads are then refitted with the group penalty off
-    (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
+    training pairs; ``folds``-fold cross-validation on the same pairs scores every point's relaxed
+    refit, the point with the lowest cross-validated cross-entropy is kept (``rule="min"``,
+    ``cv_metric="ce"``: chosen on the development study, ``docs/results.md`` §6), and its heads are
+    refitted on all pairs with the group penalty off (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
     point's heads kept and scores.
 
     Args:
@@ -126,8 +127,9 @@ def fit(
             the older protocol); ``"none"``: no choice, the path's last (smallest) λ₂ at one layer.
             ``"auto"`` is deprecated: it was ``"valid"`` with a validation split, else ``"cv"``
             with several layers, else ``"none"``; it still does that, with a warning naming its choice.
-        rule: at one layer, ``"1se"`` (the sparsest point within one standard error of the best
-            cross-validated accuracy, glmnet's ``lambda.1se``) or ``"min"`` (the best).
+        rule, cv_metric: at one layer, ``"min"`` (the best cross-validated score) or ``"1se"`` (the
+            sparsest point within one standard error of the best, glmnet's ``lambda.1se``), on
+            ``"ce"`` (held-out cross-entropy, default) or ``"accuracy"``.
         relaxed: refit the chosen heads with the group penalty off (``relaxed_steps`` steps from the
             penalised Δ); ``result.penalised`` keeps the penalised fit.
         max_heads: a head budget instead of a rule: the densest path point keeping at most this
@@ -167,6 +169,7 @@ def fit(
         batch_size=batch_size,
         fast=fast,
         rule=rule,
+        cv_metric=cv_metric,
         relaxed=relaxed,
         relaxed_steps=relaxed_steps,
         max_heads=max_heads,
@@ -242,7 +245,7 @@ def _finish(model, splits, source, chosen, template, best, choice, table, how):
         if f"{est}_cv_accuracy" in table and rule_used.startswith("cv"):
             cv = (float(table[f"{est}_cv_accuracy"][choice.index]), float(table[f"{est}_cv_accuracy_se"][choice.index]))
     else:
-        rule_used = "cv-min" if how == "cv" else "valid-max"
+        rule_used = "cv-min-accuracy" if how == "cv" else "valid-max-accuracy"
     penalised_iv = best.intervention(model, splits, source, chosen, template)
     if not chosen.relaxed:
         return best, penalised_iv, rule_used, cv

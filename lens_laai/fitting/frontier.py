@@ -44,7 +44,7 @@ class PathChoice:
     """The point :func:`choose_on_path` picked: its penalised fit, relaxed Δ (or ``None``) and the table.
 
     ``table`` has one row per λ₂ (path order) with ``chosen`` marking the pick; ``rule`` says how
-    (``"cv-1se"``, ``"cv-min"``, ``"valid-1se"``, ``"max_heads=3"``, ``"last"``).
+    (``"cv-min-ce"``, ``"cv-1se-accuracy"``, ``"valid-min-ce"``, ``"max_heads=3"``, ``"last"``).
     """
 
     penalised: LayerFit
@@ -94,7 +94,7 @@ def choose_on_path(
         index, rule = _within_budget(counts, cfg.max_heads), f"max_heads={cfg.max_heads}"
     elif scored is not None:
         index = choose_point(scored, cfg.rule, cfg.cv_metric, estimator, counts, score=how)
-        rule = f"{how}-{cfg.rule}"
+        rule = f"{how}-{cfg.rule}-{cfg.cv_metric}"
     else:
         index, rule = len(fits) - 1, "last"
     chosen = fits[index]
@@ -206,7 +206,7 @@ def frontier(
     table = pd.concat([pd.DataFrame(rows), scored.drop(columns=["lam"])], axis=1)
     counts = table.n_selected.tolist()
     for rule in ("1se", "min"):
-        pick = choose_point(scored, rule, cfg.cv_metric, "relaxed", counts)
+        pick = choose_point(scored, rule, cfg.cv_metric, "relaxed", counts)  # the fit's metric
         table[f"chosen_{rule}"] = [i == pick for i in range(len(table))]
     return table
 
