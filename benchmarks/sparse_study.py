@@ -219,7 +219,7 @@ def rules(points: pd.DataFrame, methods: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([by, m]).reset_index(names="rule")
 
 
-DEFAULT_RULE = "relaxed, min (ce)"  # what fit() does by default (chosen on this study)
+DEFAULT_RULE = "relaxed, 1se (ce)"  # what fit() does by default (chosen on this study)
 
 
 def per_task(points: pd.DataFrame, methods: pd.DataFrame, rule: str = DEFAULT_RULE) -> pd.DataFrame:

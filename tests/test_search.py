@@ -45,7 +45,7 @@ def test_default_fit_uses_only_the_training_pairs(tiny, task):
     from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, STEPS_PER_POINT
 
     result = fit(tiny, task, n_train=10, progress=False)
-    assert result.selection == "cv" and result.config.select == "cv" and result.selection_rule == "cv-min-ce"
+    assert result.selection == "cv" and result.config.select == "cv" and result.selection_rule == "cv-1se-ce"
     assert result.layer == auto_layer(tiny.cfg.n_layers) == 2 and result.intervention.layers == [2]
     assert result.config.n_valid == 0 and len(result.splits.valid) == 0
     assert result.config.steps == STEPS_PER_POINT and result.config.relative and result.relaxed

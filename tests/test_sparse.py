@@ -125,11 +125,12 @@ def test_cli_reports_the_rule_the_frontier_and_stability(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Sparsity–accuracy frontier at layer 2" in printed and "<-" in printed
     assert (
-        "cross-validated cross-entropy, best" in printed and "Stability over 4 complementary-pair subsamples" in printed
+        "cross-validated cross-entropy, one-standard-error rule" in printed
+        and "Stability over 4 complementary-pair subsamples" in printed
     )
     assert main([*args, "--no-progress", "--json", "--no-baselines", "--out", str(tmp_path / "b")]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["selection_rule"] == "cv-min-ce" and out["relaxed"] is True
+    assert out["selection_rule"] == "cv-1se-ce" and out["relaxed"] is True
     assert out["n_selected"] == len(out["selected_heads"]) and out["validation_accuracy"] is None
     assert out["valid_accuracy"] == out["cv_accuracy"], "the deprecated key keeps its old meaning for one release"
     for bad, message in ((["--stability", "3"], "even number"), (["--max-heads", "0"], "head budget")):

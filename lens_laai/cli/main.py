@@ -109,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rule",
         choices=["1se", "min"],
         default=FitConfig.rule,
-        help="at one layer: 'min' (default: the best cross-validated --cv-metric) or '1se' (the sparsest "
-        "head set within one standard error of the best)",
+        help="at one layer: '1se' (default: the sparsest head set whose cross-validated --cv-metric is "
+        "within one standard error of the best) or 'min' (the best: denser, more accurate)",
     )
     f.add_argument(
         "--cv-metric",

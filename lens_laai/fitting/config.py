@@ -103,7 +103,7 @@ class FitConfig:
     select: str = "cv"
     folds: int = 2
     halving: bool = True
-    rule: str = "min"
+    rule: str = "1se"
     cv_metric: str = "ce"
     relaxed: bool = True
     relaxed_steps: int = RELAXED_STEPS
@@ -178,7 +178,7 @@ class FitResult:
     ``candidates`` has one row per fitted candidate: the λ₂ path's points at one layer (the
     sparsity–accuracy frontier, ``chosen`` marking the pick), or (layer, λ₂) pairs of a sweep.
     ``selection`` says what chose (``"cv"``, ``"valid"``, ``"none"``), ``selection_rule`` how
-    (``"cv-min-ce"``, ``"cv-1se-accuracy"``, ``"max_heads=3"``, ``"last"``, …).
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"max_heads=3"``, ``"last"``, …).
     """
 
     intervention: HeadIntervention

@@ -101,9 +101,10 @@ def fit(
     By default: at the layer :func:`auto_layer` names, the group lasso's λ₂ path
     (:data:`DEFAULT_GROUP_L1_REL`, 8 points from 0.9 to 0.05 of λ_max, warm starts) is fitted on the
     training pairs; ``folds``-fold cross-validation on the same pairs scores every point's relaxed
-    refit, the point with the lowest cross-validated cross-entropy is kept (``rule="min"``,
-    ``cv_metric="ce"``: chosen on the development study, ``docs/results.md`` §6), and its heads are
-    refitted on all pairs with the group penalty off (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
+    refit, the one-standard-error rule keeps the sparsest point whose cross-validated cross-entropy
+    is within one standard error of the lowest (``rule="1se"``, ``cv_metric="ce"``: chosen on the
+    development study, ``docs/results.md`` §6), and its heads are refitted on all pairs with the
+    group penalty off (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
     point's heads kept and scores.
 
     Args:
@@ -127,9 +128,10 @@ def fit(
             the older protocol); ``"none"``: no choice, the path's last (smallest) λ₂ at one layer.
             ``"auto"`` is deprecated: it was ``"valid"`` with a validation split, else ``"cv"``
             with several layers, else ``"none"``; it still does that, with a warning naming its choice.
-        rule, cv_metric: at one layer, ``"min"`` (the best cross-validated score) or ``"1se"`` (the
-            sparsest point within one standard error of the best, glmnet's ``lambda.1se``), on
-            ``"ce"`` (held-out cross-entropy, default) or ``"accuracy"``.
+        rule, cv_metric: at one layer, ``"1se"`` (default: the sparsest point within one standard
+            error of the best, glmnet's ``lambda.1se``) or ``"min"`` (the best cross-validated
+            score: denser and, on the development study, more accurate), on ``"ce"`` (held-out
+            cross-entropy, default) or ``"accuracy"``.
         relaxed: refit the chosen heads with the group penalty off (``relaxed_steps`` steps from the
             penalised Δ); ``result.penalised`` keeps the penalised fit.
         max_heads: a head budget instead of a rule: the densest path point keeping at most this

@@ -44,7 +44,7 @@ class PathChoice:
     """The point :func:`choose_on_path` picked: its penalised fit, relaxed Δ (or ``None``) and the table.
 
     ``table`` has one row per λ₂ (path order) with ``chosen`` marking the pick; ``rule`` says how
-    (``"cv-min-ce"``, ``"cv-1se-accuracy"``, ``"valid-min-ce"``, ``"max_heads=3"``, ``"last"``).
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"valid-1se-ce"``, ``"max_heads=3"``, ``"last"``).
     """
 
     penalised: LayerFit
