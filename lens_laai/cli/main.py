@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--select",
         choices=["cv", "valid", "none", "auto"],
-        default="cv",
+        default=None,
         help="how the head set (the λ₂ path's point) and layer are chosen: 'cv' (default: cross-validation on "
         "the training pairs), 'valid' (on --n-valid extra pairs: the older protocol), 'none' (one layer: "
         "the path's last point); 'auto' is deprecated (valid if --n-valid > 0, else cv with several "
@@ -205,6 +205,7 @@ def _fit(args: argparse.Namespace) -> int:
     if is_survey(args):
         return fit_survey(args)
     fill_task_defaults(args)
+    args.select = args.select or "cv"
     start = time.perf_counter()
     task = task_from_args(args)
     layer: int | str = (

@@ -108,7 +108,7 @@ def fit_survey(args: argparse.Namespace) -> int:
         flag
         for flag, used in (
             ("--group-l1-rel", args.group_l1_rel),
-            ("--select", args.select not in ("cv", "auto")),
+            ("--select", args.select is not None),
             ("--rule", args.rule != FitConfig.rule),
             ("--cv-metric", args.cv_metric != FitConfig.cv_metric),
             ("--max-heads", args.max_heads is not None),
