@@ -29,6 +29,7 @@ from lens_laai.cli.args import (
     parse_penalties,
     task_from_args,
 )
+from lens_laai.cli.fit_report import print_frontier, print_stability
 from lens_laai.cli.opinion import (
     add_survey_args,
     eval_survey,
@@ -342,7 +343,7 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
         + ("; relaxed refit (group penalty off on those heads)" if s["relaxed"] else "")
     )
     if "group_l1_rel" in sweep and "chosen" in sweep and len(sweep) > 1:
-        _print_frontier(s, sweep)
+        print_frontier(s, sweep)
     elif len(sweep) > 1:
         used = f"{s['labelled_pairs_used']} labelled pairs used in all"
         if s["selection"] == "none":
@@ -363,7 +364,7 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     )
     print("\n" + table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if "stability" in s:
-        _print_stability(s["stability"])
+        print_stability(s["stability"])
     print(
         f"\nfit {s['fit_seconds']:.1f}s ({s['forward_equivalents']:.0f} forward-pass equivalents), "
         f"total {s['seconds']:.1f}s; saved to {s['out']}"
@@ -437,26 +438,3 @@ def _compose(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
-    """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
-    cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
-    table = path[list(cols)].rename(columns=cols)
-    for est in ("relaxed", "penalised"):
-        if f"{est}_cv_accuracy" in path:
-            acc, se = path[f"{est}_cv_accuracy"], path[f"{est}_cv_accuracy_se"]
-            table[f"CV acc ({est})"] = [f"{a:.2f} ± {e:.2f}" for a, e in zip(acc, se)]
-    table["pick"] = ["<-" if c else "" for c in path.chosen]
-    used = f"{s['labelled_pairs_used']} labelled pairs used in all"
-    print(f"\nSparsity–accuracy frontier at layer {s['layer']} (λ₂ path, warm starts; {used}):")
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-
-
-def _print_stability(st: dict[str, Any]) -> None:
-    probs = ", ".join(f"L{h['layer']}H{h['head']} {h['selection_probability']:.2f}" for h in st["heads"])
-    print(
-        f"\nStability over {st['n_subsamples']} complementary-pair subsamples (selection probability): {probs}\n"
-        f"stable set (probability ≥ {st['threshold']}): {', '.join(st['stable_heads']) or 'none'}; "
-        f"expected falsely selected heads ≤ {st['error_bound']:.2f} (Shah & Samworth 2013)"
-    )
