@@ -201,5 +201,5 @@ def test_default_layer_policy_is_shared(tiny):
         warnings.simplefilter("ignore")
         result = fit(tiny, Task("t", list(TINY_PAIRS)), "sweep", n_train=8, n_valid=4, steps=1, progress=False)
         joint = fit(tiny, Task("t", list(TINY_PAIRS)), "joint", n_train=8, steps=1, progress=False)
-    assert sorted(result.sweep.layer.unique()) == default_layers(3)
-    assert set(joint.sweep.layer) == {tuple(default_layers(3))}
+    assert sorted(result.candidates.layer.unique()) == default_layers(3)
+    assert set(joint.candidates.layer) == {tuple(default_layers(3))}

@@ -107,7 +107,8 @@ def test_fit_says_what_it_chose_and_how_many_labelled_pairs_it_used(tmp_path, ta
     base = ["fit", "--task-file", str(task_file), "--n-train", "10", "--no-baselines", *TINY, "--json"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     out = last_json(capsys)
-    assert out["selection"] == "none" and out["labelled_pairs_used"] == 10 and out["relative"] and out["layer"] == 2
+    assert out["selection"] == "cv" and out["selection_rule"] == "cv-1se-ce" and out["relaxed"]
+    assert out["labelled_pairs_used"] == 10 and out["relative"] and out["layer"] == 2
     assert (
         main(
             [
@@ -141,6 +142,8 @@ def test_fit_says_what_it_chose_and_how_many_labelled_pairs_it_used(tmp_path, ta
                 "2",
                 "--n-valid",
                 "4",
+                "--select",
+                "valid",
                 "--group-l1",
                 "0.1,0.01",
                 "--out",

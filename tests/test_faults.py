@@ -169,7 +169,7 @@ def test_evaluate_refuses_an_intervention_edited_to_nan(model):
 
 
 def test_cli_checks_the_output_path_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    cli = sys.modules["lens_laai.cli.main"]
+    cli = sys.modules["lens_laai.cli.fit_command"]
     monkeypatch.setattr(cli, "model_from_args", lambda args: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")
     task = write_task(tmp_path / "t.json", TINY_PAIRS)
@@ -467,7 +467,9 @@ def test_argparse_errors_print_the_json_error_line(capsys, argv, match):
     ],
 )
 def test_fit_flags_refused_before_the_model_loads(task_file, tmp_path, monkeypatch, capsys, flags, match):
-    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", lambda a: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        sys.modules["lens_laai.cli.fit_command"], "model_from_args", lambda a: pytest.fail("model loaded")
+    )
     argv = ["fit", "--task-file", str(task_file), "--n-train", "8", *flags, *TINY, "--out", str(tmp_path / "o")]
     assert main([*argv, "--json"]) == 2
     assert match in last_json(capsys)["error"]
@@ -556,7 +558,9 @@ def test_opinionqa_group_without_ordinal_answers_is_refused_in_fit(tmp_path, mon
     (folder / "responses.csv").write_text(
         "Q0,Q1,Q2,Q3,Q4,PARTY,WEIGHT_W1\nYes,No,Yes,No,Yes,Red,1\nNo,No,Yes,Yes,Yes,Red,1\n"
     )
-    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", lambda a: pytest.fail("model loaded"))
+    monkeypatch.setattr(
+        sys.modules["lens_laai.cli.fit_command"], "model_from_args", lambda a: pytest.fail("model loaded")
+    )
     monkeypatch.setattr("lens_laai.cli.args.model_from_args", lambda a: pytest.fail("model loaded"))
     argv = ["fit", "--survey-dir", str(folder), "--group", "PARTY=Green", "--n-train-questions", "2"]
     assert main([*argv, "--n-valid-questions", "1", *TINY, "--out", str(tmp_path / "o"), "--json"]) == 2

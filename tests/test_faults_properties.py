@@ -221,7 +221,8 @@ def test_cli_numeric_and_list_flags(monkeypatch, tmp_path, capsys, flags):
     def reached(args):
         raise _ModelReached
 
-    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", reached)
+    monkeypatch.setattr(sys.modules["lens_laai.cli.fit_command"], "model_from_args", reached)
+    monkeypatch.setattr(sys.modules["lens_laai.cli.saved"], "model_from_args", reached)
     task = tmp_path / "t.json"
     if not task.exists():
         task.write_text(json.dumps([{"input": a, "output": b} for a, b in TINY_PAIRS]))
@@ -243,7 +244,8 @@ def test_cli_eval_flags(monkeypatch, tmp_path, capsys, flag, value):
     def reached(args):
         raise _ModelReached
 
-    monkeypatch.setattr(sys.modules["lens_laai.cli.main"], "model_from_args", reached)
+    monkeypatch.setattr(sys.modules["lens_laai.cli.fit_command"], "model_from_args", reached)
+    monkeypatch.setattr(sys.modules["lens_laai.cli.saved"], "model_from_args", reached)
     capsys.readouterr()
     with deadline(5):
         try:

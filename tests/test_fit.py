@@ -71,9 +71,11 @@ def test_fast_path_works_on_few_shot_prompts(tiny, task):
 
 
 def test_layer_auto_sweeps_and_picks_best_on_validation(tiny, task):
-    result = fit(tiny, task, layer="sweep", n_train=12, n_valid=6, steps=5, group_l1=0.3, progress=False)
-    assert result.sweep.layer.tolist() == default_layers(3) and result.selection == "valid"
-    best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
+    result = fit(
+        tiny, task, layer="sweep", n_train=12, n_valid=6, steps=5, group_l1=0.3, select="valid", progress=False
+    )
+    assert result.candidates.layer.tolist() == default_layers(3) and result.selection == "valid"
+    best = result.candidates.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert result.layer == best.layer and result.intervention.layers == [result.layer]
 
 
@@ -123,10 +125,19 @@ def test_evaluate_table_and_split_from_intervention(tiny, task):
 
 def test_group_l1_path_picks_best_layer_and_lambda_on_validation(tiny, task):
     result = fit(
-        tiny, task, layer="sweep", layers=[1, 2], group_l1=[0.01, 1e3], n_train=12, n_valid=6, steps=4, progress=False
+        tiny,
+        task,
+        layer="sweep",
+        layers=[1, 2],
+        group_l1=[0.01, 1e3],
+        n_train=12,
+        n_valid=6,
+        steps=4,
+        select="valid",
+        progress=False,
     )
-    assert len(result.sweep) == 4 and set(result.sweep.group_l1) == {0.01, 1e3}
-    best = result.sweep.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
+    assert len(result.candidates) == 4 and set(result.candidates.group_l1) == {0.01, 1e3}
+    best = result.candidates.sort_values(["valid_accuracy", "valid_ce"], ascending=[False, True]).iloc[0]
     assert (result.layer, result.config.group_l1) == (best.layer, best.group_l1)
     assert result.intervention.metadata["fit_config"]["group_l1"] == best.group_l1
 

@@ -44,3 +44,9 @@ def test_no_module_imports_another_modules_private_names():
                 if private:
                     reaching.append(f"{path.relative_to(PACKAGE)}: from {node.module} import {', '.join(private)}")
     assert not reaching, reaching
+
+
+def test_no_module_is_past_450_lines():
+    root = Path(lens_laai.__file__).parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines (split them by idea): {long}"

@@ -140,13 +140,17 @@ def test_same_seed_same_delta_and_shared_runners_change_nothing(tiny, survey, sp
     assert len(runners) == 2 and torch.equal(blue.intervention.deltas[1], alone.intervention.deltas[1])
 
 
-def test_auto_layer_is_the_lowest_validation_divergence(tiny, survey, splits):
+def test_layer_sweep_is_the_lowest_validation_divergence(tiny, survey, splits):
     result = fit_opinion(
-        tiny, survey, "AGE=Old", "auto", splits=splits, layers=[0, 1, 2], steps=3, group_l1=0.01, progress=False
+        tiny, survey, "AGE=Old", splits=splits, layers=[0, 1, 2], steps=3, group_l1=0.01, progress=False
     )
-    assert len(result.sweep) == 3 and result.layer == int(
-        result.sweep.loc[result.sweep.valid_divergence.idxmin(), "layer"]
-    )
+    assert len(result.sweep) == 3
+    assert result.layer == int(result.sweep.loc[result.sweep.valid_divergence.idxmin(), "layer"])
+    with pytest.warns(FutureWarning, match="layer='auto'\\) is now layer='sweep'"):
+        old = fit_opinion(
+            tiny, survey, "AGE=Old", "auto", splits=splits, layers=[0, 1, 2], steps=3, group_l1=0.01, progress=False
+        )
+    assert old.layer == result.layer
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pandas as pd
@@ -42,13 +43,20 @@ def test_folds_partition_the_training_pairs(task):
 
 def test_default_fit_uses_only_the_training_pairs(tiny, task):
     from lens_laai.fitting import auto_layer
+    from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, STEPS_PER_POINT
 
     result = fit(tiny, task, n_train=10, progress=False)
-    assert result.selection == "none" and result.config.select == "none"
+    assert result.selection == "cv" and result.config.select == "cv" and result.selection_rule == "cv-1se-ce"
     assert result.layer == auto_layer(tiny.cfg.n_layers) == 2 and result.intervention.layers == [2]
     assert result.config.n_valid == 0 and len(result.splits.valid) == 0
-    assert result.config.steps == 10 and result.config.group_l1 == 0.05 and result.config.relative
-    assert len(result.sweep) == 3 and result.history.shape[0] == 10  # the path, ending at its last λ₂
+    assert result.config.steps == STEPS_PER_POINT and result.config.relative and result.relaxed
+    path = result.candidates  # the frontier: one row per λ₂ of the default path, the pick marked
+    assert path.group_l1_rel.tolist() == list(DEFAULT_GROUP_L1_REL) and path.chosen.sum() == 1
+    pick = path[path.chosen].iloc[0]
+    assert result.config.group_l1 == pick.group_l1_rel and result.n_selected == pick.n_selected
+    assert result.cv_accuracy == pick.relaxed_cv_accuracy and result.cv_accuracy_se == pick.relaxed_cv_accuracy_se
+    assert result.history.shape[0] == STEPS_PER_POINT  # the penalised fit's last λ₂
+    assert result.penalised.selected_heads() == result.selected_heads  # the relaxed refit keeps the support
     assert len(result.splits.test) == len(task) - 10
     record = result.intervention.metadata["data"][0]
     assert record["n_valid"] == 0 and len(record["seen"]) == 10
@@ -68,25 +76,29 @@ def test_auto_layer_rule():
 def test_sweep_refits_the_cross_validated_choice(tiny, task):
     result = fit(tiny, task, "sweep", n_train=10, layers=[0, 1], steps=3, progress=False)
     assert result.selection == "cv" and isinstance(result.config.layer, int)
-    chosen = result.sweep.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
+    chosen = result.candidates.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     assert (result.layer, result.config.group_l1) == (int(chosen.layer), float(chosen.lam))
-    assert result.valid_accuracy == pytest.approx(chosen.cv_accuracy)
+    assert result.cv_accuracy == pytest.approx(chosen.cv_accuracy) and math.isnan(result.valid_accuracy)
     assert result.intervention.layers == [result.layer]
 
 
 def test_validation_protocol_is_still_there_and_labelled(tiny, task):
-    result = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, progress=False)
+    result = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, select="valid", progress=False)
     assert result.selection == "valid"
     assert result.intervention.metadata["selection"] == "valid"
     forced = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, select="cv", progress=False)
     assert forced.selection == "cv"
+    with pytest.warns(FutureWarning, match="select='auto' is deprecated; here it chose select='valid'"):
+        auto = fit(tiny, task, "sweep", n_train=8, n_valid=4, layers=[0, 1], steps=2, select="auto", progress=False)
+    assert auto.selection == "valid"
 
 
 def test_one_candidate_needs_no_selection(tiny, task):
     result = fit(tiny, task, layer=1, group_l1_rel=0.3, n_train=8, steps=2, progress=False)
-    assert result.selection == "none" and len(result.sweep) == 1
-    path = fit(tiny, task, layer=1, group_l1_rel=[0.5, 0.1], n_train=8, steps=2, progress=False)
+    assert result.selection == "none" and len(result.candidates) == 1
+    path = fit(tiny, task, layer=1, group_l1_rel=[0.5, 0.1], n_train=8, steps=2, select="none", progress=False)
     assert path.selection == "none" and path.config.group_l1 == 0.1  # the path's last value, no choice made
+    assert path.selection_rule == "last"
     chosen = fit(tiny, task, layer=1, group_l1_rel=[0.5, 0.1], n_train=8, steps=2, select="cv", progress=False)
     assert chosen.selection == "cv"
 
@@ -185,8 +197,11 @@ def test_bad_selection_options(tiny, task):
 
 
 def test_the_fit_records_its_whole_lambda_path(tiny, task):
-    result = fit(tiny, task, layer=1, n_train=8, steps=2, progress=False)
-    assert result.intervention.metadata["group_l1_path"] == [0.5, 0.2, 0.05]
+    from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL
+
+    result = fit(tiny, task, layer=1, n_train=8, steps=2, select="none", progress=False)
+    assert result.intervention.metadata["group_l1_path"] == list(DEFAULT_GROUP_L1_REL)
+    assert result.intervention.metadata["selection_rule"] == "last" and result.intervention.metadata["relaxed"]
 
 
 def test_joint_fit_chooses_layers_and_heads_together(tiny, task):

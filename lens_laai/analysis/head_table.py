@@ -52,6 +52,7 @@ from lens_laai.analysis.summary import (
     percentile_with_interval,
     selection_agreement,
     spearman_permutation,
+    stability_scores,
 )
 from lens_laai.baselines.function_vectors import indirect_effects
 from lens_laai.errors import TaskError
@@ -176,7 +177,9 @@ def head_table(
         if iv is not None:
             iv.check_model(model)
     layers = parse_layers(layers, model.cfg.n_layers)
-    probabilities = _stability_tensor(stability, model) if stability is not None else None
+    probabilities = (
+        stability_scores(stability, (model.cfg.n_layers, model.cfg.n_heads)) if stability is not None else None
+    )
     template = resolve_template(template, [intervention])
     data = _AnalysisData(model, task, intervention, template, n_prompts, shots, patching_prompts, seed, batch_size)
     run = _Run(model, intervention, layers, data, progress)
@@ -237,29 +240,6 @@ def head_table(
         }
     summary = selection_agreement(table, seed)
     return HeadAnalysis(table, scores, summary, control, lens, run.cost_table(), layers, settings, findings)
-
-
-def _stability_tensor(stability: pd.DataFrame | Tensor, model: TransformerBridge) -> Tensor:
-    """Selection probabilities as ``[n_layers, n_heads]`` (NaN where not given), from a tensor or a long DataFrame."""
-    shape = (model.cfg.n_layers, model.cfg.n_heads)
-    if isinstance(stability, Tensor):
-        if tuple(stability.shape) != shape:
-            raise TaskError(
-                f"stability must be an [n_layers, n_heads] = {list(shape)} tensor, got {list(stability.shape)}."
-            )
-        return stability.detach().float().cpu()
-    if not isinstance(stability, pd.DataFrame) or not {"layer", "head", "selection_probability"} <= set(stability):
-        raise TaskError("stability must be a DataFrame with columns layer, head, selection_probability, or a tensor.")
-    out = torch.full(shape, float("nan"))
-    for row in stability.itertuples(index=False):
-        layer, head, prob = int(row.layer), int(row.head), float(row.selection_probability)
-        if not (0 <= layer < shape[0] and 0 <= head < shape[1] and 0.0 <= prob <= 1.0):
-            raise TaskError(
-                f"stability row (layer {layer}, head {head}, selection_probability {prob}) is outside this model's "
-                f"{shape[0]} layers × {shape[1]} heads or outside [0, 1]."
-            )
-        out[layer, head] = prob
-    return out
 
 
 # running the methods ---------------------------------------------------------------------------

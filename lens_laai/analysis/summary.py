@@ -29,6 +29,8 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from lens_laai.errors import TaskError
+
 IMPORTANCE_SCORES = ("act_patch", "attr_patch", "fv_cie", "zero_logprob_drop", "mean_logprob_drop", "dla")
 STRUCTURAL_ZEROS = {"dla": "the DLA of Δ is 0 on every unselected head, so its top-k is not a ranking of heads"}
 CAUSAL = {
@@ -195,3 +197,25 @@ def _ranks_sentence(summary: pd.DataFrame) -> list[str]:
 
 def _span(layers: list[int]) -> str:
     return f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
+def stability_scores(stability: pd.DataFrame | Tensor, shape: tuple[int, int]) -> Tensor:
+    """Selection probabilities as ``[n_layers, n_heads]`` (NaN where not given), from a tensor or a long DataFrame."""
+    if isinstance(stability, Tensor):
+        if tuple(stability.shape) != shape:
+            raise TaskError(
+                f"stability must be an [n_layers, n_heads] = {list(shape)} tensor, got {list(stability.shape)}."
+            )
+        return stability.detach().float().cpu()
+    if not isinstance(stability, pd.DataFrame) or not {"layer", "head", "selection_probability"} <= set(stability):
+        raise TaskError("stability must be a DataFrame with columns layer, head, selection_probability, or a tensor.")
+    out = torch.full(shape, float("nan"))
+    for row in stability.itertuples(index=False):
+        layer, head, prob = int(row.layer), int(row.head), float(row.selection_probability)
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1] and 0.0 <= prob <= 1.0):
+            raise TaskError(
+                f"stability row (layer {layer}, head {head}, selection_probability {prob}) is outside this model's "
+                f"{shape[0]} layers × {shape[1]} heads or outside [0, 1]."
+            )
+        out[layer, head] = prob
+    return out

@@ -108,7 +108,12 @@ def fit_survey(args: argparse.Namespace) -> int:
         flag
         for flag, used in (
             ("--group-l1-rel", args.group_l1_rel),
-            ("--select", args.select != "auto"),
+            ("--select", args.select is not None),
+            ("--rule", args.rule != FitConfig.rule),
+            ("--cv-metric", args.cv_metric != FitConfig.cv_metric),
+            ("--max-heads", args.max_heads is not None),
+            ("--no-relaxed", args.no_relaxed),
+            ("--stability", bool(args.stability)),
             ("--init", args.init != "zero"),
             ("--folds", args.folds != FitConfig.folds),
             ("--no-halving", args.no_halving),
@@ -120,7 +125,7 @@ def fit_survey(args: argparse.Namespace) -> int:
             f"{', '.join(task_only)} are for tasks; survey fits choose their layer on validation "
             "questions and take absolute --group-l1 values."
         )
-    layer: int | str = args.layer if args.layer == "auto" else parse_int(args.layer, "--layer")
+    layer: int | str = "sweep" if args.layer in ("auto", "sweep") else parse_int(args.layer, "--layer")
     n_train, n_valid = _split_sizes(args)
     splits = survey.split(args.seed, n_train, n_valid, args.n_test)
     if not any(k in group.answers for k in splits.train):  # checked before the model loads (issue 23)

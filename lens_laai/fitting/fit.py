@@ -5,8 +5,11 @@ position (or, with ``objective="sequence"``, of the whole target under teacher f
 plus ``l1‖Δ‖₁ + group_l1 Σ_h ‖Δ_h‖₂``, minimised by accelerated proximal gradient
 (:func:`lens_laai.fitting.solver.fista`) so unselected heads are exactly zero. The fit uses the training
 pairs alone: by default the layer comes from a rule fixed on the development study
-(:func:`auto_layer`) and λ₂ from a path relative to λ_max; ``layer="sweep"`` / ``"joint"`` choose
-by cross-validation on the training pairs (``lens_laai.fitting.selection``).
+(:func:`auto_layer`); the head set is a point of a λ₂ path relative to λ_max, chosen by k-fold
+cross-validation on the training pairs with the one-standard-error rule, and its heads are then
+refitted with the group penalty off (the relaxed group lasso; :mod:`lens_laai.fitting.frontier`,
+:mod:`lens_laai.fitting.relaxed`). ``layer="sweep"`` / ``"joint"`` also choose the layer by
+cross-validation (``lens_laai.fitting.selection``).
 
 Example:
     >>> from lens_laai import fit, load_task
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from dataclasses import asdict, replace
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -30,200 +34,36 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError, TaskError
 from lens_laai.fastpath import CostMeter
+from lens_laai.fitting.config import (  # noqa: F401  (re-exported)
+    AUTO_DEPTH,
+    DEFAULT_GROUP_L1_REL,
+    STEP_BUDGET,
+    STEPS_PER_POINT,
+    FitConfig,
+    FitResult,
+    Objective,
+    Select,
+    TaskLike,
+    auto_layer,
+    default_layers,
+    parse_layers,
+    prepare_data,
+)
+from lens_laai.fitting.frontier import PathChoice, choose_on_path
 from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
     Init,
     LayerFit,
+    delta_hooks,
     layer_path,
     solve_layer,
     training_batches,
 )
 from lens_laai.fitting.penalties import lambda_values
+from lens_laai.fitting.relaxed import relaxed_refit
 from lens_laai.fitting.selection import choose, cross_validate, pooled_cv_scores
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.tasks.prompts import PromptTemplate
-from lens_laai.tasks.task import Task, TaskSplits
-
-Objective = Literal["first_token", "sequence"]
-TaskLike = Task | TaskSplits | Sequence[tuple[str, str]]
-
-
-def default_layers(n_layers: int) -> list[int]:
-    """The candidate layers unless told otherwise: every fourth layer from 15% to 70% of the depth.
-
-    Task vectors live in the first two thirds of the network (Function Vectors, LAAI; on the
-    development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
-    20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
-    layers try every layer of that range.
-
-    Example:
-        >>> from lens_laai import default_layers
-        >>> default_layers(30)
-        [4, 8, 12, 16, 20]
-    """
-    lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
-    return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
-
-
-def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints.
-
-    Example:
-        >>> from lens_laai.fitting.fit import parse_layers
-        >>> parse_layers("default", 30), parse_layers("4,8", 30), len(parse_layers("all", 30))
-        ([4, 8, 12, 16, 20], [4, 8], 30)
-    """
-    if spec is None or spec == "default":
-        return default_layers(n_layers)
-    if spec == "all":
-        return list(range(n_layers))
-    if isinstance(spec, str):
-        try:
-            spec = [int(x) for x in spec.split(",") if x.strip()]
-        except ValueError:
-            raise FitError(f"layers must be 'all', 'default' or a comma list of integers, got {spec!r}.") from None
-    layers = list(spec)
-    if not layers:
-        raise FitError("layers is empty; give at least one layer index, 'default' or 'all'.")
-    for l in layers:
-        if not isinstance(l, int) or isinstance(l, bool):
-            raise FitError(f"Layer {l!r} is not a layer index (an int), in layers {layers!r}.")
-        if not 0 <= l < n_layers:
-            raise FitError(f"Layer {l} is out of range: this model has layers 0..{n_layers - 1}.")
-    return sorted(set(layers))
-
-
-Select = Literal["auto", "cv", "valid"]
-DEFAULT_GROUP_L1_REL: tuple[float, ...] = (0.5, 0.2, 0.05)
-STEP_BUDGET = 30  # proximal steps in all unless ``steps`` is given: split evenly over the λ₂ path
-AUTO_DEPTH = 16 / 30  # layer="auto": the layer at this fraction of the depth (development study, docs/results.md)
-
-
-def auto_layer(n_layers: int) -> int:
-    """The layer ``layer="auto"`` fits: ``round(AUTO_DEPTH × n_layers)`` (16 of SmolLM2's 30, 17 of 32).
-
-    A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
-    did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
-
-    Example:
-        >>> from lens_laai import auto_layer
-        >>> auto_layer(30), auto_layer(32)
-        (16, 17)
-    """
-    return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
-
-
-@dataclass(frozen=True, kw_only=True)
-class FitConfig:
-    """Everything that, with the data and model, reproduces a fit.
-
-    With ``relative`` (the default) ``group_l1`` is a fraction of λ_max at the fitted layer (see
-    :func:`lens_laai.fitting.layer_fit.lambda_max`); otherwise it is λ₂ itself. ``select`` says how the
-    layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
-    ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
-    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
-
-    Example:
-        >>> from lens_laai import FitConfig
-        >>> config = FitConfig(layer=16, group_l1=0.2, n_train=20)
-        >>> config.layer, config.group_l1, config.relative, config.seed
-        (16, 0.2, True, 0)
-    """
-
-    layer: int | str = "auto"
-    layers: tuple[int, ...] | str | None = None
-    l1: float = 1e-3
-    group_l1: float = DEFAULT_GROUP_L1_REL[-1]
-    relative: bool = True
-    steps: int = STEP_BUDGET // len(DEFAULT_GROUP_L1_REL)
-    lr: float = 1.0
-    n_train: int = 20
-    n_valid: int = 0
-    n_test: int | None = None
-    seed: int = 0
-    shots: int = 0
-    init: Init = "zero"
-    select: str = "cv"
-    folds: int = 2
-    halving: bool = True
-    objective: Objective = "first_token"
-    batch_size: int = 32
-    fast: bool = True
-
-    def validate(self, n_layers: int) -> None:
-        """Raise :class:`FitError` naming the first bad setting."""
-        for name in ("l1", "group_l1", "lr"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise FitError(f"{name} must be a finite number ≥ 0, got {value!r}.")
-        if self.lr <= 0:
-            raise FitError(f"lr must be > 0, got {self.lr}.")
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise FitError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots < 0:
-            raise FitError(f"shots must be an integer ≥ 0, got {self.shots!r}.")
-        if self.objective not in ("first_token", "sequence"):
-            raise FitError(f"objective must be 'first_token' or 'sequence', got {self.objective!r}.")
-        if self.init not in ("zero", "mean-difference"):
-            raise FitError(f"init must be 'zero' or 'mean-difference', got {self.init!r}.")
-        if self.select not in ("auto", "cv", "valid", "none"):
-            raise FitError(f"select must be 'auto', 'cv' or 'valid', got {self.select!r}.")
-        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
-            raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
-        if not isinstance(self.halving, bool):
-            raise FitError(f"halving must be True or False, got {self.halving!r}.")
-        self.candidate_layers(n_layers)
-
-    def candidate_layers(self, n_layers: int) -> list[int]:
-        if self.layer == "auto":
-            if self.layers is not None:
-                raise FitError(
-                    "layers= lists candidates for layer='sweep' or 'joint'; layer='auto' fits the layer at "
-                    f"{AUTO_DEPTH:.0%} of the depth. Use layer='sweep' to choose among your layers."
-                )
-            return [auto_layer(n_layers)]
-        if self.layer in ("joint", "sweep"):
-            return parse_layers(self.layers, n_layers)
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise FitError(f"layer must be a layer index, 'auto', 'joint' or 'sweep', got {self.layer!r}.")
-        return parse_layers([self.layer], n_layers)
-
-
-@dataclass
-class FitResult:
-    """A fitted intervention with its training record and selection scores.
-
-    ``valid_accuracy`` is the score the choice was made on: the pooled held-out accuracy of
-    cross-validation (``selection == "cv"``), the validation split's accuracy (``"valid"``, and
-    ``"none"`` with a validation split), or the training accuracy when there was nothing to choose
-    and no validation split. ``sweep`` has one row per
-    candidate (layer, λ₂) with that score.
-
-    Example:
-        >>> from lens_laai.testing import tiny_model, tiny_task
-        >>> model, task = tiny_model(), tiny_task()
-        >>> from lens_laai import fit
-        >>> result = fit(model, task, layer=1, n_train=8, steps=3, progress=False)
-        >>> type(result).__name__, result.selection, len(result.splits.train)
-        ('FitResult', 'none', 8)
-        >>> {"step", "loss", "n_selected"} <= set(result.history.columns)
-        True
-    """
-
-    intervention: HeadIntervention
-    layer: int
-    history: pd.DataFrame
-    train_accuracy: float
-    valid_accuracy: float
-    selected_heads: list[tuple[int, int]]
-    config: FitConfig
-    sweep: pd.DataFrame
-    splits: TaskSplits
-    seconds: float
-    forward_equivalents: float
-    fast_path: bool = True
-    selection: str = "none"
+from lens_laai.tasks.task import TaskSplits
 
 
 def fit(
@@ -243,7 +83,12 @@ def fit(
     seed: int | None = None,
     shots: int = 0,
     init: Init = "zero",
-    select: Select = "auto",
+    select: Select = "cv",
+    rule: str = FitConfig.rule,
+    cv_metric: str = FitConfig.cv_metric,
+    relaxed: bool = FitConfig.relaxed,
+    relaxed_steps: int = FitConfig.relaxed_steps,
+    max_heads: int | None = None,
     folds: int = FitConfig.folds,
     halving: bool = FitConfig.halving,
     objective: Objective = "first_token",
@@ -254,33 +99,48 @@ def fit(
 ) -> FitResult:
     """Fit a sparse per-head intervention; see the module docstring.
 
+    By default: at the layer :func:`auto_layer` names, the group lasso's λ₂ path
+    (:data:`DEFAULT_GROUP_L1_REL`, 8 points from 0.9 to 0.05 of λ_max, warm starts) is fitted on the
+    training pairs; ``folds``-fold cross-validation on the same pairs scores every point's relaxed
+    refit, the one-standard-error rule keeps the sparsest point whose cross-validated cross-entropy
+    is within one standard error of the lowest (``rule="1se"``, ``cv_metric="ce"``: chosen on the
+    development study, ``docs/results.md`` §6), and its heads are refitted on all pairs with the
+    group penalty off (``relaxed=True``, the relaxed group lasso). ``result.candidates`` is the frontier: every
+    point's heads kept and scores.
+
     Args:
         task: a :class:`Task` (split here by ``seed`` into ``n_train``/``n_valid``/rest, defaults
-            0/20/0), ready :class:`TaskSplits` (then give none of those four), or a list of
+            20/0/rest), ready :class:`TaskSplits` (then give none of those four), or a list of
             your own ``(prompt, target)`` strings, used verbatim unless you pass a ``template``
             (e.g. :meth:`PromptTemplate.chat`).
-        layer: a layer index; ``"joint"``: one fit over all candidate ``layers`` at once with a
-            group per (layer, head), so the group Lasso picks layers and heads together (the
-            result may act on several layers; ``FitResult.layer`` is then the one with the largest
-            ‖Δ‖); ``"sweep"``: the paper's single layer, each candidate fitted and the best kept;
-            ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed on the development
-            study). Candidates of sweep and joint: ``layers`` (default :func:`default_layers`;
-            ``"all"`` for every layer).
-        group_l1_rel: λ₂ as fractions of λ_max at each layer (default ``(0.5, 0.2, 0.05)``, a path
-            fitted largest first with warm starts). At one layer the path is a schedule and its
-            last value is the fit; with several candidates the choice covers it too.
-            ``group_l1``: absolute λ₂ instead (one value or a path); give one of the two.
+        layer: a layer index; ``"auto"`` (default): the layer :func:`auto_layer` names (a rule fixed
+            on the development study); ``"sweep"``: the paper's single layer, each candidate fitted
+            and the best kept; ``"joint"``: one fit over all candidate ``layers`` at once with a
+            group per (layer, head), so the group Lasso picks layers and heads together (the result
+            may act on several layers; ``FitResult.layer`` is then the one with the largest ‖Δ‖).
+            Candidates of sweep and joint: ``layers`` (default :func:`default_layers`; ``"all"``).
+        group_l1_rel: λ₂ as fractions of λ_max at each layer, one value or a path (fitted largest
+            first with warm starts; default :data:`DEFAULT_GROUP_L1_REL`). ``group_l1``: absolute
+            λ₂ instead; give one of the two.
         l1: λ₁ (absolute).
-        select: how the layer and λ₂ are chosen when there is more than one candidate. ``"cv"``:
-            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled
-            data beyond ``n_train``. ``"valid"``: on the validation split (``n_valid`` more
-            labelled pairs; the older protocol). ``"auto"``: ``"valid"`` when there is a
-            validation split, else ``"cv"`` when there are several layers, else no choice. The
-            chosen candidate is refitted on all training pairs.
-        folds, halving: cross-validation folds; with ``halving`` only the better half of the layers
-            go on to each next λ₂ (successive halving, see :func:`lens_laai.fitting.selection.cross_validate`).
-        steps, lr: proximal steps per λ₂ (default: 30 in all, split over the path) and the initial
-            step size (adapted by backtracking).
+        select: what chooses among the path's points (and layers): ``"cv"`` (default):
+            ``folds``-fold cross-validation on the training pairs, so the fit uses no labelled data
+            beyond ``n_train``; ``"valid"``: the validation split (``n_valid`` more labelled pairs;
+            the older protocol); ``"none"``: no choice, the path's last (smallest) λ₂ at one layer.
+            ``"auto"`` is deprecated: it was ``"valid"`` with a validation split, else ``"cv"``
+            with several layers, else ``"none"``; it still does that, with a warning naming its choice.
+        rule, cv_metric: at one layer, ``"1se"`` (default: the sparsest point within one standard
+            error of the best, glmnet's ``lambda.1se``) or ``"min"`` (the best cross-validated
+            score: denser and, on the development study, more accurate), on ``"ce"`` (held-out
+            cross-entropy, default) or ``"accuracy"``.
+        relaxed: refit the chosen heads with the group penalty off (``relaxed_steps`` steps from the
+            penalised Δ); ``result.penalised`` keeps the penalised fit.
+        max_heads: a head budget instead of a rule: the densest path point keeping at most this
+            many heads (no cross-validation), then the relaxed refit.
+        folds, halving: cross-validation folds; with several layers and ``halving`` only the better
+            half of the layers go on to each next λ₂ (see :func:`lens_laai.fitting.selection.cross_validate`).
+        steps, lr: proximal steps per λ₂ (default :data:`STEPS_PER_POINT` on the default path; 30
+            in all, split over a path you give) and the initial step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
         init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
             ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
@@ -291,19 +151,10 @@ def fit(
 
     Raises:
         FitError: a bad setting (before any work), or a loss that is not finite.
-
-    Example:
-        >>> from lens_laai.testing import tiny_model, tiny_task
-        >>> model, task = tiny_model(), tiny_task()
-        >>> from lens_laai import fit
-        >>> result = fit(model, task, layer=1, n_train=8, steps=5, progress=False)
-        >>> result.layer, result.intervention.layers, result.config.n_train
-        (1, [1], 8)
-        >>> result.selected_heads == result.intervention.selected_heads()
-        True
     """
     lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
-    steps = max(1, STEP_BUDGET // len(lambdas)) if steps is None else steps
+    if steps is None:
+        steps = STEPS_PER_POINT if group_l1 is None and group_l1_rel is None else max(1, STEP_BUDGET // len(lambdas))
     cfg = FitConfig(
         layer=layer,
         layers=_layers_arg(layers),
@@ -320,65 +171,113 @@ def fit(
         objective=objective,
         batch_size=batch_size,
         fast=fast,
+        rule=rule,
+        cv_metric=cv_metric,
+        relaxed=relaxed,
+        relaxed_steps=relaxed_steps,
+        max_heads=max_heads,
     )
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
-    splits, source, template = _prepare_data(task, template, n_train, n_valid, n_test, seed)
+    splits, source, template = prepare_data(task, template, n_train, n_valid, n_test, seed)
     candidates: list = cfg.candidate_layers(model.cfg.n_layers)
     if layer == "joint":
         candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
-    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint")
+    one_layer = len(candidates) == 1 and layer != "joint"
+    how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint", path=one_layer)
+    if max_heads is not None and not one_layer:
+        raise FitError("max_heads is a head budget on one layer's λ₂ path; use it with one layer (not sweep or joint).")
     cfg = replace(
         cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed, select=how
     )
+    if max_heads is not None:
+        how = "none"  # a budget, not a score, picks the point
+        cfg = replace(cfg, select=how)
     _check_splits(splits, shots, how, cfg)
     start, meter = time.perf_counter(), CostMeter()
-    if how == "cv":
-        best, sweep = _fit_cross_validated(model, splits, candidates, lambdas, cfg, template, meter, progress)
-    elif how == "none":  # one layer: the λ₂ path is a warm-start schedule and its last value is the fit
-        fits = list(
-            layer_path(
-                model,
-                splits.train,
-                splits.valid,
-                candidates[0],
-                lambdas,
-                cfg,
-                template,
-                meter,
-                progress and len(lambdas) == 1,
-            )
+    choice: PathChoice | None = None
+    if one_layer:
+        choice = choose_on_path(model, splits, candidates[0], lambdas, cfg, template, meter, how=how, progress=progress)
+        best, table = choice.penalised, choice.table
+    elif how == "cv":
+        best, table, cv_choice = _fit_cross_validated(
+            model, splits, candidates, lambdas, cfg, template, meter, progress
         )
-        best, sweep = fits[-1], pd.DataFrame([f.row() for f in fits])
     else:
-        best, sweep = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
+        best, table = _fit_on_validation(model, splits, candidates, lambdas, cfg, template, meter, progress)
     chosen = replace(
         cfg,
         layer="joint" if isinstance(best.layer, tuple) else best.layer,  # a joint fit's layer is a tuple
         group_l1=best.group_l1_rel if relative and best.group_l1_rel is not None else best.group_l1,
     )
-    extra = {
-        "group_l1_absolute": best.group_l1,
-        "lambda_max": best.lambda_max,
-        "selection": how,
-        "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1],
-    }
-    iv = best.intervention(model, splits, source, chosen, template, **extra)
+    final, penalised_iv, rule_used, cv = _finish(model, splits, source, chosen, template, best, choice, table, how)
+    if how == "cv" and choice is None:
+        cv = (cv_choice["cv_accuracy"], None)
+    iv = final.intervention(
+        model, splits, source, chosen, template, **_extra(best, how, rule_used, cv, lambdas, chosen)
+    )
     return FitResult(
         intervention=iv,
         layer=best.main_layer,
         history=pd.DataFrame([asdict(r) for r in best.history]),
-        train_accuracy=best.train_accuracy,
-        valid_accuracy=best.valid_accuracy,
+        train_accuracy=final.train_accuracy,
+        valid_accuracy=final.valid_accuracy if len(splits.valid) else float("nan"),
         selected_heads=iv.selected_heads(),
         config=chosen,
-        sweep=sweep,
+        candidates=table,
         splits=splits,
         seconds=time.perf_counter() - start,
         forward_equivalents=meter.forward_equivalents(),
         fast_path=best.fast_path,
         selection=how,
+        selection_rule=rule_used,
+        relaxed=relaxed,
+        penalised=penalised_iv,
+        penalised_train_accuracy=best.train_accuracy,
+        cv_accuracy=cv[0],
+        cv_accuracy_se=cv[1],
     )
+
+
+def _finish(model, splits, source, chosen, template, best, choice, table, how):
+    """(the LayerFit returned, the penalised intervention, the rule's name, (cv accuracy, its SE))."""
+    cv: tuple[float | None, float | None] = (None, None)
+    est = "relaxed" if chosen.relaxed else "penalised"
+    if choice is not None:
+        rule_used = choice.rule
+        if f"{est}_cv_accuracy" in table and rule_used.startswith("cv"):
+            cv = (float(table[f"{est}_cv_accuracy"][choice.index]), float(table[f"{est}_cv_accuracy_se"][choice.index]))
+    else:
+        rule_used = "cv-min-accuracy" if how == "cv" else "valid-max-accuracy"
+    penalised_iv = best.intervention(model, splits, source, chosen, template)
+    if not chosen.relaxed:
+        return best, penalised_iv, rule_used, cv
+    if choice is not None:
+        delta, train_acc, valid = choice.relaxed, choice.relaxed_train_accuracy, choice.relaxed_valid
+    else:
+        delta, _ = relaxed_refit(best.runner, chosen, best.delta, chosen.relaxed_steps, best.sites)
+        train_acc = best.runner.scores(delta_hooks(best.sites, delta))[0]
+        valid = best.valid_runner.scores(delta_hooks(best.sites, delta)) if best.valid_runner is not None else None
+    final = replace(best, delta=delta, train_accuracy=train_acc)
+    if valid is not None:
+        final.valid_accuracy, final.valid_ce = valid
+    return final, penalised_iv, rule_used, cv
+
+
+def _extra(best, how, rule_used, cv, lambdas, chosen) -> dict[str, Any]:
+    """What the intervention's metadata records beyond the config."""
+    return {
+        "group_l1_absolute": best.group_l1,
+        "lambda_max": best.lambda_max,
+        "selection": how,
+        "selection_rule": rule_used,
+        "relaxed": chosen.relaxed,
+        "penalised_n_selected": best.n_selected,
+        "penalised_train_accuracy": best.train_accuracy,
+        "cv_accuracy": cv[0],
+        "cv_accuracy_se": cv[1],
+        "group_l1_path": [lam for lam in sorted(lambdas, reverse=True) if lam >= chosen.group_l1],
+    }
 
 
 def _fit_on_validation(
@@ -401,32 +300,44 @@ def _fit_on_validation(
 
 def _fit_cross_validated(
     model, splits, candidates, lambdas, cfg, template, meter, progress
-) -> tuple[LayerFit, pd.DataFrame]:
+) -> tuple[LayerFit, pd.DataFrame, dict[str, Any]]:
     """Choose (layer, λ₂) by cross-validation on the training pairs, then refit it on all of them."""
     table = cross_validate(model, splits.train, candidates, lambdas, cfg, template, meter, progress)
     choice = choose(table)
     path = [lam for lam in lambdas if lam >= choice["lam"]]
     fitted = list(layer_path(model, splits.train, splits.valid, choice["layer"], path, cfg, template, meter))[-1]
-    fitted.valid_accuracy, fitted.valid_ce = choice["cv_accuracy"], choice["cv_ce"]
-    return fitted, pooled_cv_scores(table)
+    return fitted, pooled_cv_scores(table), choice
 
 
-def _selection(select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False) -> str:
-    """``"cv"``, ``"valid"`` or ``"none"`` (one layer: no choice; a λ₂ path ends at its last value).
+def _selection(
+    select: str, splits: TaskSplits, n_layers: int, n_lambdas: int, joint: bool = False, path: bool = False
+) -> str:
+    """``"cv"``, ``"valid"`` or ``"none"`` (one candidate, or ``select="none"`` at one layer: the path's last point).
 
-    A joint fit chooses its λ₂ on the path by cross-validation (as measured in the development study)."""
-    if select not in ("auto", "cv", "valid"):
-        raise FitError(f"select must be 'auto', 'cv' or 'valid', got {select!r}.")
+    ``"auto"`` (deprecated) resolves as it always did, with a warning naming its choice."""
+    if select not in ("auto", "cv", "valid", "none"):
+        raise FitError(f"select must be 'cv', 'valid' or 'none', got {select!r}.")
+    if select == "auto":
+        if len(splits.valid):
+            select, why = "valid", "a validation split was given"
+        elif n_layers > 1 or joint:
+            select, why = "cv", "no validation split, several layers"
+        else:
+            select, why = "none", "no validation split, one layer: the path's last λ₂"
+        warnings.warn(
+            f"select='auto' is deprecated; here it chose select={select!r} ({why}). "
+            "Pass select='cv', 'valid' or 'none'.",
+            FutureWarning,
+            stacklevel=3,
+        )
     if n_layers * n_lambdas == 1:
         return "none"
     if select == "valid" and not len(splits.valid):
         raise FitError(
             "select='valid' chooses on the validation split, which is empty; use n_valid ≥ 1 or select='cv'."
         )
-    if select == "auto":
-        if len(splits.valid):
-            return "valid"
-        return "cv" if n_layers > 1 or joint else "none"
+    if select == "none" and not path:
+        raise FitError("select='none' makes no choice; with several layers use select='cv' or 'valid'.")
     return select
 
 
@@ -440,39 +351,6 @@ def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], b
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
     return values, True
-
-
-def _prepare_data(
-    task: TaskLike,
-    template: PromptTemplate | None,
-    n_train: int | None,
-    n_valid: int | None,
-    n_test: int | None,
-    seed: int | None,
-) -> tuple[TaskSplits, Task | None, PromptTemplate]:
-    """Splits, the task they were cut from (if known), and the template."""
-    if isinstance(task, TaskSplits):
-        given = [
-            k
-            for k, v in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test), ("seed", seed))
-            if v is not None
-        ]
-        if given:
-            raise FitError(f"{', '.join(given)} split a Task, but these TaskSplits are already split; drop them.")
-        return task, None, template or PromptTemplate()
-    if not isinstance(task, Task):
-        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
-            raise FitError(
-                f"task must be a Task, TaskSplits or a list of (prompt, target) strings, got {type(task).__name__}."
-            )
-        task, template = Task.from_pairs(task), template or PromptTemplate.verbatim()
-    splits = task.split(
-        0 if seed is None else seed,
-        FitConfig.n_train if n_train is None else n_train,
-        FitConfig.n_valid if n_valid is None else n_valid,
-        n_test,
-    )
-    return splits, task, template or PromptTemplate()
 
 
 def _check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
@@ -525,17 +403,6 @@ def fit_path(
     ``group_l1s`` are absolute, or fractions of λ_max with ``relative=True``. Returns a DataFrame
     (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
-
-    Example:
-        >>> from lens_laai.testing import tiny_model, tiny_task
-        >>> model, task = tiny_model(), tiny_task()
-        >>> from lens_laai import fit_path
-        >>> splits = task.split(seed=0, n_train=8)
-        >>> path, interventions = fit_path(model, splits, 1, [0.5, 0.05], relative=True, steps=3, progress=False)
-        >>> path["group_l1_rel"].tolist(), len(interventions)
-        ([0.5, 0.05], 2)
-        >>> bool((path["n_selected"].diff().dropna() >= 0).all())  # a smaller λ₂ keeps at least as many heads
-        True
     """
     template = template or PromptTemplate()
     lambdas = tuple(sorted(lambda_values(group_l1s), reverse=True))

@@ -10,7 +10,7 @@ varies by orders of magnitude between layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -52,6 +52,8 @@ class LayerFit:
     valid_accuracy: float
     valid_ce: float
     fast_path: bool
+    runner: LayerRunner | None = field(default=None, repr=False)  # what it was fitted on (reused by refits)
+    valid_runner: LayerRunner | None = field(default=None, repr=False)  # what ``valid_*`` was scored on
 
     def key(self) -> tuple[float, float]:
         return (self.valid_accuracy, -self.valid_ce)
@@ -170,6 +172,8 @@ def layer_path(
             valid_acc,
             valid_ce,
             runner.is_fast,
+            runner,
+            valid_runner,
         )
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -25,6 +26,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.layer_fit import layer_path
+from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import Task
 
@@ -138,3 +140,113 @@ def choose(table: pd.DataFrame) -> dict[str, Any]:
     best = summary.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     layer = best.layer if isinstance(best.layer, tuple) else int(best.layer)
     return {"layer": layer, "lam": float(best.lam), "cv_accuracy": float(best.cv_accuracy), "cv_ce": float(best.cv_ce)}
+
+
+Rule = Literal["1se", "min"]
+Metric = Literal["accuracy", "ce"]
+ESTIMATORS = ("penalised", "relaxed")
+
+
+def cross_validated_path(
+    model: TransformerBridge,
+    train: Task,
+    layer: int,
+    lambdas: Sequence[float],
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+    relaxed_steps: int | None = RELAXED_STEPS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Every point of one layer's λ₂ path scored by ``cfg.folds``-fold cross-validation, penalised and relaxed.
+
+    Each fold fits the whole path (largest λ₂ first, warm starts) on its fitting part, refits each
+    point's support without the group penalty (:func:`~lens_laai.fitting.relaxed.relaxed_path`) and
+    scores both on its held-out part. Every pair is held out once, so each score is a mean over the
+    n pairs and its standard error is ``sd / sqrt(n)`` over pairs (with 2 folds, fold means would
+    give a standard error from two numbers).
+
+    One row per λ₂, path order: ``lam, cv_n_selected`` (mean over folds) and, for ``est`` in
+    ``penalised``/``relaxed``, ``{est}_cv_accuracy, {est}_cv_accuracy_se, {est}_cv_ce, {est}_cv_ce_se``.
+    """
+    parts = fold_splits(train, cfg.folds, cfg.seed)
+    path = sorted(lambdas, reverse=True)
+    runners: dict = {}
+    held: dict[tuple[float, str], list[np.ndarray]] = {}
+    counts: dict[float, list[int]] = {lam: [] for lam in path}
+    bar = tqdm(total=len(path) * len(parts), desc="cross-validation", disable=not progress)
+    for fit_part, held_part in parts:
+        for point in relaxed_path(
+            model, fit_part, held_part, layer, path, cfg, template, meter, relaxed_steps, runners=runners
+        ):
+            counts[point.lam].append(point.n_selected)
+            for est, scores in point.held.items():
+                held.setdefault((point.lam, est), []).append(np.stack(scores))
+            bar.update(1)
+    bar.close()
+    return _table(path, counts, held, "cv")
+
+
+def score_table(points: Sequence[Any], score: str = "valid") -> pd.DataFrame:
+    """:func:`cross_validated_path`'s table from the held-out scores of :class:`~lens_laai.fitting.relaxed.PathPoint` s
+    (e.g. a validation split), columns named ``{est}_{score}_…``."""
+    held = {(p.lam, est): [np.stack(v)] for p in points for est, v in p.held.items()}
+    return _table([p.lam for p in points], {p.lam: [p.n_selected] for p in points}, held, score)
+
+
+def _table(
+    path: Sequence[float], counts: dict[float, list[int]], held: dict[tuple[float, str], list[np.ndarray]], score: str
+) -> pd.DataFrame:
+    rows = []
+    for lam in path:
+        row: dict[str, Any] = {"lam": lam, f"{score}_n_selected": float(np.mean(counts[lam]))}
+        for est in ESTIMATORS:
+            if (lam, est) not in held:
+                continue
+            correct, ce = np.concatenate(held[(lam, est)], axis=1)
+            n = len(correct)
+            for name, values in (("accuracy", correct), ("ce", ce)):
+                row[f"{est}_{score}_{name}"] = float(values.mean())
+                row[f"{est}_{score}_{name}_se"] = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def choose_point(
+    table: pd.DataFrame,
+    rule: Rule = "1se",
+    metric: Metric = "accuracy",
+    estimator: str = "relaxed",
+    n_selected: Sequence[int] | None = None,
+    max_heads: int | None = None,
+    score: str = "cv",
+) -> int:
+    """The index (path order, largest λ₂ first) of the point a rule picks from :func:`cross_validated_path`'s table.
+
+    ``"min"``: the best cross-validated score (accuracy: highest; ``"ce"``: lowest; ties: the
+    sparser). ``"1se"``: the sparsest point whose score is within one standard error of the best
+    (glmnet's ``lambda.1se``), so a denser set has to earn its place. ``n_selected`` (heads kept
+    by the fit on all n pairs, one per point) rules out points that keep no head, and with
+    ``max_heads`` points that keep more than that; ``score`` names the columns used (``"cv"``, ``"valid"``); if nothing is left, the sparsest point that keeps a
+    head (or the first point) is returned.
+    """
+    if rule not in ("1se", "min"):
+        raise FitError(f"rule must be '1se' or 'min', got {rule!r}.")
+    if metric not in ("accuracy", "ce"):
+        raise FitError(f"metric must be 'accuracy' or 'ce', got {metric!r}.")
+    col = f"{estimator}_{score}_{metric}"
+    if col not in table:
+        raise FitError(f"no {score} scores of the {estimator} fits in this table (no column {col!r}).")
+    heads = list(n_selected) if n_selected is not None else [1] * len(table)
+    ok = [i for i, k in enumerate(heads) if k >= 1 and (max_heads is None or k <= max_heads)]
+    if not ok:
+        with_heads = [i for i, k in enumerate(heads) if k >= 1]
+        return with_heads[0] if with_heads else 0
+    sign = 1.0 if metric == "accuracy" else -1.0  # higher is better after the sign
+    signed = sign * table[col].to_numpy()
+    best = max(ok, key=lambda i: (signed[i], -i))
+    if rule == "min":
+        return best
+    se = float(table[f"{col}_se"].to_numpy()[best])
+    threshold = signed[best] - (0.0 if not np.isfinite(se) else se)
+    return next(i for i in ok if signed[i] >= threshold - 1e-12)

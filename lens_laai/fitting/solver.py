@@ -19,31 +19,21 @@ from torch import Tensor
 
 from lens_laai.errors import FitError
 
+GroupWeight = float | Float[Tensor, "head 1"]
 
-def penalty(delta: Float[Tensor, "head d_head"], l1: float, group_l1: float) -> Tensor:
-    """``l1 * ‖Δ‖₁ + group_l1 * Σ_h ‖Δ_h‖₂``.
 
-    Example:
-        >>> import torch
-        >>> from lens_laai.fitting.solver import penalty
-        >>> round(float(penalty(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), l1=0.1, group_l1=1.0)), 4)  # 0.1·7 + 1·5
-        5.7
-    """
-    return l1 * delta.abs().sum() + group_l1 * delta.norm(dim=-1).sum()
+def penalty(delta: Float[Tensor, "head d_head"], l1: float, group_l1: GroupWeight) -> Tensor:
+    """``l1 * ‖Δ‖₁ + Σ_h group_l1_h ‖Δ_h‖₂`` (``group_l1``: one λ₂, or one per group as a ``[head, 1]`` tensor)."""
+    norms = delta.norm(dim=-1, keepdim=True)
+    return l1 * delta.abs().sum() + (group_l1 * norms).sum()
 
 
 def prox_sparse_group_lasso(
-    v: Float[Tensor, "head d_head"], step_l1: float, step_group: float
+    v: Float[Tensor, "head d_head"], step_l1: float, step_group: GroupWeight
 ) -> Float[Tensor, "head d_head"]:
-    """``argmin_x ½‖x − v‖² + step_l1‖x‖₁ + step_group Σ_h ‖x_h‖₂`` in closed form.
+    """``argmin_x ½‖x − v‖² + step_l1‖x‖₁ + Σ_h step_group_h ‖x_h‖₂`` in closed form (``step_group``: a
+    number, or one per group as a ``[head, 1]`` tensor).
 
-    Example:
-        >>> import torch
-        >>> from lens_laai.fitting.solver import prox_sparse_group_lasso
-        >>> v = torch.tensor([[3.0, 4.0], [0.1, 0.1]])
-        >>> prox_sparse_group_lasso(v, 0.0, 1.0)  # the small head becomes exactly zero
-        tensor([[2.4000, 3.2000],
-                [0.0000, 0.0000]])
     """
     u = torch.sign(v) * torch.clamp(v.abs() - step_l1, min=0.0)
     norms = u.norm(dim=-1, keepdim=True)
@@ -81,7 +71,7 @@ def fista(
     smooth: Callable[[Tensor], float],
     x0: Tensor,
     l1: float,
-    group_l1: float,
+    group_l1: GroupWeight,
     steps: int,
     lr: float,
     on_step: Callable[[StepRecord], None] | None = None,
@@ -91,7 +81,8 @@ def fista(
 ) -> tuple[Tensor, list[StepRecord]]:
     """Minimise ``f(x) + penalty(x, l1, group_l1)`` by FISTA with backtracking and adaptive restart.
 
-    ``smooth_and_grad(y)`` returns ``f(y)`` and its gradient, ``smooth(x)`` returns ``f(x)`` alone.
+    ``group_l1`` is one λ₂ or a ``[head, 1]`` tensor of one λ₂ per group (e.g. several independent
+    problems stacked as rows, each with its own λ₂). ``smooth_and_grad(y)`` returns ``f(y)`` and its gradient, ``smooth(x)`` returns ``f(x)`` alone.
     A trial step from ``y`` is accepted when it passes the sufficient-decrease test of Beck &
     Teboulle (2009); otherwise the step size shrinks by ``shrink`` (by ``min(shrink, 0.01)`` when
     the trial point or its loss is not finite, so a wildly large ``lr`` recovers within the
@@ -212,12 +203,19 @@ def fista(
 
 
 def _check_options(
-    x0: Tensor, l1: float, group_l1: float, steps: int, lr: float, shrink: float, grow: float, max_backtracks: int
+    x0: Tensor, l1: float, group_l1: GroupWeight, steps: int, lr: float, shrink: float, grow: float, max_backtracks: int
 ) -> None:
     """Raise :class:`FitError` for options under which :func:`fista` cannot run."""
     problems = []
-    if not (math.isfinite(l1) and l1 >= 0) or not (math.isfinite(group_l1) and group_l1 >= 0):
-        problems.append(f"l1 and group_l1 must be finite and >= 0 (got {l1}, {group_l1})")
+    if isinstance(group_l1, Tensor):
+        group_ok = group_l1.shape == (x0.shape[0], 1) and bool((torch.isfinite(group_l1) & (group_l1 >= 0)).all())
+    else:
+        group_ok = math.isfinite(group_l1) and group_l1 >= 0
+    if not (math.isfinite(l1) and l1 >= 0) or not group_ok:
+        problems.append(
+            f"l1 and group_l1 must be finite and >= 0, group_l1 a number or one per row of x0 ([{x0.shape[0]}, 1]) "
+            f"(got {l1}, {group_l1 if not isinstance(group_l1, Tensor) else tuple(group_l1.shape)})"
+        )
     if not (math.isfinite(lr) and lr > 0):
         problems.append(f"lr must be finite and > 0 (got {lr})")
     if not 0 < shrink < 1 or not (math.isfinite(grow) and grow >= 1) or max_backtracks < 1 or steps < 0:

@@ -263,6 +263,10 @@ class HeadAblation(InterventionBase):
         return {"heads": [list(h) for h in self.heads], "kind": self.kind, "seed": self.seed}
 
     @classmethod
+    def _expects_tensors(cls, manifest: dict[str, Any]) -> bool:
+        return manifest.get("kind") != "zero"
+
+    @classmethod
     def _from_saved(cls, tensors: dict[str, Tensor], manifest: dict[str, Any]) -> HeadAblation:
         heads, kind = manifest.get("heads"), manifest.get("kind")
         if not isinstance(heads, list) or not isinstance(manifest.get("seed"), int):

@@ -252,11 +252,16 @@ class InterventionBase:
         return save_bundle(Path(path), tensors, manifest, self.TENSOR_STEM, force=force)
 
     @classmethod
+    def _expects_tensors(cls, manifest: dict[str, Any]) -> bool:
+        """Whether a save of this kind must hold tensors (a zero ablation holds none)."""
+        return True
+
+    @classmethod
     def load(cls: type[T], path: str | os.PathLike, model: TransformerBridge | None = None, strict: bool = False) -> T:
         """Read what :meth:`save` wrote (never pickle); with ``model``, check that it fits."""
         tensors, manifest = load_bundle(Path(path), cls.FORMAT, cls.TENSOR_STEM, check=validate_manifest)
         where = f"{Path(path) / 'manifest.json'}"
-        if not tensors:
+        if not tensors and cls._expects_tensors(manifest):
             raise InterventionError(f"{Path(path)}: the tensor file holds no tensors; the save is damaged.")
         for name, tensor in tensors.items():
             try:

@@ -115,7 +115,7 @@ def fit_opinion(
     model: TransformerBridge,
     survey: Survey,
     group: str,
-    layer: int | str = "auto",
+    layer: int | str = "sweep",
     *,
     splits: SurveySplits | None = None,
     seed: int | None = None,
@@ -140,8 +140,10 @@ def fit_opinion(
         group: ``ATTRIBUTE=VALUE`` (case-insensitive), e.g. ``"POLVIEWS=Extremely liberal"``.
         splits: question keys to use; otherwise ``survey.split(seed, n_train, n_valid, n_test)`` (defaults
             0, 8, 4, the rest).
-        layer, layers: a layer, or ``"auto"`` to sweep ``layers`` (default
+        layer, layers: a layer, or ``"sweep"`` (default) to sweep ``layers`` (default
             :func:`~lens_laai.fitting.fit.default_layers`) and keep the lowest validation divergence.
+            ``"auto"`` is the old name of ``"sweep"`` here (deprecated: a task fit's ``"auto"`` is a
+            fixed layer).
         l1, group_l1: λ₁ and λ₂; a list of λ₂ is a path (largest first, warm starts). ``0, 0`` is
             the fit without the Lasso terms.
         divergence: ``"kl"`` (KL(target ‖ model)), ``"js"`` or ``"w1"`` (see :mod:`lens_laai.opinions.metrics`).
@@ -165,14 +167,20 @@ def fit_opinion(
     """
     lambdas = tuple(sorted(lambda_values(group_l1), reverse=True))
     layers_arg = layers if layers is None or isinstance(layers, str) else tuple(layers)
-    # a survey's "auto" sweeps the candidate layers on validation questions (a task's "auto" is a fixed layer)
-    if layer in ("joint", "sweep"):
+    if layer == "auto":
+        warnings.warn(
+            "fit_opinion(layer='auto') is now layer='sweep' (a sweep on validation questions); a task fit's "
+            "'auto' is a fixed layer. Pass layer='sweep'.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        layer = "sweep"
+    if layer == "joint":
         raise FitError(
-            f"layer={layer!r} is for tasks; a survey fit takes a layer index or 'auto' (a sweep on "
-            "validation questions)."
+            "layer='joint' is for tasks; a survey fit takes a layer index or 'sweep' (a sweep on validation questions)."
         )
     cfg = FitConfig(
-        layer="sweep" if layer == "auto" else layer,
+        layer=layer,
         layers=layers_arg,
         l1=l1,
         group_l1=lambdas[0],

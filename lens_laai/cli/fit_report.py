@@ -1,0 +1,30 @@
+"""What ``lens-laai fit`` prints about the head set: the sparsity–accuracy frontier and stability."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+
+def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
+    """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
+    cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
+    table = path[list(cols)].rename(columns=cols)
+    for est in ("relaxed", "penalised"):
+        if f"{est}_cv_accuracy" in path:
+            acc, se = path[f"{est}_cv_accuracy"], path[f"{est}_cv_accuracy_se"]
+            table[f"CV acc ({est})"] = [f"{a:.2f} ± {e:.2f}" for a, e in zip(acc, se)]
+    table["pick"] = ["<-" if c else "" for c in path.chosen]
+    used = f"{s['labelled_pairs_used']} labelled pairs used in all"
+    print(f"\nSparsity–accuracy frontier at layer {s['layer']} (λ₂ path, warm starts; {used}):")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def print_stability(st: dict[str, Any]) -> None:
+    probs = ", ".join(f"L{h['layer']}H{h['head']} {h['selection_probability']:.2f}" for h in st["heads"])
+    print(
+        f"\nStability over {st['n_subsamples']} complementary-pair subsamples (selection probability): {probs}\n"
+        f"stable set (probability ≥ {st['threshold']}): {', '.join(st['stable_heads']) or 'none'}; "
+        f"expected falsely selected heads ≤ {st['error_bound']:.2f} (Shah & Samworth 2013)"
+    )

@@ -1,0 +1,115 @@
+"""``lens-laai eval`` and ``lens-laai compose``: commands on saved interventions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from typing import Any
+
+from lens_laai.cli.args import (
+    model_from_args,
+    parse_float,
+    task_from_args,
+)
+from lens_laai.cli.opinion import (
+    eval_survey,
+    is_survey,
+)
+from lens_laai.errors import LensLaaiError
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lens_laai.evaluation.evaluate import evaluate
+    from lens_laai.interventions.protocol import load_intervention
+
+    if is_survey(args):
+        return eval_survey(args)
+    task = task_from_args(args)
+    if args.intervention is None and args.strict:
+        raise LensLaaiError("--strict checks an intervention against the model; give --intervention too.")
+    model = model_from_args(args)
+    iv = load_intervention(args.intervention, model, strict=args.strict) if args.intervention else None
+    _check_provenance(iv, args)
+    result = evaluate(
+        model,
+        task,
+        iv,
+        shots=args.shots,
+        split=args.split,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_valid=args.n_valid,
+        progress=not args.no_progress,
+    )
+    out = {
+        "task": task.name,
+        "accuracy": result.accuracy,
+        "n": result.n,
+        "shots": args.shots,
+        "intervention": args.intervention,
+        "split": args.split,
+        "seconds": round(result.seconds, 2),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(result.table[["input", "target", "prediction", "correct"]].head(10).to_string(index=False))
+        print(f"\naccuracy {result.accuracy:.3f} on {result.n} {args.split} examples")
+    return 0
+
+
+def _check_provenance(iv: Any, args: argparse.Namespace) -> None:
+    """Refuse a task evaluation that cannot keep the fit's training pairs out of the scored split.
+
+    A survey intervention's record splits questions, not task pairs; an intervention whose data
+    record and fit_config are gone (deleted, or never written) cannot say which pairs it saw, so
+    only an explicit ``--split all`` (scoring every pair, knowingly) is allowed.
+    """
+    from lens_laai.interventions.ablation import HeadAblation
+
+    if iv is None or isinstance(iv, HeadAblation):
+        return
+    if "survey" in iv.metadata or iv.metadata.get("kind") == "opinion":
+        raise LensLaaiError(
+            f"{args.intervention} was fitted on a survey ({iv.metadata.get('name', '?')}); its record splits survey "
+            "questions, not task pairs. Evaluate it with --survey / --survey-dir instead of --task."
+        )
+    config = iv.metadata.get("fit_config")
+    if not iv.metadata.get("data") and not (isinstance(config, dict) and "seed" in config):
+        if args.split != "all":
+            raise LensLaaiError(
+                f"{args.intervention} records neither the data it was fitted on (metadata.data) nor its fit_config, "
+                "so its held-out split cannot be checked and training pairs could be scored as test. Pass "
+                "--split all to score every pair knowingly."
+            )
+        warnings.warn(
+            f"{args.intervention} has no data record: --split all scores pairs it may have been fitted on.",
+            stacklevel=1,
+        )
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    from lens_laai.interventions.protocol import load_intervention
+    from lens_laai.storage.bundle import check_save_path
+
+    weights = (
+        [1.0] * len(args.interventions)
+        if args.weights is None
+        else [parse_float(w, "--weights") for w in args.weights.split(",")]
+    )
+    if len(weights) != len(args.interventions):
+        raise LensLaaiError(
+            f"--weights has {len(weights)} values for {len(args.interventions)} interventions; give one each."
+        )
+    check_save_path(args.out, force=args.force)
+    ivs = [load_intervention(p) for p in args.interventions]
+    total = weights[0] * ivs[0]
+    for w, iv in zip(weights[1:], ivs[1:]):
+        total = total + w * iv
+    total.metadata.update(composed_from=list(args.interventions), weights=weights)
+    total.save(args.out, force=args.force)
+    heads = [list(h) for h in total.selected_heads()] if hasattr(total, "selected_heads") else []
+    out = {"out": args.out, "layers": total.layers, "selected_heads": heads}
+    print(json.dumps(out) if args.json else f"saved {args.out}: layers {total.layers}, {len(heads)} heads")
+    return 0

@@ -1,0 +1,245 @@
+"""What a fit is given and what it returns: the settings (:class:`FitConfig`), the result (:class:`FitResult`),
+the layer policy (:func:`auto_layer`, :func:`default_layers`) and the default λ₂ path.
+
+:func:`lens_laai.fitting.fit.fit` re-exports these; import them from there or from ``lens_laai``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+
+from lens_laai.errors import FitError
+from lens_laai.fitting.layer_fit import Init
+from lens_laai.fitting.relaxed import RELAXED_STEPS
+from lens_laai.interventions.head import HeadIntervention
+from lens_laai.tasks.prompts import PromptTemplate
+from lens_laai.tasks.task import Task, TaskSplits
+
+Objective = Literal["first_token", "sequence"]
+TaskLike = Task | TaskSplits | Sequence[tuple[str, str]]
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The candidate layers unless told otherwise: every fourth layer from 15% to 70% of the depth.
+
+    Task vectors live in the first two thirds of the network (Function Vectors, LAAI; on the
+    development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
+    20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
+    layers try every layer of that range.
+    """
+    lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
+    return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints."""
+    if spec is None or spec == "default":
+        return default_layers(n_layers)
+    if spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        try:
+            spec = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise FitError(f"layers must be 'all', 'default' or a comma list of integers, got {spec!r}.") from None
+    layers = list(spec)
+    if not layers:
+        raise FitError("layers is empty; give at least one layer index, 'default' or 'all'.")
+    for l in layers:
+        if not isinstance(l, int) or isinstance(l, bool):
+            raise FitError(f"Layer {l!r} is not a layer index (an int), in layers {layers!r}.")
+        if not 0 <= l < n_layers:
+            raise FitError(f"Layer {l} is out of range: this model has layers 0..{n_layers - 1}.")
+    return sorted(set(layers))
+
+
+Select = Literal["cv", "valid", "none", "auto"]
+DEFAULT_GROUP_L1_REL: tuple[float, ...] = tuple(round(0.9 * (0.05 / 0.9) ** (i / 7), 4) for i in range(8))
+"""The default λ₂ path: 8 points, geometric from 0.9 to 0.05 of λ_max (0.9, 0.596, 0.394, …, 0.05)."""
+STEPS_PER_POINT = 4  # proximal steps per λ₂ of the default path (warm starts carry the rest)
+STEP_BUDGET = 30  # proximal steps in all for a λ₂ path you give, unless ``steps`` is given
+AUTO_DEPTH = 16 / 30  # layer="auto": the layer at this fraction of the depth (development study, docs/results.md)
+
+
+def auto_layer(n_layers: int) -> int:
+    """The layer ``layer="auto"`` fits: ``round(AUTO_DEPTH × n_layers)`` (16 of SmolLM2's 30, 17 of 32).
+
+    A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
+    did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
+    """
+    return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig:
+    """Everything that, with the data and model, reproduces a fit.
+
+    With ``relative`` (the default) ``group_l1`` is a fraction of λ_max at the fitted layer (see
+    :func:`lens_laai.fitting.layer_fit.lambda_max`); otherwise it is λ₂ itself. ``select`` says how the
+    layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
+    ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
+    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+    """
+
+    layer: int | str = "auto"
+    layers: tuple[int, ...] | str | None = None
+    l1: float = 1e-3
+    group_l1: float = DEFAULT_GROUP_L1_REL[-1]
+    relative: bool = True
+    steps: int = STEPS_PER_POINT
+    lr: float = 1.0
+    n_train: int = 20
+    n_valid: int = 0
+    n_test: int | None = None
+    seed: int = 0
+    shots: int = 0
+    init: Init = "zero"
+    select: str = "cv"
+    folds: int = 2
+    halving: bool = True
+    rule: str = "1se"
+    cv_metric: str = "ce"
+    relaxed: bool = True
+    relaxed_steps: int = RELAXED_STEPS
+    max_heads: int | None = None
+    objective: Objective = "first_token"
+    batch_size: int = 32
+    fast: bool = True
+
+    def validate(self, n_layers: int) -> None:
+        """Raise :class:`FitError` naming the first bad setting."""
+        for name in ("l1", "group_l1", "lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise FitError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+        if self.lr <= 0:
+            raise FitError(f"lr must be > 0, got {self.lr}.")
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise FitError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots < 0:
+            raise FitError(f"shots must be an integer ≥ 0, got {self.shots!r}.")
+        if self.objective not in ("first_token", "sequence"):
+            raise FitError(f"objective must be 'first_token' or 'sequence', got {self.objective!r}.")
+        if self.init not in ("zero", "mean-difference"):
+            raise FitError(f"init must be 'zero' or 'mean-difference', got {self.init!r}.")
+        if self.select not in ("auto", "cv", "valid", "none"):
+            raise FitError(f"select must be 'cv', 'valid' or 'none', got {self.select!r}.")
+        if self.rule not in ("1se", "min"):
+            raise FitError(
+                f"rule must be '1se' (the sparsest point within one standard error) or 'min', got {self.rule!r}."
+            )
+        if self.cv_metric not in ("accuracy", "ce"):
+            raise FitError(f"cv_metric must be 'accuracy' or 'ce', got {self.cv_metric!r}.")
+        if not isinstance(self.relaxed, bool):
+            raise FitError(f"relaxed must be True or False, got {self.relaxed!r}.")
+        for name in ("relaxed_steps", "max_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise FitError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 2:
+            raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
+        if not isinstance(self.halving, bool):
+            raise FitError(f"halving must be True or False, got {self.halving!r}.")
+        self.candidate_layers(n_layers)
+
+    def candidate_layers(self, n_layers: int) -> list[int]:
+        if self.layer == "auto":
+            if self.layers is not None:
+                raise FitError(
+                    "layers= lists candidates for layer='sweep' or 'joint'; layer='auto' fits the layer at "
+                    f"{AUTO_DEPTH:.0%} of the depth. Use layer='sweep' to choose among your layers."
+                )
+            return [auto_layer(n_layers)]
+        if self.layer in ("joint", "sweep"):
+            return parse_layers(self.layers, n_layers)
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise FitError(f"layer must be a layer index, 'auto', 'joint' or 'sweep', got {self.layer!r}.")
+        return parse_layers([self.layer], n_layers)
+
+
+@dataclass
+class FitResult:
+    """A fitted intervention with its training record and selection scores.
+
+    ``intervention`` is the relaxed refit when ``relaxed`` (Δ refitted on the penalised fit's heads
+    with the group penalty off), and ``penalised`` the penalised fit it came from (the same object
+    otherwise). ``train_accuracy`` is the returned intervention's accuracy on the training pairs,
+    ``penalised_train_accuracy`` the penalised fit's. ``cv_accuracy`` ± ``cv_accuracy_se``: the
+    chosen candidate's cross-validated accuracy on the training pairs (``None`` when nothing was
+    cross-validated); ``valid_accuracy``: accuracy on the validation split (NaN without one).
+    ``candidates`` has one row per fitted candidate: the λ₂ path's points at one layer (the
+    sparsity–accuracy frontier, ``chosen`` marking the pick), or (layer, λ₂) pairs of a sweep.
+    ``selection`` says what chose (``"cv"``, ``"valid"``, ``"none"``), ``selection_rule`` how
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"max_heads=3"``, ``"last"``, …).
+    """
+
+    intervention: HeadIntervention
+    layer: int
+    history: pd.DataFrame
+    train_accuracy: float
+    valid_accuracy: float
+    selected_heads: list[tuple[int, int]]
+    config: FitConfig
+    candidates: pd.DataFrame
+    splits: TaskSplits
+    seconds: float
+    forward_equivalents: float
+    fast_path: bool = True
+    selection: str = "none"
+    selection_rule: str = "last"
+    relaxed: bool = False
+    penalised: HeadIntervention | None = None
+    penalised_train_accuracy: float | None = None
+    cv_accuracy: float | None = None
+    cv_accuracy_se: float | None = None
+
+    @property
+    def n_selected(self) -> int:
+        return len(self.selected_heads)
+
+    @property
+    def sweep(self) -> pd.DataFrame:
+        """Deprecated name of :attr:`candidates` (it was a λ path when no layer was swept); removed in 0.x+1."""
+        warnings.warn("FitResult.sweep is now FitResult.candidates.", DeprecationWarning, stacklevel=2)
+        return self.candidates
+
+
+def prepare_data(
+    task: TaskLike,
+    template: PromptTemplate | None,
+    n_train: int | None,
+    n_valid: int | None,
+    n_test: int | None,
+    seed: int | None,
+) -> tuple[TaskSplits, Task | None, PromptTemplate]:
+    """Splits, the task they were cut from (if known), and the template (what :func:`fit` does with ``task``)."""
+    if isinstance(task, TaskSplits):
+        given = [
+            k
+            for k, v in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test), ("seed", seed))
+            if v is not None
+        ]
+        if given:
+            raise FitError(f"{', '.join(given)} split a Task, but these TaskSplits are already split; drop them.")
+        return task, None, template or PromptTemplate()
+    if not isinstance(task, Task):
+        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence):
+            raise FitError(
+                f"task must be a Task, TaskSplits or a list of (prompt, target) strings, got {type(task).__name__}."
+            )
+        task, template = Task.from_pairs(task), template or PromptTemplate.verbatim()
+    splits = task.split(
+        0 if seed is None else seed,
+        FitConfig.n_train if n_train is None else n_train,
+        FitConfig.n_valid if n_valid is None else n_valid,
+        n_test,
+    )
+    return splits, task, template or PromptTemplate()

@@ -1,0 +1,244 @@
+"""The sparsity–accuracy frontier of one layer's λ₂ path, and the choice of a point on it.
+
+Along a λ₂ path from near λ_max down, the group lasso keeps more and more heads. Each point has a
+head count, a cross-validated score with its standard error, and (relaxed) training accuracy:
+that table is the frontier, the answer to "how many heads does this task need?".
+:func:`choose_on_path` is how :func:`lens_laai.fit` picks a point (k-fold cross-validation with
+the one-standard-error rule, a head budget, or a validation split) and refits its support without
+the group penalty (:mod:`lens_laai.fitting.relaxed`); :func:`frontier` returns the whole table,
+optionally with held-out accuracy, and :func:`plot_frontier` draws it.
+
+Example:
+    >>> from lens_laai.fitting.frontier import frontier
+    >>> from lens_laai.testing import tiny_model, tiny_task
+    >>> table = frontier(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=2,
+    ...                  relaxed_steps=2, progress=False)
+    >>> list(table.columns[:3])
+    ['group_l1_rel', 'group_l1', 'lambda_max']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from lens_laai.errors import FitError
+from lens_laai.fastpath import CostMeter
+from lens_laai.fitting.config import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
+from lens_laai.fitting.layer_fit import LayerFit, delta_hooks, layer_path
+from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path, relaxed_refit
+from lens_laai.fitting.selection import choose_point, cross_validated_path, score_table
+from lens_laai.tasks.prompts import PromptTemplate
+from lens_laai.tasks.task import TaskSplits
+
+
+@dataclass
+class PathChoice:
+    """The point :func:`choose_on_path` picked: its penalised fit, relaxed Δ (or ``None``) and the table.
+
+    ``table`` has one row per λ₂ (path order) with ``chosen`` marking the pick; ``rule`` says how
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"valid-1se-ce"``, ``"max_heads=3"``, ``"last"``).
+    """
+
+    penalised: LayerFit
+    relaxed: Tensor | None
+    relaxed_train_accuracy: float
+    relaxed_valid: tuple[float, float] | None
+    table: pd.DataFrame
+    index: int
+    rule: str
+
+
+def choose_on_path(
+    model: TransformerBridge,
+    splits: TaskSplits,
+    layer: int,
+    lambdas: Sequence[float],
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+    *,
+    how: str,
+    progress: bool = True,
+) -> PathChoice:
+    """Fit ``lambdas`` at ``layer`` on the training pairs and pick a point; see :func:`lens_laai.fit`.
+
+    ``how``: ``"cv"`` (``cfg.folds``-fold cross-validation on the training pairs, ``cfg.rule``),
+    ``"valid"`` (the same rule on the validation split), ``"none"`` (the path's last point). With
+    ``cfg.max_heads`` the pick is the densest point keeping at most that many heads (no scoring; if
+    every point keeps more, the sparsest one's ``max_heads`` largest-norm heads).
+    ``cfg.relaxed`` refits the pick's support without the group penalty.
+    """
+    path = sorted(lambdas, reverse=True)
+    relaxed_steps = cfg.relaxed_steps if cfg.relaxed else None
+    scored = None
+    if cfg.max_heads is None and len(path) > 1 and how == "cv":
+        scored = cross_validated_path(model, splits.train, layer, path, cfg, template, meter, relaxed_steps, progress)
+    valid = splits.valid if len(splits.valid) else None
+    if cfg.max_heads is None and len(path) > 1 and how == "valid":
+        points = list(relaxed_path(model, splits.train, valid, layer, path, cfg, template, meter, relaxed_steps))
+        scored = score_table(points, "valid")
+        fits = [p.fit for p in points]
+    else:
+        fits = list(layer_path(model, splits.train, valid, layer, path, cfg, template, meter))
+    counts = [f.n_selected for f in fits]
+    estimator = "relaxed" if cfg.relaxed else "penalised"
+    if cfg.max_heads is not None:
+        index, rule = _within_budget(counts, cfg.max_heads), f"max_heads={cfg.max_heads}"
+    elif scored is not None:
+        index = choose_point(scored, cfg.rule, cfg.cv_metric, estimator, counts, score=how)
+        rule = f"{how}-{cfg.rule}-{cfg.cv_metric}"
+    else:
+        index, rule = len(fits) - 1, "last"
+    chosen = fits[index]
+    if cfg.max_heads is not None and chosen.n_selected > cfg.max_heads:  # no point within the budget
+        chosen, rule = _top_heads(chosen, cfg.max_heads), f"max_heads={cfg.max_heads} (largest of {chosen.n_selected})"
+    relaxed, relaxed_acc, relaxed_valid = None, float("nan"), None
+    if cfg.relaxed:
+        assert chosen.runner is not None, "layer_path keeps each point's runner"
+        relaxed, _ = relaxed_refit(chosen.runner, cfg, chosen.delta, cfg.relaxed_steps, chosen.sites)
+        relaxed_acc = chosen.runner.scores(delta_hooks(chosen.sites, relaxed))[0]
+        if chosen.valid_runner is not None:
+            relaxed_valid = chosen.valid_runner.scores(delta_hooks(chosen.sites, relaxed))
+    table = pd.DataFrame([_row(f, lam, cfg) for lam, f in zip(path, fits)])
+    if scored is not None:
+        table = pd.concat([table, scored.drop(columns=["lam"])], axis=1)
+    table["chosen"] = [i == index for i in range(len(fits))]
+    return PathChoice(chosen, relaxed, relaxed_acc, relaxed_valid, table, index, rule)
+
+
+def _top_heads(f: LayerFit, k: int) -> LayerFit:
+    """``f`` with only its ``k`` largest-norm heads kept (rescored on the training pairs)."""
+    norms = f.delta.norm(dim=-1)
+    keep = torch.zeros_like(norms, dtype=torch.bool)
+    keep[norms.topk(k).indices] = True
+    delta = f.delta * keep[:, None]
+    assert f.runner is not None, "layer_path keeps each point's runner"
+    acc, _ = f.runner.scores(delta_hooks(f.sites, delta))
+    return replace(f, delta=delta, train_accuracy=acc)
+
+
+def _within_budget(counts: list[int], max_heads: int) -> int:
+    """The densest path point keeping 1..``max_heads`` heads (the last such); else the sparsest with a head
+    (:func:`choose_on_path` then keeps its ``max_heads`` largest heads)."""
+    within = [i for i, k in enumerate(counts) if 1 <= k <= max_heads]
+    if within:
+        return within[-1]
+    with_heads = [i for i, k in enumerate(counts) if k >= 1]
+    return with_heads[0] if with_heads else 0
+
+
+def _row(f: LayerFit, lam: float, cfg: Any) -> dict[str, Any]:
+    return {
+        "group_l1_rel" if cfg.relative else "group_l1": lam,
+        **({"group_l1": f.group_l1} if cfg.relative else {}),
+        "lambda_max": f.lambda_max,
+        "n_selected": f.n_selected,
+        "train_accuracy": f.train_accuracy,
+    }
+
+
+def frontier(
+    model: TransformerBridge,
+    task: Any,
+    layer: int | str = "auto",
+    *,
+    group_l1_rel: Sequence[float] | None = None,
+    l1: float | None = None,
+    steps: int | None = None,
+    relaxed_steps: int = RELAXED_STEPS,
+    folds: int | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int | None = None,
+    test: bool = False,
+    template: PromptTemplate | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The sparsity–accuracy frontier at one layer: one row per point of the λ₂ path.
+
+    Columns: ``group_l1_rel, group_l1, lambda_max, n_selected`` (heads kept by the fit on all n
+    pairs), ``train_accuracy`` and ``relaxed_train_accuracy``; the cross-validated scores of
+    :func:`~lens_laai.fitting.selection.cross_validated_path` (``relaxed_cv_accuracy`` ± ``_se``,
+    ``…_cv_ce``, the same for ``penalised``); ``chosen_1se`` and ``chosen_min`` (what the rules of
+    :func:`lens_laai.fit` would pick); with ``test=True`` also ``test_accuracy`` and
+    ``relaxed_test_accuracy`` on the test split (held-out pairs the fit never sees).
+
+    Arguments are those of :func:`lens_laai.fit` (a Task is split by ``seed`` into ``n_train`` and
+    the rest; ``layer="auto"`` is the default layer).
+    """
+
+    splits, _, template = prepare_data(
+        task, template, n_train, 0 if not isinstance(task, TaskSplits) else None, n_test, seed
+    )
+    if layer == "auto":
+        layer = auto_layer(model.cfg.n_layers)
+    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+        raise FitError(f"frontier() fits one layer: give a layer index in 0..{model.cfg.n_layers - 1} or 'auto'.")
+    cfg = FitConfig(
+        layer=layer,
+        l1=FitConfig.l1 if l1 is None else l1,
+        steps=FitConfig.steps if steps is None else steps,
+        folds=FitConfig.folds if folds is None else folds,
+        seed=splits.seed,
+        n_train=len(splits.train),
+        relaxed_steps=relaxed_steps,
+    )
+    path = sorted(DEFAULT_GROUP_L1_REL if group_l1_rel is None else [float(x) for x in group_l1_rel], reverse=True)
+    for lam in path:
+        replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
+    meter = CostMeter()
+    scored = cross_validated_path(model, splits.train, layer, path, cfg, template, meter, relaxed_steps, progress)
+    held = splits.test if test and len(splits.test) else None
+    points = list(relaxed_path(model, splits.train, held, layer, path, cfg, template, meter, relaxed_steps))
+    rows = []
+    for lam, p in zip(path, points):
+        row = {**_row(p.fit, lam, cfg), "relaxed_train_accuracy": p.relaxed_train_accuracy}
+        for est, (correct, ce) in p.held.items():
+            prefix = "" if est == "penalised" else "relaxed_"
+            row[f"{prefix}test_accuracy"], row[f"{prefix}test_ce"] = float(np.mean(correct)), float(np.mean(ce))
+        rows.append(row)
+    table = pd.concat([pd.DataFrame(rows), scored.drop(columns=["lam"])], axis=1)
+    counts = table.n_selected.tolist()
+    for rule in ("1se", "min"):
+        pick = choose_point(scored, rule, cfg.cv_metric, "relaxed", counts)  # type: ignore[arg-type]  # checked by FitConfig  # the fit's metric
+        table[f"chosen_{rule}"] = [i == pick for i in range(len(table))]
+    return table
+
+
+def plot_frontier(table: pd.DataFrame, ax: Any = None, title: str | None = None) -> Any:
+    """Accuracy against heads kept along the path: CV score ± 1 SE (relaxed and penalised), and test
+    accuracy when the table has it; the 1-SE pick is ringed. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    else:
+        fig = ax.figure
+    x = table.n_selected.to_numpy()
+    for est, style in (("relaxed", "o-"), ("penalised", "s--")):
+        col = f"{est}_cv_accuracy"
+        if col in table:
+            ax.errorbar(x, table[col], yerr=table[f"{col}_se"], fmt=style, capsize=3, label=f"{est}, cross-validated")
+    for col, style, label in (
+        ("relaxed_test_accuracy", "o:", "relaxed, test"),
+        ("test_accuracy", "s:", "penalised, test"),
+    ):
+        if col in table:
+            ax.plot(x, table[col], style, alpha=0.7, label=label)
+    if "chosen_1se" in table and table.chosen_1se.any():
+        pick = table[table.chosen_1se].iloc[0]
+        ax.plot([pick.n_selected], [pick.relaxed_cv_accuracy], "o", ms=14, mfc="none", mec="k", label="1-SE pick")
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "Sparsity–accuracy frontier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
