@@ -2,7 +2,8 @@
 # Test job: unit tests on a tiny in-memory model plus integration tests on the embedded model.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$root/scripts/setup.sh" || exit 1
+# setup.sh sets -e for itself: a failed install stops here (a `|| exit` would switch -e off inside it)
+source "$root/scripts/setup.sh"
 set +e
 cd "$root"
 # The report test opens our HTML in a real browser (Debian's chromium); install it when we can.

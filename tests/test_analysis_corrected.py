@@ -19,15 +19,11 @@ import torch
 from lens_laai import HeadIntervention, Task
 from lens_laai.analysis import effects as fx
 from lens_laai.analysis.head_table import _AnalysisData, agreement, head_table
+from lens_laai.analysis.summary import selection_agreement
 from lens_laai.baselines.function_vectors import head_outputs
 from lens_laai.fastpath.runner import CostMeter
 from lens_laai.tasks.prompts import PromptTemplate, model_batches
 from lens_laai.testing import TINY_ARCHITECTURES, TINY_PAIRS, tiny_model, tiny_model_for
-
-try:
-    from lens_laai.analysis.head_table import selection_agreement
-except ImportError:  # the name before issue 19
-    from lens_laai.analysis.head_table import summarise as selection_agreement
 
 IDS = torch.tensor([[1, 20, 21, 22, 23], [1, 24, 25, 26, 27]])
 LAYER = 1

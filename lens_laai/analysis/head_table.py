@@ -79,7 +79,7 @@ METHODS = ("dla", "act_patch", "attr_patch", "fv_cie", "ablation", "necessity", 
 
 @dataclass
 class HeadAnalysis:
-    """Everything :func:`head_table` measured; see the module docstring. ``answer()`` says it in sentences.
+    """Everything :func:`~lens_laai.head_table` measured; see the module docstring. ``answer()`` says it in sentences.
 
     Example:
         >>> from lens_laai.testing import tiny_model, tiny_task

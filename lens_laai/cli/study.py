@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from lens_laai.cli.args import nonnegative_int, positive_int
 from lens_laai.errors import LensLaaiError
 
 
@@ -32,14 +33,14 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--address", default=None, help="Ray cluster address ('auto', 'ray://head:10001'); default: local")
     run.add_argument(
         "--workers",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="Ray workers (default: one per GPU, else per core; on a cluster, one per GPU or CPU); 0: run here, no Ray",
     )
     run.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 1 when GPUs exist)")
     run.add_argument("--device", default=None, help="device each worker loads the model on (default: cuda with GPUs)")
     run.add_argument("--dtype", default=None, help="model dtype (e.g. bf16)")
-    run.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1 with Ray)")
+    run.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default 1 with Ray)")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=run_command)
     status.set_defaults(func=status_command)

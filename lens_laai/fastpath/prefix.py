@@ -44,6 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from lens_laai.errors import LensLaaiError
 from lens_laai.fastpath.blocks import (
     BlockCall,
     ReplayUnsupported,
@@ -137,6 +138,8 @@ class LastTokenCache:
                     return_type="logits_and_cache",
                     use_cache=True,
                 )
+        except LensLaaiError:  # our own error from a hook: the caller's to see, not a missing fast path
+            raise
         except (TypeError, ValueError) as err:  # a bridge that takes no cache argument
             warn_once(
                 f"arch:{arch}",

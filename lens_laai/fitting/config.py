@@ -207,7 +207,7 @@ class FitResult:
 
     @property
     def sweep(self) -> pd.DataFrame:
-        """Deprecated name of :attr:`candidates` (it was a λ path when no layer was swept); removed in 0.x+1."""
+        """Deprecated name of ``candidates`` (it was a λ path when no layer was swept); removed in 0.x+1."""
         warnings.warn("FitResult.sweep is now FitResult.candidates.", DeprecationWarning, stacklevel=2)
         return self.candidates
 
@@ -220,7 +220,7 @@ def prepare_data(
     n_test: int | None,
     seed: int | None,
 ) -> tuple[TaskSplits, Task | None, PromptTemplate]:
-    """Splits, the task they were cut from (if known), and the template (what :func:`fit` does with ``task``)."""
+    """Splits, the task they were cut from (if known), and the template (what :func:`~lens_laai.fit` does with ``task``)."""
     if isinstance(task, TaskSplits):
         given = [
             k

@@ -33,6 +33,7 @@ from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.config import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
 from lens_laai.fitting.layer_fit import LayerFit, delta_hooks, layer_path
+from lens_laai.fitting.penalties import lambda_values
 from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path, relaxed_refit
 from lens_laai.fitting.selection import choose_point, cross_validated_path, score_table
 from lens_laai.tasks.prompts import PromptTemplate
@@ -191,7 +192,9 @@ def frontier(
         n_train=len(splits.train),
         relaxed_steps=relaxed_steps,
     )
-    path = sorted(DEFAULT_GROUP_L1_REL if group_l1_rel is None else [float(x) for x in group_l1_rel], reverse=True)
+    path = sorted(
+        lambda_values(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel"), reverse=True
+    )
     for lam in path:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
     meter = CostMeter()
@@ -208,7 +211,7 @@ def frontier(
     table = pd.concat([pd.DataFrame(rows), scored.drop(columns=["lam"])], axis=1)
     counts = table.n_selected.tolist()
     for rule in ("1se", "min"):
-        pick = choose_point(scored, rule, cfg.cv_metric, "relaxed", counts)  # type: ignore[arg-type]  # checked by FitConfig  # the fit's metric
+        pick = choose_point(scored, rule, cfg.cv_metric, "relaxed", counts)  # type: ignore[arg-type]  # FitConfig checks it is accuracy or ce
         table[f"chosen_{rule}"] = [i == pick for i in range(len(table))]
     return table
 

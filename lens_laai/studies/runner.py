@@ -168,6 +168,7 @@ def _run_ray(
 
     if not todo:
         return
+    actors: list = []
     started = not ray.is_initialized()
     if started:
         local: dict[str, Any] = {"num_cpus": workers, "_system_config": LOCAL_RAY_CONFIG} if not address else {}
@@ -178,15 +179,15 @@ def _run_ray(
             num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=-1, max_concurrency=1
         )
         device = device or ("cuda" if gpus else None)
-        actors = [actor.remote(study, device, dtype, threads or 1) for _ in range(min(n, len(todo)))]
+        actors += [actor.remote(study, device, dtype, threads or 1) for _ in range(min(n, len(todo)))]
         first_model = todo[0].model
         ray.get([a.warm.remote(first_model) for a in actors])
         if on_worker_start is not None:
             on_worker_start(actors)
         yield from _serve(study.name, actors, todo)
-        for a in actors:
-            ray.kill(a, no_restart=True)
     finally:
+        for a in actors:  # also after an error or Ctrl-C: free the workers' devices
+            ray.kill(a, no_restart=True)
         if started:
             ray.shutdown()
 
