@@ -127,7 +127,8 @@ def load_study(path: str | os.PathLike) -> Study:
     """
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"Study file {path} does not exist.")
+        what = "is a folder, not a TOML file" if path.is_dir() else "does not exist"
+        raise StudyError(f"Study file {path} {what}; give the path of a study's .toml file.")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
