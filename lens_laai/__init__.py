@@ -20,7 +20,8 @@ from lens_laai.errors import (
     SaveError,
     TaskError,
 )
-from lens_laai.evaluation.evaluate import EvalResult, evaluate, evaluate_many, generate
+from lens_laai.evaluation.evaluate import EvalResult, evaluate, evaluate_many
+from lens_laai.evaluation.generation import generate
 from lens_laai.fitting.fit import FitResult, fit, fit_path
 from lens_laai.interventions.ablation import HeadAblation
 from lens_laai.interventions.head import HeadIntervention

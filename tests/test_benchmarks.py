@@ -224,3 +224,20 @@ def test_a_rerun_of_a_benchmark_skips_the_cells_it_has(capsys, tmp_path):
     )
     assert [f.stat().st_mtime_ns for f in cells] == stamps and len(list(cells[0].parent.iterdir())) == 2
     assert again["md_accuracy"] == first["md_accuracy"] and "new_accuracy" in again
+
+
+def test_modes_study_smoke(capsys, tmp_path):
+    module = load_script("modes_study")
+    assert module.main(["--model", "lens-laai-tiny", "--quick", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    assert {
+        "10-shot prompting",
+        "default (chosen mode)",
+        "default, zero-shot Δ",
+        "zero-shot fit",
+        "function vectors",
+    } <= set(rows.method)
+    chosen = rows[rows.method == "default (chosen mode)"].iloc[0]
+    assert chosen.chosen_mode in json.loads(chosen.cv) and chosen.forward_equivalents > 0
+    summary = pd.read_csv(tmp_path / "modes_study_summary.csv")
+    assert "target: default ≥ 10-shot mean + 0.05" in set(summary.what)

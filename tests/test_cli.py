@@ -42,7 +42,7 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
     assert ev["n"] == out["n_test"] and ev["accuracy"] == pytest.approx(out["test_accuracy"])
 
     assert main(["fit", *args[1:], "--seed", "1", "--no-baselines", *TINY, "--out", str(tmp_path / "b")]) == 0
-    assert "LAAI intervention" in capsys.readouterr().out
+    assert "LAAI, zero-shot Δ" in capsys.readouterr().out
     assert (
         main(
             [

@@ -79,9 +79,14 @@ def test_cross_validated_path_scores_every_pair_once_with_standard_errors(tiny, 
 
 
 def test_head_budget_and_relaxed_switch(tiny, task):
-    budget = fit(tiny, task, layer=1, n_train=10, max_heads=1, steps=2, relaxed_steps=2, progress=False)
+    kw = {"layer": 1, "n_train": 10, "max_heads": 1, "steps": 2, "relaxed_steps": 2, "progress": False}
+    budget = fit(tiny, task, mode="zero-shot", **kw)  # a budget alone: nothing is cross-validated
     assert budget.n_selected <= 1 and budget.selection_rule.startswith("max_heads=1") and budget.selection == "none"
     assert budget.candidates.chosen.sum() == 1 and "relaxed_cv_accuracy" not in budget.candidates
+    with_modes = fit(tiny, task, **kw)  # the default mode="auto": cross-validation chooses the mode at the budget's point
+    assert with_modes.n_selected <= 1 and with_modes.selection_rule.startswith("max_heads=1")
+    assert with_modes.selection == "cv" and len(with_modes.modes) == 3
+    assert (with_modes.modes[with_modes.modes.delta].n_selected <= 1).all()
     plain = fit(tiny, task, layer=1, n_train=10, steps=2, relaxed=False, progress=False)
     assert not plain.relaxed and torch.equal(plain.intervention.deltas[1], plain.penalised.deltas[1])
     assert plain.cv_accuracy == plain.candidates[plain.candidates.chosen].penalised_cv_accuracy.iloc[0]

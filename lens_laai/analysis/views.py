@@ -268,7 +268,7 @@ def generation_view(model: TransformerBridge, iv: HeadIntervention, prompt: str,
         >>> view.name, len(view.props["tokens"]) == len(view.props["values"])
         ('ColoredTokens', True)
     """
-    from lens_laai.evaluation.evaluate import generate
+    from lens_laai.evaluation.generation import generate
 
     continuation = generate(model, prompt, iv, max_new_tokens=max_new_tokens)
     ids, tokens = _tokens(model, prompt + continuation)

@@ -17,7 +17,7 @@ from lens_laai.cli.args import (
     parse_penalties,
     task_from_args,
 )
-from lens_laai.cli.fit_report import print_frontier, print_stability
+from lens_laai.cli.fit_report import print_frontier, print_modes, print_stability
 from lens_laai.cli.opinion import (
     fill_task_defaults,
     fit_survey,
@@ -91,6 +91,8 @@ def run_fit(args: argparse.Namespace) -> int:
         cv_metric=args.cv_metric,
         relaxed=not args.no_relaxed,
         max_heads=args.max_heads,
+        mode=args.mode,
+        shots=parse_int_list(args.shots, "--shots") if args.shots is not None else None,
         folds=args.folds,
         halving=not args.no_halving,
         progress=not args.no_progress,
@@ -102,6 +104,9 @@ def run_fit(args: argparse.Namespace) -> int:
             stacklevel=1,
         )
     test = evaluate(model, splits, result.intervention, progress=not args.no_progress)
+    zero_delta = test if result.mode.shots == 0 and result.mode.delta else None
+    if zero_delta is None:
+        zero_delta = evaluate(model, splits, result.intervention, shots=0, progress=not args.no_progress)
     stable = _stability(model, splits, result, args) if args.stability else None
     zero = few = None
     if not args.no_baselines:
@@ -130,7 +135,12 @@ def run_fit(args: argparse.Namespace) -> int:
         "cv_accuracy_se": result.cv_accuracy_se,
         "validation_accuracy": result.valid_accuracy if len(splits.valid) else None,
         "valid_accuracy": _deprecated_valid_accuracy(result, splits),
+        "mode": result.mode.name,
+        "mode_shots": result.mode.shots,
+        "mode_delta": result.mode.delta,
+        "modes": json.loads(result.modes.to_json(orient="records")) if result.modes is not None else None,
         "test_accuracy": test.accuracy,
+        "zero_shot_delta_accuracy": zero_delta.accuracy,
         "n_test": test.n,
         "zero_shot_accuracy": zero,
         "few_shot_accuracy": few,
@@ -191,11 +201,15 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
         else:
             print(f"\nCandidates, scored on the validation split ({used}):")
         print(sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if s["modes"]:
+        print_modes(s["modes"])
     rows = [
         ("zero-shot prompt", s["zero_shot_accuracy"]),
         ("5-shot prompt", s["few_shot_accuracy"]),
-        ("LAAI intervention (0-shot)", s["test_accuracy"]),
+        ("LAAI, zero-shot Δ", s["zero_shot_delta_accuracy"]),
     ]
+    if s["mode"] != "zero-shot Δ":
+        rows.append((f"LAAI as chosen: {s['mode']}", s["test_accuracy"]))
     table = pd.DataFrame(
         [(m, a) for m, a in rows if a is not None], columns=["method", f"test accuracy (n={s['n_test']})"]
     )

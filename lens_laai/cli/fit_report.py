@@ -21,6 +21,21 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
+def print_modes(modes: list[dict[str, Any]]) -> None:
+    """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked."""
+    table = pd.DataFrame(
+        {
+            "mode": [m["mode"] for m in modes],
+            "heads": [m["n_selected"] if m["delta"] else "-" for m in modes],
+            "CV accuracy": [f"{m['cv_accuracy']:.2f} ± {m['cv_accuracy_se']:.2f}" for m in modes],
+            "CV cross-entropy": [f"{m['cv_ce']:.2f} ± {m['cv_ce_se']:.2f}" for m in modes],
+            "pick": ["<-" if m["chosen"] else "" for m in modes],
+        }
+    )
+    print("\nHow to use it, chosen by the same cross-validation (evaluate and generate use the pick by default):")
+    print(table.to_string(index=False))
+
+
 def print_stability(st: dict[str, Any]) -> None:
     probs = ", ".join(f"L{h['layer']}H{h['head']} {h['selection_probability']:.2f}" for h in st["heads"])
     print(

@@ -154,6 +154,20 @@ def _parser() -> argparse.ArgumentParser:
         "--max-heads", type=int, default=None, help="a head budget instead of --rule: at most this many heads"
     )
     f.add_argument(
+        "--mode",
+        choices=["auto", "zero-shot", "few-shot"],
+        default="auto",
+        help="how the intervention is used: 'auto' (default: cross-validation on the training pairs chooses "
+        "among zero-shot Δ, k-shot prompting, and k-shot prompting + Δ), 'zero-shot' (the paper's setting), "
+        "'few-shot' (Δ on k-shot prompts)",
+    )
+    f.add_argument(
+        "--shots",
+        default=None,
+        help="demonstrations in the training prompts, a comma list (default: 0,5 with --mode auto or few-shot, "
+        "fewer when folds are small; 0 with --mode zero-shot)",
+    )
+    f.add_argument(
         "--no-relaxed",
         action="store_true",
         help="keep the penalised Δ (default: refit the chosen heads with the group penalty off)",
@@ -209,7 +223,12 @@ def _parser() -> argparse.ArgumentParser:
     add_task_args(e)
     add_survey_args(e, fit=False)
     e.add_argument("--intervention", default=None, help="a saved intervention directory")
-    e.add_argument("--shots", type=nonnegative_int, default=0)
+    e.add_argument(
+        "--shots",
+        type=nonnegative_int,
+        default=None,
+        help="demonstrations per prompt, the intervention added (default: the mode the fit chose; 0 without one)",
+    )
     e.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
     e.add_argument(
         "--seed",

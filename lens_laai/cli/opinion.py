@@ -117,6 +117,8 @@ def fit_survey(args: argparse.Namespace) -> int:
             ("--init", args.init != "zero"),
             ("--folds", args.folds != FitConfig.folds),
             ("--no-halving", args.no_halving),
+            ("--mode", args.mode != "auto"),
+            ("--shots", args.shots is not None),
         )
         if used
     ]

@@ -47,6 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "accuracy": result.accuracy,
         "n": result.n,
         "shots": args.shots,
+        "mode": result.mode,
         "intervention": args.intervention,
         "split": args.split,
         "seconds": round(result.seconds, 2),
@@ -55,7 +56,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(result.table[["input", "target", "prediction", "correct"]].head(10).to_string(index=False))
-        print(f"\naccuracy {result.accuracy:.3f} on {result.n} {args.split} examples")
+        print(f"\naccuracy {result.accuracy:.3f} on {result.n} {args.split} examples ({result.mode})")
     return 0
 
 

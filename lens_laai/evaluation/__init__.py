@@ -4,7 +4,8 @@ Every number called accuracy is :func:`lens_laai.fastpath.score_logits`' top-1 a
 target's first token at the last prompt position, on a split the intervention did not see.
 """
 
-from lens_laai.evaluation.evaluate import EvalResult, evaluate_many, generate
+from lens_laai.evaluation.evaluate import EvalResult, evaluate_many
+from lens_laai.evaluation.generation import generate
 
 __all__ = ["EvalResult", "evaluate_many", "generate"]
 

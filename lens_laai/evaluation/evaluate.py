@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any
 
 import pandas as pd
 import torch
@@ -28,12 +28,12 @@ from transformer_lens.model_bridge import TransformerBridge
 from lens_laai.errors import TaskError
 from lens_laai.fastpath import LayerRunner
 from lens_laai.fastpath.scoring import score_logits
+from lens_laai.interventions.mode import Mode
 from lens_laai.interventions.protocol import Intervention
 from lens_laai.models.bridge import last_position_hooks
 from lens_laai.tasks.prompts import (
     Batch,
     PromptTemplate,
-    encode_prompts,
     k_shot_prompts,
     model_batches,
 )
@@ -45,7 +45,8 @@ SPLITS = ("train", "valid", "test", "all")
 
 @dataclass
 class EvalResult:
-    """Accuracy over ``n`` examples and one table row per example.
+    """Accuracy over ``n`` examples and one table row per example; ``mode``: how the prompts were
+    made and whether the interventions acted (``"zero-shot Δ"``, ``"5-shot prompting + Δ"``, …).
 
     Example:
         >>> from lens_laai.testing import tiny_model, tiny_task
@@ -60,9 +61,11 @@ class EvalResult:
     n: int
     table: pd.DataFrame
     seconds: float
+    mode: str = ""
 
     def __repr__(self) -> str:
-        return f"EvalResult(accuracy={self.accuracy:.3f}, n={self.n}, seconds={self.seconds:.1f})"
+        mode = f", mode={self.mode!r}" if self.mode else ""
+        return f"EvalResult(accuracy={self.accuracy:.3f}, n={self.n}{mode}, seconds={self.seconds:.1f})"
 
 
 def select_split(
@@ -136,7 +139,7 @@ def evaluate(
     model: TransformerBridge,
     task: Task | TaskSplits,
     intervention: Intervention | Sequence[Intervention] | None = None,
-    shots: int = 0,
+    shots: int | None = None,
     split: str = "test",
     *,
     seed: int | None = None,
@@ -153,6 +156,12 @@ def evaluate(
     ``intervention`` may be a list (e.g. ``[iv, ablation]``): their hooks act together, in order.
     k-shot demonstrations are drawn from the train split. Returns accuracy and a table with
     ``input, target, prediction, correct, target_logprob, target_rank, prompt``.
+
+    ``shots=None`` (default) uses the mode a fitted intervention records (:mod:`lens_laai.interventions.mode`):
+    the fit chose, on its own pairs, among zero-shot Δ, k-shot prompting alone and k-shot prompting + Δ,
+    so this scores what the fit recommends (``result.mode`` says which). ``shots=0`` is the paper's
+    zero-shot intervention; ``shots=k`` adds the interventions to k-shot prompts. Without a recorded
+    mode (no intervention, several, or a sum of fits) ``None`` means 0.
 
     Example:
         >>> from lens_laai.testing import tiny_model, tiny_task
@@ -173,10 +182,11 @@ def evaluate(
     if not len(part):
         raise TaskError(f"The {split!r} split is empty; choose another split or a larger task.")
     template = resolve_template(template, ivs)
+    shots, acting, mode = resolve_mode(ivs, shots)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
     batches = model_batches(model, [prompts[i] for i in order], [targets[i] for i in order], batch_size, template)
-    hooks = [hook for iv in ivs for hook in iv.fwd_hooks()] + last_position_hooks(model)
+    hooks = [hook for iv in acting for hook in iv.fwd_hooks()] + last_position_hooks(model)
     rows: list[dict[str, Any]] = []
     for batch in tqdm(batches, desc="evaluate", disable=not progress):
         with torch.no_grad():
@@ -187,7 +197,29 @@ def evaluate(
         in_order[i] = row
     table = pd.DataFrame(in_order)
     table.insert(0, "input", part.inputs)
-    return EvalResult(float(table["correct"].mean()), len(table), table, time.perf_counter() - start)
+    return EvalResult(float(table["correct"].mean()), len(table), table, time.perf_counter() - start, mode)
+
+
+def resolve_mode(ivs: Sequence[Intervention], shots: int | None) -> tuple[int, list[Intervention], str]:
+    """(demonstrations per prompt, the interventions that act, the mode's name) for ``evaluate``'s ``shots``.
+
+    Example:
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.evaluation.evaluate import resolve_mode
+        >>> from lens_laai.testing import tiny_model
+        >>> iv = HeadIntervention.zeros(tiny_model(), 1)
+        >>> iv.metadata["mode"] = {"shots": 3, "delta": False}
+        >>> resolve_mode([iv], None)[0::2], resolve_mode([iv], 0)[0::2]
+        ((3, '3-shot prompting'), (0, 'zero-shot Δ'))
+    """
+    if shots is not None:
+        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+            raise TaskError(f"shots must be an integer ≥ 0 or None (the fit's recorded mode), got {shots!r}.")
+        return shots, list(ivs), Mode(shots, bool(ivs)).name if ivs else f"{shots}-shot prompting"
+    recorded = Mode.of(ivs[0].metadata) if len(ivs) == 1 else None
+    if recorded is None:
+        return 0, list(ivs), "zero-shot Δ" if ivs else "zero-shot prompting"
+    return recorded.shots, list(ivs) if recorded.delta else [], recorded.name
 
 
 def _rows(model: TransformerBridge, logits: Tensor, batch: Batch) -> list[dict[str, Any]]:
@@ -267,175 +299,3 @@ def evaluate_many(
     table.insert(0, "layers", [",".join(map(str, iv.layers)) for iv in interventions])
     table["n"] = len(part)
     return table
-
-
-DeltaAt = Literal["prompt", "every_token"]
-
-
-@overload
-def generate(
-    model: TransformerBridge,
-    prompt: str,
-    intervention: Intervention | None = None,
-    max_new_tokens: int = 10,
-    *,
-    delta_at: DeltaAt = "prompt",
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_past_kv_cache: bool = True,
-    prepend_bos: bool = True,
-    strict: bool = False,
-) -> str: ...
-
-
-@overload
-def generate(
-    model: TransformerBridge,
-    prompt: list[str] | tuple[str, ...],
-    intervention: Intervention | None = None,
-    max_new_tokens: int = 10,
-    *,
-    delta_at: DeltaAt = "prompt",
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_past_kv_cache: bool = True,
-    prepend_bos: bool = True,
-    strict: bool = False,
-) -> list[str]: ...
-
-
-@torch.no_grad()
-def generate(
-    model: TransformerBridge,
-    prompt: str | Sequence[str],
-    intervention: Intervention | None = None,
-    max_new_tokens: int = 10,
-    *,
-    delta_at: DeltaAt = "prompt",
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_past_kv_cache: bool = True,
-    prepend_bos: bool = True,
-    strict: bool = False,
-) -> str | list[str]:
-    """Continue ``prompt`` (one string, or a list generated as one left-padded batch).
-
-    ``delta_at="prompt"`` (default) adds Δ at the last prompt token only, as in training; every
-    later token sees it through the attention cache. ``"every_token"`` also adds it at each
-    generated token. An intervention (or ablation) whose ``positions`` are ``"all"`` acts at every
-    prompt and generated token; explicit positions index the left-padded prompt. Cached and
-    uncached generation compute the same thing in every case.
-    ``temperature=0`` is greedy; otherwise sample, optionally restricted by ``top_k`` / ``top_p``,
-    reproducibly with ``seed``. Each row stops at the tokenizer's EOS.
-
-    Example:
-        >>> from lens_laai import generate
-        >>> from lens_laai.testing import tiny_model
-        >>> model = tiny_model()
-        >>> texts = generate(model, ["Q: hot\\nA:", "Q: up\\nA:"], max_new_tokens=2)  # greedy; pass an intervention to steer
-        >>> len(texts), all(isinstance(t, str) for t in texts)
-        (2, True)
-    """
-    texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    _check_generate_args(texts, max_new_tokens, delta_at, temperature, top_k, top_p)
-    if intervention is not None:
-        intervention.check_model(model, strict)
-    ids, mask = encode_prompts(model.tokenizer, texts, prepend_bos, model.cfg.n_ctx, max_new_tokens)
-    if (
-        intervention is not None
-        and isinstance(intervention.positions, tuple)
-        and (min(intervention.positions) < 0 or max(intervention.positions) >= ids.shape[1])
-    ):
-        raise TaskError(
-            f"generate needs an intervention's explicit positions inside the (left-padded) prompt, "
-            f"0..{ids.shape[1] - 1}; got {intervention.positions}. Use positions='last' or 'all'."
-        )
-    device = model.cfg.device
-    ids, mask = (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
-    generator = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
-    prompt_len, eos = ids.shape[1], model.tokenizer.eos_token_id
-    done = torch.zeros(len(texts), dtype=torch.bool, device=ids.device)
-    new: list[Tensor] = []
-    cache = None
-    for _ in range(max_new_tokens):
-        hooks = _generation_hooks(intervention, delta_at, use_past_kv_cache, cache is None, prompt_len, ids.shape[1])
-        with model.hooks(fwd_hooks=hooks):
-            if use_past_kv_cache:
-                step_ids = ids if cache is None else ids[:, -1:]
-                logits, cache = model(
-                    step_ids, attention_mask=mask, past_key_values=cache, return_type="logits_and_cache", use_cache=True
-                )
-            else:
-                logits = model(ids, attention_mask=mask)
-        token = _next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)
-        token = torch.where(done, torch.full_like(token, eos if eos is not None else 0), token)
-        new.append(token)
-        done |= token == eos if eos is not None else torch.zeros_like(done)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if bool(done.all()):
-            break
-    out = [_decode(model.tokenizer, [int(t[i]) for t in new], eos) for i in range(len(texts))]
-    return out[0] if isinstance(prompt, str) else out
-
-
-def _check_generate_args(
-    texts: list[str], max_new_tokens: Any, delta_at: str, temperature: float, top_k: int | None, top_p: float | None
-) -> None:
-    if not texts or not all(isinstance(t, str) and t for t in texts):
-        raise TaskError("generate needs a non-empty prompt string or a non-empty list of them.")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise TaskError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}.")
-    if delta_at not in ("prompt", "every_token"):
-        raise TaskError(f"delta_at must be 'prompt' or 'every_token', got {delta_at!r}.")
-    if not temperature >= 0 or temperature == float("inf"):
-        raise TaskError(f"temperature must be a finite number ≥ 0, got {temperature!r}.")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise TaskError(f"top_k must be an integer ≥ 1, got {top_k!r}.")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise TaskError(f"top_p must be in (0, 1], got {top_p!r}.")
-
-
-def _generation_hooks(
-    iv: Intervention | None, delta_at: DeltaAt, cached: bool, first: bool, prompt_len: int, length: int
-) -> list:
-    if iv is None:
-        return []
-    if iv.positions == "all":
-        return iv.fwd_hooks("all")  # under a cache each step sees only its new token: every position once
-    if iv.positions != "last":
-        return iv.fwd_hooks(iv.positions) if first or not cached else []
-    if cached:
-        return iv.fwd_hooks("last") if first or delta_at == "every_token" else []
-    if delta_at == "every_token":
-        return iv.fwd_hooks(tuple(range(prompt_len - 1, length)))
-    return iv.fwd_hooks((prompt_len - 1,))
-
-
-def _next_token(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
-) -> Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def _decode(tokenizer: Any, tokens: list[int], eos: int | None) -> str:
-    if eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return tokenizer.decode(tokens)

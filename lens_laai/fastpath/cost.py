@@ -25,11 +25,21 @@ class CostMeter:
         self.token_layers = 0.0
         self.prompt_token_layers = 0.0
         self.prompts = 0
+        self.unit_fixed = False
+
+    def fix_unit(self) -> None:
+        """Keep the unit the prompts registered so far define (e.g. zero-shot ones), whatever is registered later.
+
+        A fit on k-shot prompts still reports cost in zero-shot forwards, comparable with other fits.
+        """
+        self.unit_fixed = True
 
     def add(self, tokens: float, layers: int, backward: bool) -> None:
         self.token_layers += tokens * layers * (3 if backward else 1)
 
     def register_prompts(self, batch: Batch, n_layers: int) -> None:
+        if self.unit_fixed:
+            return
         self.prompt_token_layers += float(batch.attention_mask.sum()) * n_layers
         self.prompts += len(batch)
 

@@ -10,14 +10,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 
-from lens_laai.errors import FitError
+from lens_laai.errors import FitError, TaskError
 from lens_laai.fitting.layer_fit import Init
+from lens_laai.fitting.penalties import lambda_values
 from lens_laai.fitting.relaxed import RELAXED_STEPS
 from lens_laai.interventions.head import HeadIntervention
+from lens_laai.interventions.mode import ZERO_SHOT, Mode
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import Task, TaskSplits
 
@@ -98,7 +100,8 @@ class FitConfig:
     n_valid: int = 0
     n_test: int | None = None
     seed: int = 0
-    shots: int = 0
+    shots: int | tuple[int, ...] = 0
+    demos: int | None = None
     init: Init = "zero"
     select: str = "cv"
     folds: int = 2
@@ -108,6 +111,7 @@ class FitConfig:
     relaxed: bool = True
     relaxed_steps: int = RELAXED_STEPS
     max_heads: int | None = None
+    mode: str = "auto"
     objective: Objective = "first_token"
     batch_size: int = 32
     fast: bool = True
@@ -124,8 +128,9 @@ class FitConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FitError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.shots, int) or isinstance(self.shots, bool) or self.shots < 0:
-            raise FitError(f"shots must be an integer ≥ 0, got {self.shots!r}.")
+        counts = (self.shots,) if isinstance(self.shots, int) else tuple(self.shots)
+        if not counts or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in counts):
+            raise FitError(f"shots must be an integer ≥ 0 or a non-empty list of them, got {self.shots!r}.")
         if self.objective not in ("first_token", "sequence"):
             raise FitError(f"objective must be 'first_token' or 'sequence', got {self.objective!r}.")
         if self.init not in ("zero", "mean-difference"):
@@ -138,6 +143,15 @@ class FitConfig:
             )
         if self.cv_metric not in ("accuracy", "ce"):
             raise FitError(f"cv_metric must be 'accuracy' or 'ce', got {self.cv_metric!r}.")
+        if self.demos is not None and (
+            not isinstance(self.demos, int) or isinstance(self.demos, bool) or self.demos < 1
+        ):
+            raise FitError(f"demos must be a positive integer (demonstrations per k-shot prompt), got {self.demos!r}.")
+        if self.mode not in ("auto", "zero-shot", "few-shot"):
+            raise FitError(
+                f"mode must be 'auto' (chosen by cross-validation), 'zero-shot' (the paper's setting) or "
+                f"'few-shot' (Δ on k-shot prompts), got {self.mode!r}."
+            )
         if not isinstance(self.relaxed, bool):
             raise FitError(f"relaxed must be True or False, got {self.relaxed!r}.")
         for name in ("relaxed_steps", "max_heads"):
@@ -178,7 +192,10 @@ class FitResult:
     ``candidates`` has one row per fitted candidate: the λ₂ path's points at one layer (the
     sparsity–accuracy frontier, ``chosen`` marking the pick), or (layer, λ₂) pairs of a sweep.
     ``selection`` says what chose (``"cv"``, ``"valid"``, ``"none"``), ``selection_rule`` how
-    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"max_heads=3"``, ``"last"``, …).
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"max_heads=3"``, ``"last"``, …). ``mode``: how the
+    intervention is meant to be used (zero-shot Δ, k-shot prompting alone, or k-shot prompting + Δ;
+    :mod:`lens_laai.fitting.modes`), recorded in it and used by :func:`~lens_laai.evaluate`;
+    ``modes``: each candidate mode's cross-validated scores (``None`` when nothing chose).
     """
 
     intervention: HeadIntervention
@@ -200,6 +217,8 @@ class FitResult:
     penalised_train_accuracy: float | None = None
     cv_accuracy: float | None = None
     cv_accuracy_se: float | None = None
+    mode: Mode = ZERO_SHOT
+    modes: pd.DataFrame | None = None
 
     @property
     def n_selected(self) -> int:
@@ -243,3 +262,51 @@ def prepare_data(
         n_test,
     )
     return splits, task, template or PromptTemplate()
+
+
+def lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bool]:
+    """(λ₂ values, whether they are relative to λ_max)."""
+    if group_l1 is not None and group_l1_rel is not None:
+        raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
+    if group_l1 is not None:
+        return lambda_values(group_l1, "group_l1"), False
+    values = lambda_values(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
+    return values, True
+
+
+def check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
+    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use."""
+    n = len(splits.train)
+    if not n:
+        raise TaskError("The training split is empty; use n_train ≥ 1.")
+    if shots > n - 1:
+        raise FitError(
+            f"{shots}-shot training prompts need {shots + 1} or more training pairs; use n_train ≥ {shots + 1}."
+        )
+    if how == "cv" and cfg is not None:
+        if not 2 <= cfg.folds <= n:
+            raise FitError(
+                f"folds must be an integer within 2..n_train ({n}), got {cfg.folds!r}; "
+                "use more training pairs or fewer folds."
+            )
+        smallest = n - -(-n // cfg.folds)  # the fitting part of the fold with the most held-out pairs
+        if cfg.demos is not None and cfg.demos > smallest:
+            raise FitError(
+                f"demos={cfg.demos}: held-out pairs draw their demonstrations from a fold's fitting part, and the "
+                f"smallest has {smallest} of the {n} training pairs; use demos ≤ {smallest} or more training pairs."
+            )
+        need = max(shots + 1, 2 if cfg.init == "mean-difference" else 1)
+        if smallest < need:
+            raise FitError(
+                f"with {cfg.folds} folds the smallest fitting part has {smallest} of the {n} training pairs; "
+                f"shots={shots} and init={cfg.init!r} need {need}. Use more training pairs or fewer folds."
+            )
+
+
+def layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:
+    """``fit``'s ``layers`` as FitConfig keeps it: a tuple of ints, a name, or None."""
+    if layers is None or isinstance(layers, str):
+        return layers
+    return tuple(layers)

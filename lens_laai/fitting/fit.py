@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-import math
+import json
 import time
 import warnings
 from collections.abc import Sequence
@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from lens_laai.errors import FitError, TaskError
+from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.config import (  # noqa: F401  (re-exported)
     AUTO_DEPTH,
@@ -45,7 +45,10 @@ from lens_laai.fitting.config import (  # noqa: F401  (re-exported)
     Select,
     TaskLike,
     auto_layer,
+    check_splits,
     default_layers,
+    lambda_spec,
+    layers_arg,
     parse_layers,
     prepare_data,
 )
@@ -55,9 +58,13 @@ from lens_laai.fitting.layer_fit import (  # noqa: F401  (re-exported)
     LayerFit,
     delta_hooks,
     layer_path,
+    scored_shots,
+    shot_counts,
     solve_layer,
     training_batches,
+    zero_shot_meter,
 )
+from lens_laai.fitting.modes import candidate_modes, fill_shots, recommended_mode
 from lens_laai.fitting.penalties import lambda_values
 from lens_laai.fitting.relaxed import relaxed_refit
 from lens_laai.fitting.selection import choose, cross_validate, pooled_cv_scores
@@ -81,7 +88,9 @@ def fit(
     n_valid: int | None = None,
     n_test: int | None = None,
     seed: int | None = None,
-    shots: int = 0,
+    shots: int | Sequence[int] | None = None,
+    mode: str = "auto",
+    demos: int | None = None,
     init: Init = "zero",
     select: Select = "cv",
     rule: str = FitConfig.rule,
@@ -152,18 +161,20 @@ def fit(
     Raises:
         FitError: a bad setting (before any work), or a loss that is not finite.
     """
-    lambdas, relative = _lambda_spec(group_l1, group_l1_rel)
+    lambdas, relative = lambda_spec(group_l1, group_l1_rel)
     if steps is None:
         steps = STEPS_PER_POINT if group_l1 is None and group_l1_rel is None else max(1, STEP_BUDGET // len(lambdas))
     cfg = FitConfig(
         layer=layer,
-        layers=_layers_arg(layers),
+        layers=layers_arg(layers),
         l1=l1,
         group_l1=lambdas[0],
         relative=relative,
         steps=steps,
         lr=lr,
-        shots=shots,
+        shots=0 if shots is None else shots if isinstance(shots, int) else tuple(shots),
+        mode=mode,
+        demos=demos,
         init=init,
         select=select,
         folds=folds,
@@ -187,14 +198,15 @@ def fit(
     how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint", path=one_layer)
     if max_heads is not None and not one_layer:
         raise FitError("max_heads is a head budget on one layer's λ₂ path; use it with one layer (not sweep or joint).")
+    cfg = fill_shots(cfg, shots is None, demos is None, len(splits.train), how, one_layer)
     cfg = replace(
         cfg, n_train=len(splits.train), n_valid=len(splits.valid), n_test=len(splits.test), seed=splits.seed, select=how
     )
-    if max_heads is not None:
-        how = "none"  # a budget, not a score, picks the point
+    if max_heads is not None and len(candidate_modes(cfg.mode, scored_shots(cfg))) == 1:
+        how = "none"  # a budget, not a score, picks the point (and there is no mode to choose)
         cfg = replace(cfg, select=how)
-    _check_splits(splits, shots, how, cfg)
-    start, meter = time.perf_counter(), CostMeter()
+    check_splits(splits, max(shot_counts(cfg.shots)), how, cfg)
+    start, meter = time.perf_counter(), zero_shot_meter(model, splits.train, template)
     choice: PathChoice | None = None
     if one_layer:
         choice = choose_on_path(model, splits, candidates[0], lambdas, cfg, template, meter, how=how, progress=progress)
@@ -213,9 +225,12 @@ def fit(
     final, penalised_iv, rule_used, cv = _finish(model, splits, source, chosen, template, best, choice, table, how)
     if how == "cv" and choice is None:
         cv = (cv_choice["cv_accuracy"], None)
-    iv = final.intervention(
-        model, splits, source, chosen, template, **_extra(best, how, rule_used, cv, lambdas, chosen)
-    )
+    use, modes = recommended_mode(chosen, choice.modes if choice is not None else None, splits.train)
+    extra = _extra(best, how, rule_used, cv, lambdas, chosen)
+    extra["mode"] = use.to_json()
+    if modes is not None:
+        extra["modes"] = json.loads(modes.to_json(orient="records"))  # JSON has no NaN: a missing score is null
+    iv = final.intervention(model, splits, source, chosen, template, **extra)
     return FitResult(
         intervention=iv,
         layer=best.main_layer,
@@ -236,6 +251,8 @@ def fit(
         penalised_train_accuracy=best.train_accuracy,
         cv_accuracy=cv[0],
         cv_accuracy_se=cv[1],
+        mode=use,
+        modes=modes,
     )
 
 
@@ -341,48 +358,6 @@ def _selection(
     return select
 
 
-def _lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bool]:
-    """(λ₂ values, whether they are relative to λ_max)."""
-    if group_l1 is not None and group_l1_rel is not None:
-        raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
-    if group_l1 is not None:
-        return lambda_values(group_l1, "group_l1"), False
-    values = lambda_values(DEFAULT_GROUP_L1_REL if group_l1_rel is None else group_l1_rel, "group_l1_rel")
-    if any(not math.isfinite(v) or v < 0 for v in values):
-        raise FitError(f"group_l1_rel must be finite fractions of λ_max ≥ 0, got {group_l1_rel!r}.")
-    return values, True
-
-
-def _check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
-    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use."""
-    n = len(splits.train)
-    if not n:
-        raise TaskError("The training split is empty; use n_train ≥ 1.")
-    if shots > n - 1:
-        raise FitError(
-            f"{shots}-shot training prompts need {shots + 1} or more training pairs; use n_train ≥ {shots + 1}."
-        )
-    if how == "cv" and cfg is not None:
-        if not 2 <= cfg.folds <= n:
-            raise FitError(
-                f"folds must be an integer within 2..n_train ({n}), got {cfg.folds!r}; "
-                "use more training pairs or fewer folds."
-            )
-        smallest = n - -(-n // cfg.folds)  # the fitting part of the fold with the most held-out pairs
-        need = max(shots + 1, 2 if cfg.init == "mean-difference" else 1)
-        if smallest < need:
-            raise FitError(
-                f"with {cfg.folds} folds the smallest fitting part has {smallest} of the {n} training pairs; "
-                f"shots={shots} and init={cfg.init!r} need {need}. Use more training pairs or fewer folds."
-            )
-
-
-def _layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:
-    if layers is None or isinstance(layers, str):
-        return layers
-    return tuple(layers)
-
-
 def fit_path(
     model: TransformerBridge,
     splits: TaskSplits,
@@ -423,7 +398,7 @@ def fit_path(
     )
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
-    _check_splits(splits, shots, "none")
+    check_splits(splits, shots, "none")
     fits = list(
         tqdm(
             layer_path(model, splits.train, splits.valid, layer, lambdas, cfg, template, CostMeter()),

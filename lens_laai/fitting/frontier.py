@@ -32,10 +32,11 @@ from transformer_lens.model_bridge import TransformerBridge
 from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fitting.config import DEFAULT_GROUP_L1_REL, FitConfig, auto_layer, prepare_data
-from lens_laai.fitting.layer_fit import LayerFit, delta_hooks, layer_path
+from lens_laai.fitting.layer_fit import LayerFit, delta_hooks, layer_path, scored_shots
+from lens_laai.fitting.modes import ModeChoice, candidate_modes, choose_mode
 from lens_laai.fitting.penalties import lambda_values
-from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path, relaxed_refit
-from lens_laai.fitting.selection import choose_point, cross_validated_path, score_table
+from lens_laai.fitting.relaxed import RELAXED_STEPS, PathPoint, pair_scores, relaxed_path, relaxed_refit
+from lens_laai.fitting.selection import HeldScores, choose_point, cross_validated_path, held_scores
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import TaskSplits
 
@@ -45,7 +46,8 @@ class PathChoice:
     """The point :func:`choose_on_path` picked: its penalised fit, relaxed Δ (or ``None``) and the table.
 
     ``table`` has one row per λ₂ (path order) with ``chosen`` marking the pick; ``rule`` says how
-    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"valid-1se-ce"``, ``"max_heads=3"``, ``"last"``).
+    (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"valid-1se-ce"``, ``"max_heads=3"``, ``"last"``);
+    ``modes``: how the fit is to be used, when held-out scores chose it (:mod:`lens_laai.fitting.modes`).
     """
 
     penalised: LayerFit
@@ -55,6 +57,7 @@ class PathChoice:
     table: pd.DataFrame
     index: int
     rule: str
+    modes: ModeChoice | None = None
 
 
 def choose_on_path(
@@ -79,23 +82,31 @@ def choose_on_path(
     """
     path = sorted(lambdas, reverse=True)
     relaxed_steps = cfg.relaxed_steps if cfg.relaxed else None
-    scored = None
-    if cfg.max_heads is None and len(path) > 1 and how == "cv":
-        scored = cross_validated_path(model, splits.train, layer, path, cfg, template, meter, relaxed_steps, progress)
+    held = None
+    if (
+        len(path) > 1
+        and how == "cv"
+        and (cfg.max_heads is None or len(candidate_modes(cfg.mode, scored_shots(cfg))) > 1)
+    ):
+        held = held_scores(model, splits.train, layer, path, cfg, template, meter, relaxed_steps, progress)
     valid = splits.valid if len(splits.valid) else None
     if cfg.max_heads is None and len(path) > 1 and how == "valid":
         points = list(relaxed_path(model, splits.train, valid, layer, path, cfg, template, meter, relaxed_steps))
-        scored = score_table(points, "valid")
+        held = _validation_scores(points, cfg)
         fits = [p.fit for p in points]
     else:
         fits = list(layer_path(model, splits.train, valid, layer, path, cfg, template, meter))
     counts = [f.n_selected for f in fits]
     estimator = "relaxed" if cfg.relaxed else "penalised"
-    if cfg.max_heads is not None:
-        index, rule = _within_budget(counts, cfg.max_heads), f"max_heads={cfg.max_heads}"
-    elif scored is not None:
-        index = choose_point(scored, cfg.rule, cfg.cv_metric, estimator, counts, score=how)
-        rule = f"{how}-{cfg.rule}-{cfg.cv_metric}"
+    budget = _within_budget(counts, cfg.max_heads) if cfg.max_heads is not None else None
+    modes, scored = None, None
+    if held is not None:
+        modes = choose_mode(held, cfg, counts, estimator, "valid" if how == "valid" else "cv", budget)
+        scored = modes.path_table
+    if budget is not None:
+        index, rule = budget, f"max_heads={cfg.max_heads}"
+    elif modes is not None:
+        index, rule = modes.index, f"{how}-{cfg.rule}-{cfg.cv_metric}"
     else:
         index, rule = len(fits) - 1, "last"
     chosen = fits[index]
@@ -112,7 +123,19 @@ def choose_on_path(
     if scored is not None:
         table = pd.concat([table, scored.drop(columns=["lam"])], axis=1)
     table["chosen"] = [i == index for i in range(len(fits))]
-    return PathChoice(chosen, relaxed, relaxed_acc, relaxed_valid, table, index, rule)
+    return PathChoice(chosen, relaxed, relaxed_acc, relaxed_valid, table, index, rule, modes)
+
+
+def _validation_scores(points: list[PathPoint], cfg: Any) -> HeldScores:
+    """The validation split's per-row scores of a path, as one fold."""
+    held = {(p.lam, est): [np.stack(v)] for p in points for est, v in p.held.items()}
+    runner = points[0].fit.valid_runner
+    assert runner is not None, "scored on a validation split"
+    prompting = [np.stack(pair_scores(runner, []))]
+    n = len(prompting[0][0]) // len(scored_shots(cfg))
+    return HeldScores(
+        [p.lam for p in points], scored_shots(cfg), {p.lam: [p.n_selected] for p in points}, held, prompting, [n]
+    )
 
 
 def _top_heads(f: LayerFit, k: int) -> LayerFit:

@@ -9,6 +9,7 @@ varies by orders of magnitude between layers.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -148,9 +149,9 @@ def layer_path(
     sites = sites_of(layer)
     if len(sites) > 1 and cfg.objective == "sequence":
         raise FitError("a joint fit over several layers supports objective='first_token' only.")
-    runner = _runner(model, train, train, sites[0], cfg, template, meter, fast, runners)
+    runner = _runner(model, training_batches(model, train, train, cfg, template), sites[0], meter, fast, runners)
     valid_runner = (
-        _runner(model, valid, train, sites[0], cfg, template, meter, cfg.fast, runners)
+        _runner(model, held_out_batches(model, valid, train, cfg, template), sites[0], meter, cfg.fast, runners)
         if valid is not None and len(valid)
         else None
     )
@@ -179,25 +180,77 @@ def layer_path(
 
 def _runner(
     model: TransformerBridge,
-    task: Task,
-    demos: Task,
+    batches: list[Batch],
     layer: int,
-    cfg: Any,
-    template: PromptTemplate,
     meter: CostMeter,
     fast: bool,
     runners: dict | None,
 ) -> LayerRunner:
-    """A :class:`LayerRunner` for ``task``'s prompts, shared through ``runners`` (:func:`~lens_laai.fastpath.cached_runner`)."""
-    return cached_runner(model, training_batches(model, task, demos, cfg, template), layer, fast, meter, runners)
+    """A :class:`LayerRunner` for ``batches``, shared through ``runners`` (:func:`~lens_laai.fastpath.cached_runner`)."""
+    return cached_runner(model, batches, layer, fast, meter, runners)
 
 
 def training_batches(
     model: TransformerBridge, task: Task, demos: Task, cfg: Any, template: PromptTemplate
 ) -> list[Batch]:
-    """Prompts of ``task`` (with ``cfg.shots`` demonstrations from ``demos``) in batches."""
-    prompts, targets = k_shot_prompts(task, cfg.shots, demos, cfg.seed, template)
-    return model_batches(model, prompts, targets, cfg.batch_size, template)
+    """Prompts of ``task`` in batches, each pair once, with demonstrations from ``demos`` (never the query's own pair).
+
+    ``cfg.shots`` is one count or several: with ``(0, 5)`` half the pairs (a seeded choice) are
+    zero-shot and half 5-shot, so one Δ learns to serve both at the cost of one row per pair.
+    Each count gets its own batches (rows of one length pad little).
+    """
+    counts = shot_counts(cfg.shots)
+    order = list(range(len(task)))
+    if len(counts) > 1:
+        random.Random(f"shots:{cfg.seed}").shuffle(order)
+    parts = {k: sorted(order[j :: len(counts)]) for j, k in enumerate(counts)}
+    return _batches(model, [(task.subset(parts[k]), k) for k in counts], demos, cfg, template)
+
+
+def held_out_batches(
+    model: TransformerBridge, task: Task, demos: Task, cfg: Any, template: PromptTemplate
+) -> list[Batch]:
+    """Prompts of held-out pairs in batches: every pair once per count of :func:`scored_shots`, in that order."""
+    return _batches(model, [(task, k) for k in scored_shots(cfg)], demos, cfg, template)
+
+
+def scored_shots(cfg: Any) -> tuple[int, ...]:
+    """The demonstration counts held-out pairs are scored with: ``(0, cfg.demos)`` when the fit chooses a
+    k-shot mode (``cfg.demos`` set), else the training counts ``cfg.shots``."""
+    demos = getattr(cfg, "demos", None)
+    return (0, demos) if demos else shot_counts(cfg.shots)
+
+
+def _batches(
+    model: TransformerBridge, parts: list[tuple[Task, int]], demos: Task, cfg: Any, template: PromptTemplate
+) -> list[Batch]:
+    batches: list[Batch] = []
+    for task, k in parts:
+        if len(task):
+            prompts, targets = k_shot_prompts(task, k, demos, cfg.seed, template)
+            batches += model_batches(model, prompts, targets, cfg.batch_size, template)
+    return batches
+
+
+def zero_shot_meter(model: TransformerBridge, train: Task, template: PromptTemplate) -> CostMeter:
+    """A meter whose unit is one full forward of one zero-shot prompt of ``train``, however many
+    demonstrations the fit's prompts carry (so fits stay comparable)."""
+    meter = CostMeter()
+    for batch in model_batches(model, *k_shot_prompts(train, 0, train, 0, template), template=template):
+        meter.register_prompts(batch, model.cfg.n_layers)
+    meter.fix_unit()
+    return meter
+
+
+def shot_counts(shots: int | Sequence[int]) -> tuple[int, ...]:
+    """``shots`` as a tuple of demonstration counts: ``3`` → ``(3,)``, ``[0, 5]`` → ``(0, 5)``.
+
+    Example:
+        >>> from lens_laai.fitting.layer_fit import shot_counts
+        >>> shot_counts(3), shot_counts([0, 5])
+        ((3,), (0, 5))
+    """
+    return (shots,) if isinstance(shots, int) else tuple(shots)
 
 
 def objective(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -25,8 +26,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
-from lens_laai.fitting.layer_fit import layer_path
-from lens_laai.fitting.relaxed import RELAXED_STEPS, relaxed_path
+from lens_laai.fitting.layer_fit import layer_path, scored_shots
+from lens_laai.fitting.relaxed import RELAXED_STEPS, pair_scores, relaxed_path
 from lens_laai.tasks.prompts import PromptTemplate
 from lens_laai.tasks.task import Task
 
@@ -147,6 +148,71 @@ Metric = Literal["accuracy", "ce"]
 ESTIMATORS = ("penalised", "relaxed")
 
 
+@dataclass
+class HeldScores:
+    """Per-row held-out scores of every path point, by fold: what every selection rule reads.
+
+    ``held[(lam, est)]`` is one ``[2, rows]`` array per fold (correct 0/1, cross-entropy), rows in
+    blocks of ``block_sizes[fold]``, one block per number of demonstrations in ``shots`` (in that
+    order); ``prompting`` is the same for Δ = 0 (the prompts alone); ``counts[lam]`` the heads each
+    fold's fit kept.
+    """
+
+    path: list[float]
+    shots: tuple[int, ...]
+    counts: dict[float, list[int]]
+    held: dict[tuple[float, str], list[np.ndarray]]
+    prompting: list[np.ndarray]
+    block_sizes: list[int]
+
+    def block(self, shots: int) -> HeldScores:
+        """The rows of prompts with ``shots`` demonstrations only."""
+        j = self.shots.index(shots)
+
+        def cut(arrays: list[np.ndarray]) -> list[np.ndarray]:
+            return [a[:, j * n : (j + 1) * n] for a, n in zip(arrays, self.block_sizes)]
+
+        held = {key: cut(arrays) for key, arrays in self.held.items()}
+        return HeldScores(self.path, (shots,), self.counts, held, cut(self.prompting), self.block_sizes)
+
+    def table(self, score: str = "cv") -> pd.DataFrame:
+        """One row per λ₂ (see :func:`cross_validated_path`), pooled over every row."""
+        return _table(self.path, self.counts, self.held, score)
+
+
+def held_scores(
+    model: TransformerBridge,
+    train: Task,
+    layer: int,
+    lambdas: Sequence[float],
+    cfg: Any,
+    template: PromptTemplate,
+    meter: CostMeter,
+    relaxed_steps: int | None = RELAXED_STEPS,
+    progress: bool = True,
+) -> HeldScores:
+    """``cfg.folds``-fold cross-validation of one layer's λ₂ path: the per-row scores :func:`cross_validated_path` pools."""
+    parts = fold_splits(train, cfg.folds, cfg.seed)
+    path = sorted(lambdas, reverse=True)
+    runners: dict = {}
+    held: dict[tuple[float, str], list[np.ndarray]] = {}
+    counts: dict[float, list[int]] = {lam: [] for lam in path}
+    prompting: list[np.ndarray] = []
+    bar = tqdm(total=len(path) * len(parts), desc="cross-validation", disable=not progress)
+    for fit_part, held_part in parts:
+        for i, point in enumerate(
+            relaxed_path(model, fit_part, held_part, layer, path, cfg, template, meter, relaxed_steps, runners=runners)
+        ):
+            if i == 0 and point.fit.valid_runner is not None:
+                prompting.append(np.stack(pair_scores(point.fit.valid_runner, [])))
+            counts[point.lam].append(point.n_selected)
+            for est, scores in point.held.items():
+                held.setdefault((point.lam, est), []).append(np.stack(scores))
+            bar.update(1)
+    bar.close()
+    return HeldScores(path, scored_shots(cfg), counts, held, prompting, [len(h) for _, h in parts])
+
+
 def cross_validated_path(
     model: TransformerBridge,
     train: Task,
@@ -164,27 +230,14 @@ def cross_validated_path(
     point's support without the group penalty (:func:`~lens_laai.fitting.relaxed.relaxed_path`) and
     scores both on its held-out part. Every pair is held out once, so each score is a mean over the
     n pairs and its standard error is ``sd / sqrt(n)`` over pairs (with 2 folds, fold means would
-    give a standard error from two numbers).
+    give a standard error from two numbers). When the fit chooses a k-shot mode every held-out pair
+    is scored zero-shot and k-shot (:func:`~lens_laai.fitting.layer_fit.scored_shots`), pooled here
+    (:class:`HeldScores` keeps them apart).
 
     One row per λ₂, path order: ``lam, cv_n_selected`` (mean over folds) and, for ``est`` in
     ``penalised``/``relaxed``, ``{est}_cv_accuracy, {est}_cv_accuracy_se, {est}_cv_ce, {est}_cv_ce_se``.
     """
-    parts = fold_splits(train, cfg.folds, cfg.seed)
-    path = sorted(lambdas, reverse=True)
-    runners: dict = {}
-    held: dict[tuple[float, str], list[np.ndarray]] = {}
-    counts: dict[float, list[int]] = {lam: [] for lam in path}
-    bar = tqdm(total=len(path) * len(parts), desc="cross-validation", disable=not progress)
-    for fit_part, held_part in parts:
-        for point in relaxed_path(
-            model, fit_part, held_part, layer, path, cfg, template, meter, relaxed_steps, runners=runners
-        ):
-            counts[point.lam].append(point.n_selected)
-            for est, scores in point.held.items():
-                held.setdefault((point.lam, est), []).append(np.stack(scores))
-            bar.update(1)
-    bar.close()
-    return _table(path, counts, held, "cv")
+    return held_scores(model, train, layer, lambdas, cfg, template, meter, relaxed_steps, progress).table()
 
 
 def score_table(points: Sequence[Any], score: str = "valid") -> pd.DataFrame:

@@ -126,6 +126,14 @@ class OpinionPromptJSON(_Strict):
     prepend_bos: bool | None = None
 
 
+class ModeJSON(_Strict):
+    """:class:`lens_laai.interventions.mode.Mode` as saved: how the fit recommends using the intervention."""
+
+    shots: Count
+    delta: bool
+    demonstrations: Annotated[list[Annotated[list[str], Field(min_length=2, max_length=2)]], Field(max_length=4096)] = []
+
+
 class Metadata(_Open):
     """The keys of ``metadata`` that lens_laai reads; anything else is the user's and kept as is."""
 
@@ -135,6 +143,7 @@ class Metadata(_Open):
     survey: SurveyRecordJSON | None = None
     opinion_prompt: OpinionPromptJSON | None = None
     fit_config: dict[str, Any] | None = None
+    mode: ModeJSON | None = None
 
 
 class ManifestBase(_Open):

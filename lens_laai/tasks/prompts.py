@@ -50,8 +50,11 @@ class PromptTemplate:
     prepend_bos: bool = True
 
     def render(self, x: str, demos: Sequence[Pair] = ()) -> str:
-        parts = [self.demo.format(input=a, output=b) for a, b in demos]
-        return self.separator.join([*parts, self.query.format(input=x)])
+        return self.prefix(demos) + self.query.format(input=x)
+
+    def prefix(self, demos: Sequence[Pair]) -> str:
+        """The text before the query: each demonstration and a separator (``""`` without demonstrations)."""
+        return "".join(self.demo.format(input=a, output=b) + self.separator for a, b in demos)
 
     def target(self, y: str) -> str:
         return self.target_prefix + y

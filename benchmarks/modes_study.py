@@ -1,0 +1,264 @@
+"""Never worse than prompting with the same pairs: the default fit's modes against prompting and the baselines.
+
+On the eighteen development tasks of ``../shared/datasets/function_vectors`` (n = 20 labelled pairs,
+seeds 0 and 1; the seed fixes 100 test pairs exactly as ``dev_study.py`` and ``sparse_study.py`` do,
+and the 40 "validation" pairs of those studies are left unused), one cell per (task, seed, part):
+
+* ``part=main``: 0-, 5- and 10-shot prompting with the n pairs; the **default fit** (``fit(model,
+  splits)``: half its training prompts carry 5 demonstrations, and cross-validation on the n pairs
+  chooses among zero-shot Δ, 5-shot prompting and 5-shot prompting + Δ), scored in the mode it chose
+  and in each mode;
+* ``part=zero``: the **zero-shot fit** (``mode="zero-shot"``: the paper's setting and the previous
+  default) and the **dense** fit (zero-shot, the λ₂ path's last point 0.05·λ_max, penalised: the
+  default before the sparse head set);
+* ``part=baselines``: Function Vectors (top 10 heads by causal indirect effect, layer and scale
+  chosen on the n pairs) and mean difference, as ``dev_study.py`` runs them.
+
+    OMP_NUM_THREADS=1 python benchmarks/modes_study.py --data-dir ../shared/datasets/function_vectors \\
+        --out-dir docs/results/modes_study --workers 2                 # or --address auto on a Ray cluster
+    python benchmarks/modes_study.py --summarise-only --out-dir docs/results/modes_study
+    python benchmarks/modes_study.py --model lens-laai-tiny --quick
+
+Cells run as a study (:mod:`lens_laai.studies`, kind ``modes_study:cell``): a rerun skips finished
+cells. ``--out-dir`` gets ``rows.csv`` (one row per method and cell) and the summaries
+``modes_study_per_task``, ``modes_study_summary`` and ``modes_study_modes`` (markdown and CSV).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import TINY, add_study_args, get_task, machine, nested_splits, parser, run_grid, to_markdown, write_outputs
+
+from lens_laai import Task, TaskSplits, evaluate, fit
+from lens_laai.baselines import fit_function_vector, fit_mean_difference
+
+TASKS = [
+    "antonym",
+    "synonym",
+    "english-french",
+    "english-german",
+    "landmark-country",
+    "person-occupation",
+    "product-company",
+    "next_item",
+    "prev_item",
+    "capitalize_first_letter",
+    "person-sport",
+    "park-country",
+    "person-instrument",
+    "country-currency",
+    "alphabetically_first_3",
+    "capitalize_last_letter",
+    "choose_first_of_3",
+    "lowercase_first_letter",
+]
+"""The eighteen development tasks: the twelve of ``dev_study.py`` and the six added for this study."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--parts", default="main,zero,baselines")
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--fv-prompts", type=int, default=8)
+    p.add_argument("--summarise-only", action="store_true")
+    add_study_args(p)
+    args = p.parse_args(argv)
+    if args.summarise_only:
+        return summarise(Path(args.out_dir))
+    tasks, seeds, parts = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
+    fixed = {"model": args.model, "data_dir": args.data_dir, "n": args.n, "n_test": args.n_test}
+    fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40}
+    if args.quick or args.model == TINY:
+        tasks, seeds = tasks[:1], [0]
+        fixed |= {"n": 12, "n_test": 6, "n_valid": 4, "fv_prompts": 4}
+    cells = run_grid("modes_study", "modes_study:cell", {"seed": seeds, "task": tasks, "part": parts}, fixed, args)
+    rows = pd.DataFrame([r for c in cells.itertuples() for r in json.loads(c.rows)])
+    if not args.out_dir:
+        print(to_markdown(per_task(rows).reset_index()))
+        return 0
+    write_outputs(args.out_dir, "rows", rows, {"args": vars(args), "machine": machine()})
+    return summarise(Path(args.out_dir))
+
+
+def cell(ctx, config: dict) -> dict:
+    """One (task, seed, part): its method rows, as JSON."""
+    model = ctx.model(config["model"])
+    task = get_task(config["task"], config["data_dir"], config["model"])
+    n = config["n"]
+    nested = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], n)
+    splits = TaskSplits(nested.train, Task(task.name, []), nested.test, config["seed"])  # n pairs, nothing more
+    parts = {"main": run_main, "zero": run_zero, "baselines": run_baselines}
+    rows = parts[config["part"]](model, splits, config)
+    base = {"task": config["task"], "seed": config["seed"], "n_test": len(splits.test)}
+    return {"rows": json.dumps([base | r for r in rows])}
+
+
+def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
+    rows = [
+        {"method": f"{k}-shot prompting", "accuracy": evaluate(model, splits, shots=k).accuracy} for k in (0, 5, 10)
+    ]
+    start = time.perf_counter()
+    default = fit(model, splits, progress=False)
+    seconds = time.perf_counter() - start
+    common = {
+        "n_selected": default.n_selected,
+        "heads": " ".join(f"L{l}H{h}" for l, h in default.selected_heads),
+        "forward_equivalents": default.forward_equivalents,
+        "seconds": seconds,
+        "chosen_mode": default.mode.name,
+        "cv": json.dumps({m: round(a, 4) for m, a in zip(default.modes["mode"], default.modes.cv_accuracy)}),
+    }
+    chosen = evaluate(model, splits, default.intervention)
+    rows.append({"method": "default (chosen mode)", "accuracy": chosen.accuracy, **common})
+    for k in (0, 5, 10):
+        acc = evaluate(model, splits, default.intervention, shots=k).accuracy
+        rows.append({"method": f"default, {k}-shot + Δ" if k else "default, zero-shot Δ", "accuracy": acc, **common})
+    return rows
+
+
+def run_zero(model, splits: TaskSplits, config: dict) -> list[dict]:
+    rows = []
+    for name, kwargs in (
+        ("zero-shot fit", {"mode": "zero-shot"}),
+        ("dense zero-shot fit", {"mode": "zero-shot", "select": "none", "relaxed": False}),
+    ):
+        start = time.perf_counter()
+        res = fit(model, splits, progress=False, **kwargs)
+        rows.append(
+            {
+                "method": name,
+                "accuracy": evaluate(model, splits, res.intervention).accuracy,
+                "n_selected": res.n_selected,
+                "heads": " ".join(f"L{l}H{h}" for l, h in res.selected_heads),
+                "forward_equivalents": res.forward_equivalents,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return rows
+
+
+def run_baselines(model, splits: TaskSplits, config: dict) -> list[dict]:
+    layers = [l for l in (4, 8, 12, 16, 20) if l < model.cfg.n_layers] or [0]
+    shots = min(10, len(splits.train) - 1)
+    rows = []
+    start = time.perf_counter()
+    fv = fit_function_vector(
+        model,
+        splits,
+        top_k=10,
+        layers=layers,
+        shots=shots,
+        n_prompts=config["fv_prompts"],
+        scales=(1.0, 2.0, 4.0, 8.0),
+        progress=False,
+    )
+    acc = evaluate(model, splits, fv.intervention).accuracy
+    rows.append(
+        {
+            "method": "function vectors",
+            "accuracy": acc,
+            "forward_equivalents": fv.forward_equivalents,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    start = time.perf_counter()
+    md = fit_mean_difference(model, splits, "auto", layers=layers, shots=shots, progress=False)
+    acc = evaluate(model, splits, md.intervention).accuracy
+    rows.append(
+        {
+            "method": "mean difference",
+            "accuracy": acc,
+            "forward_equivalents": md.forward_equivalents,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    return rows
+
+
+COLUMNS = [
+    "0-shot prompting",
+    "5-shot prompting",
+    "10-shot prompting",
+    "default (chosen mode)",
+    "default, zero-shot Δ",
+    "default, 5-shot + Δ",
+    "default, 10-shot + Δ",
+    "zero-shot fit",
+    "dense zero-shot fit",
+    "function vectors",
+    "mean difference",
+]
+
+
+def per_task(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy over seeds per task and method, with the default's heads and chosen modes."""
+    table = rows.pivot_table(index="task", columns="method", values="accuracy", aggfunc="mean")
+    table = table[[c for c in COLUMNS if c in table]]
+    chosen = rows[rows.method == "default (chosen mode)"]
+    table["default heads"] = chosen.groupby("task").n_selected.mean()
+    table["zero-shot fit heads"] = rows[rows.method == "zero-shot fit"].groupby("task").n_selected.mean()
+    table["chosen modes"] = chosen.groupby("task").chosen_mode.agg(lambda m: " / ".join(m))
+    table["seeds"] = chosen.groupby("task").seed.nunique()
+    order = [t for t in TASKS if t in table.index] + [t for t in table.index if t not in TASKS]
+    return table.loc[order]
+
+
+def summarise(out: Path) -> int:
+    rows = pd.read_csv(out / "rows.csv")
+    table = per_task(rows)
+    meta = {"source": "rows.csv"}
+    mean = table.drop(columns=["chosen modes"]).mean(numeric_only=True)
+    write_outputs(str(out), "modes_study_per_task", pd.concat([table, mean.to_frame("mean").T]).reset_index(), meta)
+    ten = table["10-shot prompting"]
+    default = table["default (chosen mode)"]
+    strong = ten >= 0.5
+    cost = rows.groupby("method").forward_equivalents.mean()
+    summary = pd.DataFrame(
+        [
+            {"what": "tasks (seeds)", "value": f"{len(table)} ({int(table.seeds.min())}–{int(table.seeds.max())})"},
+            {"what": "mean accuracy: default (chosen mode)", "value": f"{default.mean():.3f}"},
+            {"what": "mean accuracy: 10-shot prompting", "value": f"{ten.mean():.3f}"},
+            {"what": "target: default ≥ 10-shot mean + 0.05", "value": str(bool(default.mean() >= ten.mean() + 0.05))},
+            {"what": "tasks where 10-shot ≥ 0.5", "value": ", ".join(table.index[strong]) or "none"},
+            {
+                "what": "…where the default is below 10-shot",
+                "value": ", ".join(
+                    f"{t} ({default[t]:.2f} < {ten[t]:.2f})" for t in table.index[strong & (default < ten)]
+                )
+                or "none",
+            },
+            {"what": "median heads kept by the default", "value": f"{table['default heads'].median():.1f}"},
+            {
+                "what": "default fit, forward-pass equivalents",
+                "value": f"{cost.get('default (chosen mode)', float('nan')):.0f}",
+            },
+            {
+                "what": "zero-shot fit, forward-pass equivalents",
+                "value": f"{cost.get('zero-shot fit', float('nan')):.0f}",
+            },
+            {
+                "what": "Function Vectors head search, forward-pass equivalents",
+                "value": f"{cost.get('function vectors', float('nan')):.0f}",
+            },
+        ]
+    )
+    write_outputs(str(out), "modes_study_summary", summary, meta)
+    chosen = rows[rows.method == "default (chosen mode)"]
+    modes = chosen.chosen_mode.value_counts().rename_axis("mode").reset_index(name="cells")
+    write_outputs(str(out), "modes_study_modes", modes, meta)
+    print(to_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
