@@ -139,8 +139,8 @@ def test_table_has_one_row_per_head_and_tensor_scores(tiny, analysis, fitted):
 
 def test_activation_patching_matches_a_hand_patch(tiny, fitted):
     task, iv = fitted
-    from lens_laai.analysis.effects import activation_patching
     from lens_laai.analysis.head_table import _AnalysisData
+    from lens_laai.analysis.patching import activation_patching
     from lens_laai.fastpath import CostMeter
     from lens_laai.tasks.prompts import PromptTemplate
 
@@ -176,7 +176,7 @@ def test_attribution_patching_restores_the_frozen_model(tiny, analysis):
 
 
 def test_dla_readout_is_the_models_own_unembedding(tiny):
-    from lens_laai.analysis.effects import _readout
+    from lens_laai.analysis.logit_attribution import _readout
     from lens_laai.fastpath.kernels import unwrap
 
     resid = torch.randn(3, tiny.cfg.d_model)

@@ -15,19 +15,6 @@ from pathlib import Path
 import lens_laai
 
 LISTED = """
-lens_laai.analysis.effects.ablation_effects
-lens_laai.analysis.effects.activation_patching
-lens_laai.analysis.effects.attribution_patching
-lens_laai.analysis.effects.direct_logit_attribution
-lens_laai.analysis.effects.empty_scores
-lens_laai.analysis.effects.final_norm_readout
-lens_laai.analysis.effects.last_token_state
-lens_laai.analysis.effects.logit_lens
-lens_laai.analysis.effects.necessity
-lens_laai.analysis.effects.prompt_scores
-lens_laai.analysis.effects.runner_scores
-lens_laai.analysis.effects.selected_head_writes
-lens_laai.analysis.effects.standard_error
 lens_laai.analysis.prompts.AnalysisPrompts
 lens_laai.analysis.report.analysis_sections
 lens_laai.analysis.report.check_report_path
