@@ -15,21 +15,6 @@ from pathlib import Path
 import lens_laai
 
 LISTED = """
-lens_laai.analysis.prompts.AnalysisPrompts
-lens_laai.analysis.report.analysis_sections
-lens_laai.analysis.report.check_report_path
-lens_laai.analysis.report.readable
-lens_laai.analysis.report.render_page
-lens_laai.analysis.report.table_html
-lens_laai.analysis.report.write_report
-lens_laai.analysis.summary.agreement
-lens_laai.analysis.summary.answer
-lens_laai.analysis.summary.head_label
-lens_laai.analysis.summary.mean_interval
-lens_laai.analysis.summary.percentile_with_interval
-lens_laai.analysis.summary.selection_agreement
-lens_laai.analysis.summary.spearman_permutation
-lens_laai.analysis.summary.stability_scores
 lens_laai.baselines.common.check_shots
 lens_laai.baselines.common.count_forward
 lens_laai.baselines.common.runner_for
