@@ -135,18 +135,7 @@ lens_laai.fitting.solver.prox_sparse_group_lasso
 lens_laai.fitting.stability.Stability
 lens_laai.fitting.stability.complementary_pairs
 lens_laai.fitting.stability.stability
-lens_laai.interventions.ablation.reference_outputs
 lens_laai.interventions.head.delta_hook
-lens_laai.interventions.positions.LastTokenTracker
-lens_laai.interventions.positions.add_at_positions
-lens_laai.interventions.positions.positions_from_json
-lens_laai.interventions.positions.positions_to_json
-lens_laai.interventions.protocol.InterventionBase
-lens_laai.interventions.protocol.adder_hook
-lens_laai.interventions.protocol.check_float_tensor
-lens_laai.interventions.protocol.check_tensor
-lens_laai.interventions.protocol.merged_survey_record
-lens_laai.interventions.protocol.saved_format
 lens_laai.models.bridge.last_position_hooks
 lens_laai.models.head_write.attention_write
 lens_laai.models.head_write.head_writes
@@ -221,9 +210,6 @@ lens_laai.studies.store.read_results
 lens_laai.tasks.prompts.iter_batches
 lens_laai.tasks.prompts.make_batch
 lens_laai.tasks.prompts.pad_id
-lens_laai.tasks.provenance.fit_metadata
-lens_laai.tasks.provenance.loose_pair_hash
-lens_laai.tasks.provenance.records_of
 """
 WITHOUT_EXAMPLE = set(LISTED.split())
 
