@@ -46,13 +46,12 @@ def runner_scores(runner: LayerRunner, hooks: list) -> tuple[float, float]:
 
     Example:
         >>> from lens_laai import fit
-        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
         >>> from lens_laai.tasks.prompts import model_batches
         >>> from lens_laai.testing import tiny_model, tiny_task
         >>> model = tiny_model()
         >>> iv = fit(model, tiny_task(), layer=1, n_train=8, steps=3, progress=False).intervention
         >>> batches = model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"])
-        >>> from lens_laai.fastpath import LayerRunner
         >>> runner = LayerRunner(model, batches, 1, True, CostMeter())  # last-token runner from layer 1
         >>> from lens_laai.analysis.effects import prompt_scores, runner_scores
         >>> accuracy, logprob = runner_scores(runner, [])
@@ -70,14 +69,11 @@ def prompt_scores(runner: LayerRunner, hooks: list) -> tuple[Float[Tensor, " n"]
     """Per prompt of the runner's batches under ``hooks``: 1.0 if the first target token is top-1, and its log-prob.
 
     Example:
-        >>> from lens_laai import fit
-        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
         >>> from lens_laai.tasks.prompts import model_batches
-        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> from lens_laai.testing import tiny_model
         >>> model = tiny_model()
-        >>> iv = fit(model, tiny_task(), layer=1, n_train=8, steps=3, progress=False).intervention
         >>> batches = model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"])
-        >>> from lens_laai.fastpath import LayerRunner
         >>> runner = LayerRunner(model, batches, 1, True, CostMeter())  # last-token runner from layer 1
         >>> from lens_laai.analysis.effects import prompt_scores
         >>> correct, logprob = prompt_scores(runner, [])
@@ -123,14 +119,11 @@ def ablation_effects(
     about ±2 se at 16 prompts; the report prints t-intervals).
 
     Example:
-        >>> from lens_laai import fit
-        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
         >>> from lens_laai.tasks.prompts import model_batches
-        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> from lens_laai.testing import tiny_model
         >>> model = tiny_model()
-        >>> iv = fit(model, tiny_task(), layer=1, n_train=8, steps=3, progress=False).intervention
         >>> batches = model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"])
-        >>> from lens_laai.fastpath import LayerRunner
         >>> runner = LayerRunner(model, batches, 1, True, CostMeter())  # last-token runner from layer 1
         >>> from lens_laai.analysis.effects import ablation_effects
         >>> from lens_laai.interventions.ablation import HeadAblation
@@ -160,13 +153,12 @@ def necessity(runner: LayerRunner, model: TransformerBridge, iv: HeadInterventio
 
     Example:
         >>> from lens_laai import fit
-        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
         >>> from lens_laai.tasks.prompts import model_batches
         >>> from lens_laai.testing import tiny_model, tiny_task
         >>> model = tiny_model()
         >>> iv = fit(model, tiny_task(), layer=1, n_train=8, steps=3, progress=False).intervention
         >>> batches = model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"])
-        >>> from lens_laai.fastpath import LayerRunner
         >>> runner = LayerRunner(model, batches, 1, True, CostMeter())  # last-token runner from layer 1
         >>> from lens_laai.analysis.effects import necessity
         >>> out = necessity(runner, model, iv)

@@ -381,11 +381,11 @@ def plot_distributions(
     ``axes`` (one per question) draws into an existing figure, e.g. one row per group.
 
     Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
         >>> from lens_laai.opinions.survey import toy_survey
         >>> survey = toy_survey()
         >>> red = survey.group("PARTY=Red")
-        >>> import matplotlib
-        >>> matplotlib.use("Agg")
         >>> from lens_laai import compare_methods
         >>> from lens_laai.opinions.evaluate import plot_distributions
         >>> from lens_laai.testing import tiny_model

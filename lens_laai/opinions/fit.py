@@ -88,10 +88,10 @@ def group_questions(survey: Survey, group: Group, keys: Sequence[str]) -> list[S
     """The questions among ``keys`` that ``group`` answered (others have no target for it).
 
     Example:
+        >>> import dataclasses
         >>> from lens_laai.opinions.survey import toy_survey
         >>> survey = toy_survey()
         >>> red = survey.group("PARTY=Red")
-        >>> import dataclasses
         >>> from lens_laai.opinions.fit import group_questions
         >>> [q.key for q in group_questions(survey, red, ["Q0", "Q1", "Q2"])]
         ['Q0', 'Q1', 'Q2']

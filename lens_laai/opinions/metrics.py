@@ -53,10 +53,10 @@ def divergence(kind: Divergence, log_q: Tensor, qb: QuestionBatch) -> Tensor:
     """Per-question divergence between ``qb.target`` and ``exp(log_q)`` (−inf beyond the ordinal options).
 
     Example:
+        >>> import torch
         >>> from lens_laai.opinions.survey import toy_survey
         >>> survey = toy_survey()
         >>> red = survey.group("PARTY=Red")
-        >>> import torch
         >>> from lens_laai.opinions.fit import opinion_batches
         >>> from lens_laai.opinions.metrics import divergence
         >>> from lens_laai.opinions.prompts import OpinionPrompt

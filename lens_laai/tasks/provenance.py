@@ -12,6 +12,8 @@ fit saw (training and validation). Algebra keeps the records of every operand. E
 * and, whatever the split came from, refuses to score a "test" pair that any operand saw while
   fitting, comparing pairs up to whitespace and letter case (:func:`loose_pair_hash`).
 
+Survey fits carry a survey record instead; :func:`merged_survey_record` merges the records of a sum.
+
 Example:
     >>> from lens_laai.tasks.provenance import DataRecord, held_out
     >>> from lens_laai.testing import tiny_task
@@ -59,8 +61,10 @@ def loose_pair_hash(pair: Pair) -> str:
 
     Example:
         >>> from lens_laai.tasks.provenance import loose_pair_hash, pair_hash
-        >>> loose_pair_hash(("hot", "cold")) == loose_pair_hash((" Hot ", "COLD")), pair_hash(("hot", "cold")) == pair_hash(("Hot", "cold"))
-        (True, False)
+        >>> loose_pair_hash(("hot", "cold")) == loose_pair_hash((" Hot ", "COLD"))
+        True
+        >>> pair_hash(("hot", "cold")) == pair_hash(("Hot", "cold"))  # the exact hash tells them apart
+        False
     """
     loose = [" ".join(text.split()).casefold() for text in pair]
     return hashlib.sha256(json.dumps(loose, ensure_ascii=False).encode()).hexdigest()[:16]
