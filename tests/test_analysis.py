@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,8 +139,8 @@ def test_table_has_one_row_per_head_and_tensor_scores(tiny, analysis, fitted):
 
 def test_activation_patching_matches_a_hand_patch(tiny, fitted):
     task, iv = fitted
-    from lens_laai.analysis.effects import activation_patching
     from lens_laai.analysis.head_table import _AnalysisData
+    from lens_laai.analysis.patching import activation_patching
     from lens_laai.fastpath import CostMeter
     from lens_laai.tasks.prompts import PromptTemplate
 
@@ -175,7 +176,7 @@ def test_attribution_patching_restores_the_frozen_model(tiny, analysis):
 
 
 def test_dla_readout_is_the_models_own_unembedding(tiny):
-    from lens_laai.analysis.effects import _readout
+    from lens_laai.analysis.logit_attribution import _readout
     from lens_laai.fastpath.kernels import unwrap
 
     resid = torch.randn(3, tiny.cfg.d_model)
@@ -224,9 +225,27 @@ def test_pictures(tiny, analysis, fitted):
     assert views and all(v.name == "AttentionHeads" and v.props["tokens"] for v in views)
     colored = generation_view(tiny, fitted[1], "Q: hot\nA:", max_new_tokens=3)
     assert len(colored.props["tokens"]) == len(colored.props["values"])
+    for view in [*views, colored]:
+        unknown = set(view.props) - component_props(view.name)
+        assert not unknown, f"{view.name} has no props {unknown}: circuitsvis would ignore them"
+    selected = [f"L{layer}H{head}" for layer, head in fitted[1].selected_heads()]
+    assert views[0].props["attentionHeadNames"] == selected
+    assert all(re.fullmatch(r"L\d+H\d+ with(out)? Δ", n) for v in views[1:] for n in v.props["attentionHeadNames"])
     splits = Task("t", list(TINY_PAIRS)).split(0, 8, 4)
     table, ivs = fit_path(tiny, splits, 1, [1.0, 0.1, 0.0], steps=2, progress=False)
     assert regularisation_path(table, ivs).axes
+
+
+def component_props(name: str) -> set[str]:
+    """The props a circuitsvis React component destructures, read from the TypeScript source in its bundle's map."""
+    import circuitsvis
+
+    source_map = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js.map"
+    for source in json.loads(source_map.read_text())["sourcesContent"]:
+        match = re.search(rf"export function {name}\(\{{([^}}]*)\}}", source or "")
+        if match:
+            return {re.split(r"[\s=:]", p.strip())[0] for p in match.group(1).split(",") if p.strip()}
+    raise AssertionError(f"circuitsvis has no component {name}")
 
 
 def _task_file(tmp_path):
@@ -307,6 +326,7 @@ def test_report_renders_offline_in_a_real_browser(report, tmp_path):
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
     views = re.findall(r'<div id="cv-\d+" class="cv">(.{0,40})', dom)
     assert views and all(v.startswith("<") for v in views), "every circuitsvis view rendered content"
+    assert re.search(r">L1H\d+<", dom) and not re.search(r">Head \d+<", dom), "heads labelled L<layer>H<head>"
     assert (tmp_path / "shot.png").stat().st_size > 10_000
     assert page_requests(log) == [], "the page fetched something from the network"
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from lens_laai import HeadIntervention, Task
-from lens_laai.analysis import effects as fx
+from lens_laai.analysis import logit_attribution as fx
 from lens_laai.analysis.head_table import _AnalysisData, agreement, head_table
+from lens_laai.analysis.patching import attribution_patching
 from lens_laai.analysis.summary import selection_agreement
 from lens_laai.baselines.function_vectors import head_outputs
 from lens_laai.fastpath.runner import CostMeter
@@ -217,7 +218,7 @@ def test_attribution_agreement_uses_the_activation_patching_prompts():
     data = _AnalysisData.build(model, splits, iv, PromptTemplate(), 8, 2, 3, 0, 32)
     n = int(data.patch_clean.input_ids.shape[0])
     assert n == 3 and len(data.pairs) > n
-    same = fx.attribution_patching(model, data.pairs[:n], CostMeter())
+    same = attribution_patching(model, data.pairs[:n], CostMeter())
     expected = agreement(analysis.scores["act_patch"], same)
     got = analysis.settings["attribution_vs_activation"]
     assert got["rho"] == pytest.approx(expected["rho"]) and got["sign_agreement"] == pytest.approx(

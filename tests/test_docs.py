@@ -184,6 +184,9 @@ VIEWS_JS = """Array.from(document.querySelectorAll('div[id^="circuits-vis-"]')).
     return {id: d.id, x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height,
             elements: d.querySelectorAll('*').length}; })"""
 
+# the head names an AttentionHeads view prints above each head's thumbnail
+HEAD_LABELS_JS = """Array.from(document.querySelectorAll('div[id^="circuits-vis-"] h4')).map(h => h.textContent)"""
+
 
 def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
     """Both views of the executed tutorial draw themselves in a real browser with the network blocked.
@@ -218,6 +221,8 @@ def test_circuitsvis_views_render_offline_on_the_built_site(tmp_path):
             time.sleep(0.5)
         assert [v["id"] for v in views] == expected
         assert all(v["elements"] > 3 and v["h"] > 50 for v in views), f"a view did not draw itself: {views}"
+        labels = chrome.evaluate(HEAD_LABELS_JS)
+        assert labels and all(re.fullmatch(r"L\d+H\d+", t) for t in labels), f"heads not labelled L<l>H<h>: {labels}"
         height = chrome.evaluate("document.documentElement.scrollHeight")
         chrome.send(
             "Emulation.setDeviceMetricsOverride", width=1280, height=int(height), deviceScaleFactor=1, mobile=False

@@ -43,6 +43,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.analysis import effects as fx
+from lens_laai.analysis import logit_attribution, patching
 from lens_laai.analysis.prompts import AnalysisPrompts as _AnalysisData
 from lens_laai.analysis.summary import (
     IMPORTANCE_SCORES,
@@ -187,16 +188,18 @@ def head_table(
     if probabilities is not None:
         scores["selection_probability"] = probabilities
     if "dla" in methods:
-        scores["dla"] = run.timed("dla", lambda m: fx.direct_logit_attribution(model, intervention, data.zero, m))
+        scores["dla"] = run.timed(
+            "dla", lambda m: logit_attribution.direct_logit_attribution(model, intervention, data.zero, m)
+        )
     if "act_patch" in methods:
         patched, data.clean_metric, data.corrupt_metric = run.timed(
             "act_patch",
-            lambda m: fx.activation_patching(model, data.patch_clean, data.patch_corrupt, layers, m, progress),
+            lambda m: patching.activation_patching(model, data.patch_clean, data.patch_corrupt, layers, m, progress),
         )
         scores.update(patched)
     per_pair = None
     if "attr_patch" in methods:
-        per_pair = run.timed("attr_patch", lambda m: fx.attribution_patching(model, data.pairs, m, reduce="none"))
+        per_pair = run.timed("attr_patch", lambda m: patching.attribution_patching(model, data.pairs, m, reduce="none"))
         scores["attr_patch"] = _restrict(per_pair.mean(0), layers)
     if "fv_cie" in methods:
         scores["fv_cie"] = run.timed("fv_cie", run.fv_cie)
@@ -213,7 +216,10 @@ def head_table(
     lens = (
         run.timed(
             "logit_lens",
-            lambda m: pd.DataFrame(fx.logit_lens(model, intervention, data.zero, m), columns=fx.LOGIT_LENS_COLUMNS),
+            lambda m: pd.DataFrame(
+                logit_attribution.logit_lens(model, intervention, data.zero, m),
+                columns=logit_attribution.LOGIT_LENS_COLUMNS,
+            ),
         )
         if "logit_lens" in methods
         else pd.DataFrame()

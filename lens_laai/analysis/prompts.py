@@ -27,6 +27,18 @@ class AnalysisPrompts:
     """Held-out queries as zero-shot prompts; clean k-shot prompts, their label-deranged twins and reference prompts on demand.
 
     The k-shot prompts are built (and checked against the context) only when a method reads them.
+
+    Example:
+        >>> from lens_laai import PromptTemplate, fit
+        >>> from lens_laai.analysis.prompts import AnalysisPrompts
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, progress=False).intervention
+        >>> prompts = AnalysisPrompts(model, task, iv, PromptTemplate(), 4, 2, 2, 0, 32)
+        >>> len(prompts.queries), prompts.dropped  # the k-shot prompts are not built yet
+        (4, None)
+        >>> prompts.clean[0].input_ids.shape == prompts.corrupt.input_ids.shape, prompts.n_patch, prompts.dropped
+        (True, 2, 0)
     """
 
     def __init__(

@@ -51,11 +51,29 @@ def circuitsvis_bundle() -> str:
 
 
 def table_html(frame: pd.DataFrame, digits: int = 3) -> str:
+    """``frame`` as a plain HTML table: no index, ``digits`` decimals, missing values as –.
+
+    Example:
+        >>> import pandas as pd
+        >>> from lens_laai.analysis.report import table_html
+        >>> html = table_html(pd.DataFrame({"head": ["L1H0"], "score": [0.12345], "p": [float("nan")]}), digits=2)
+        >>> "<th>head</th>" in html, "<td>0.12</td>" in html, "<td>–</td>" in html
+        (True, True, True)
+    """
     return frame.to_html(index=False, float_format=lambda x: f"{x:.{digits}f}", border=0, na_rep="–")
 
 
 def render_page(title: str, sections: Sequence[tuple[str, str]], views: Sequence[View]) -> str:
-    """The whole page: ``sections`` are (heading, HTML) pairs; ``views`` become divs rendered by one inlined bundle."""
+    """The whole page: ``sections`` are (heading, HTML) pairs; ``views`` become divs rendered by one inlined bundle.
+
+    Example:
+        >>> from lens_laai.analysis.report import render_page
+        >>> from lens_laai.analysis.views import View
+        >>> view = View("ColoredTokens", {"tokens": ["a", "b"], "values": [1.0, -1.0]}, title="tokens")
+        >>> page = render_page("Demo", [("Notes", "<p>hi</p>")], [view, view])
+        >>> page.count("var CircuitsVis="), page.count("CircuitsVis.render(")  # one inlined bundle, one call per view
+        (1, 2)
+    """
     body = [f"<h1>{html_lib.escape(title)}</h1>"]
     for heading, content in sections:
         body.append(f"<h2>{html_lib.escape(heading)}</h2>\n{content}")
@@ -76,7 +94,22 @@ def render_page(title: str, sections: Sequence[tuple[str, str]], views: Sequence
 
 
 def check_report_path(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse a directory, or an existing file that is not one of our reports (unless ``force``)."""
+    """Refuse a directory, or an existing file that is not one of our reports (unless ``force``).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.analysis.report import check_report_path
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> check_report_path(folder / "report.html").name
+        'report.html'
+        >>> _ = (folder / "notes.html").write_text("<p>mine</p>")
+        >>> check_report_path(folder / "notes.html")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.SaveError: ...notes.html exists and is not a lens_laai report; refusing to overwrite it. Choose a new path, or pass --force.
+        >>> check_report_path(folder / "notes.html", force=True).name
+        'notes.html'
+    """
     path = Path(path)
     if path.is_dir():
         raise SaveError(f"{path} is a directory; give the path of an .html file.")
@@ -97,7 +130,17 @@ def _head(path: Path) -> str:
 
 
 def write_report(path: str | os.PathLike, page: str, force: bool = False) -> Path:
-    """Write ``page`` atomically; an existing file is replaced only if it is one of our reports, or with ``force``."""
+    """Write ``page`` atomically; an existing file is replaced only if it is one of our reports, or with ``force``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.analysis.report import render_page, write_report
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "report.html"
+        >>> write_report(path, render_page("First", [], [])).name
+        'report.html'
+        >>> "<title>Second</title>" in write_report(path, render_page("Second", [], [])).read_text()  # ours: replaced
+        True
+    """
     path = check_report_path(path, force)
     atomic_write_text(path, page)
     return path
@@ -109,6 +152,20 @@ def analysis_sections(analysis: Any, figures: dict[str, str], extra: dict[str, A
     The page opens with the answer in sentences (which heads, how stable, necessary,
     sufficient, where each causal method ranks them), then the ranking table, the pictures,
     the controls, and last the settings, formatted for reading.
+
+    Example:
+        >>> from lens_laai import fit
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, progress=False).intervention
+        >>> analysis = head_table(model, task, iv, methods=["dla"], n_prompts=4, shots=2, progress=False)
+        >>> from lens_laai.analysis.report import analysis_sections
+        >>> sections = analysis_sections(analysis, {}, {"task": "tiny-antonym"})
+        >>> [heading for heading, _ in sections[:2]], sections[-1][0]
+        (['The answer', 'Where each method ranks the selected heads'], 'All heads')
+        >>> "tiny-antonym" in dict(sections)["Settings"]
+        True
     """
     sentences = "".join(f"<p>{html_lib.escape(line)}</p>" for line in analysis.answer())
     sections = [("The answer", sentences)]
@@ -149,7 +206,13 @@ _SUMMARY_NAMES = {
 
 
 def readable(value: Any) -> str:
-    """A setting as a person would write it: 3 significant digits, lists and dicts spelled out, newlines shown as ⏎."""
+    """A setting as a person would write it: 3 significant digits, lists and dicts spelled out, newlines shown as ⏎.
+
+    Example:
+        >>> from lens_laai.analysis.report import readable
+        >>> readable(0.000123456), readable([1, 2.5]), readable({"shots": 2, "exact": True}), readable("Q:\\nA:")
+        ('0.000123', '1, 2.5', 'shots: 2; exact: yes', 'Q: ⏎ A:')
+    """
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "no", None: "–"}[value]
     if isinstance(value, float):

@@ -43,6 +43,14 @@ CAUSAL = {
 
 
 def head_label(layer: int, head: int) -> str:
+    """``L<layer>H<head>``, the label every table, sentence, figure and view of an analysis uses.
+
+    Example:
+        >>> import numpy as np
+        >>> from lens_laai.analysis.summary import head_label
+        >>> head_label(16, 1), head_label(np.int64(3), 2.0)  # pandas and numpy values too
+        ('L16H1', 'L3H2')
+    """
     return f"L{int(layer)}H{int(head)}"
 
 
@@ -54,6 +62,15 @@ def selection_agreement(table: pd.DataFrame, seed: int = 0, n_permutations: int 
     score's top-k that is selected; the exact permutation p that k random heads overlap as much,
     i.e. the hypergeometric tail), ``jaccard``, ``selected_ranks`` (rank of each selected head,
     1 = top), ``n_scored``, ``k`` and ``note`` (why a value is undefined).
+
+    Example:
+        >>> import pandas as pd
+        >>> from lens_laai.analysis.summary import selection_agreement
+        >>> table = pd.DataFrame({"layer": [0] * 5, "head": range(5), "selected": [True, True, True, False, False],
+        ...                       "norm": [3.0, 2.0, 1.0, 0.0, 0.0], "zero_logprob_drop": [0.8, 0.5, 0.1, 0.3, 0.0]})
+        >>> row = selection_agreement(table).iloc[0]
+        >>> row.score, int(row.k), int(row.n_scored), float(row.rho_selected), float(row.precision_at_k), row.selected_ranks
+        ('zero_logprob_drop', 3, 5, 1.0, 0.6666666666666666, 'L0H0:1, L0H1:2, L0H2:4')
     """
     selected_mask = table.selected.astype(bool)
     rows = []
@@ -87,7 +104,18 @@ def selection_agreement(table: pd.DataFrame, seed: int = 0, n_permutations: int 
 
 
 def agreement(reference: Tensor, estimate: Tensor, seed: int = 0) -> dict[str, float]:
-    """How well ``estimate`` (e.g. attribution patching) tracks ``reference`` (activation patching) over scored heads."""
+    """How well ``estimate`` (e.g. attribution patching) tracks ``reference`` (activation patching) over scored heads.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.analysis.summary import agreement
+        >>> activation = torch.tensor([[0.9, 0.1, -0.4], [0.2, float("nan"), 0.0]])  # NaN: not scored
+        >>> out = agreement(activation, 0.5 * activation)  # a rescaled estimate ranks heads identically
+        >>> round(out["rho"], 6), out["sign_agreement"]
+        (1.0, 1.0)
+        >>> round(agreement(activation, -activation)["rho"], 6)
+        -1.0
+    """
     both = torch.isfinite(reference) & torch.isfinite(estimate)
     x, y = reference[both].numpy(), estimate[both].numpy()
     rho, p = spearman_permutation(x, y, seed)
@@ -96,7 +124,17 @@ def agreement(reference: Tensor, estimate: Tensor, seed: int = 0) -> dict[str, f
 
 
 def spearman_permutation(x: np.ndarray, y: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """Spearman ρ and a two-sided permutation p-value (NaN when either side is constant or has < 3 values)."""
+    """Spearman ρ and a two-sided permutation p-value (NaN when either side is constant or has < 3 values).
+
+    Example:
+        >>> import numpy as np
+        >>> from lens_laai.analysis.summary import spearman_permutation
+        >>> rho, p = spearman_permutation(np.array([1.0, 2, 3, 4, 5]), np.array([2.0, 4, 5, 9, 10]))
+        >>> round(rho, 6), p < 0.05  # monotone: ρ = 1; 2 of the 120 orderings are as extreme
+        (1.0, True)
+        >>> spearman_permutation(np.array([1.0, 2, 3]), np.array([5.0, 5, 5]))  # constant side: undefined
+        (nan, nan)
+    """
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     rx, ry = _ranks(x), _ranks(y)
@@ -111,7 +149,15 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def percentile_with_interval(value: float, random: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Percent of ``random`` below ``value``, with the Clopper–Pearson interval of that share (NaN when empty)."""
+    """Percent of ``random`` below ``value``, with the Clopper–Pearson interval of that share (NaN when empty).
+
+    Example:
+        >>> import numpy as np
+        >>> from lens_laai.analysis.summary import percentile_with_interval
+        >>> percentile, low, high = percentile_with_interval(0.5, np.array([0.1, 0.2, 0.3, 0.9]))
+        >>> percentile, round(low, 1), round(high, 1)  # 3 of 4 random sets below; exact binomial interval
+        (75.0, 19.4, 99.4)
+    """
     random = np.asarray(random, dtype=float)
     if not len(random) or not np.isfinite(value):
         return float("nan"), float("nan"), float("nan")
@@ -121,7 +167,15 @@ def percentile_with_interval(value: float, random: np.ndarray, confidence: float
 
 
 def mean_interval(values: Tensor | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of per-prompt ``values`` and its t-interval (NaN bounds below two values)."""
+    """Mean of per-prompt ``values`` and its t-interval (NaN bounds below two values).
+
+    Example:
+        >>> from lens_laai.analysis.summary import mean_interval
+        >>> [round(v, 3) for v in mean_interval([1.0, 2.0, 3.0, 4.0])]  # mean ± t(0.975, 3) · s.e.
+        [2.5, 0.446, 4.554]
+        >>> mean_interval([1.0])
+        (1.0, nan, nan)
+    """
     values = np.asarray(values, dtype=float)
     mean = float(values.mean()) if len(values) else float("nan")
     if len(values) < 2:
@@ -131,7 +185,19 @@ def mean_interval(values: Tensor | np.ndarray, confidence: float = 0.95) -> tupl
 
 
 def answer(analysis: Any) -> list[str]:
-    """The analysis's answer as sentences: which heads, how stable, necessary, sufficient, where methods rank them."""
+    """The analysis's answer as sentences: which heads, how stable, necessary, sufficient, where methods rank them.
+
+    Example:
+        >>> from lens_laai import fit
+        >>> from lens_laai.analysis.head_table import head_table
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, task = tiny_model(), tiny_task()
+        >>> iv = fit(model, task, layer=1, n_train=8, steps=3, progress=False).intervention
+        >>> analysis = head_table(model, task, iv, methods=["dla"], n_prompts=4, shots=2, progress=False)
+        >>> from lens_laai.analysis.summary import answer
+        >>> print(answer(analysis)[0])
+        Selected: ... of the 12 scored heads: L1H... Stability not measured (pass stability= from lens_laai's stability()).
+    """
     table, found = analysis.table, analysis.findings
     chosen = table[table.selected.astype(bool)]
     labels = [head_label(r.layer, r["head"]) for _, r in chosen.iterrows()]
@@ -200,7 +266,20 @@ def _span(layers: list[int]) -> str:
 
 
 def stability_scores(stability: pd.DataFrame | Tensor, shape: tuple[int, int]) -> Tensor:
-    """Selection probabilities as ``[n_layers, n_heads]`` (NaN where not given), from a tensor or a long DataFrame."""
+    """Selection probabilities as ``[n_layers, n_heads]`` (NaN where not given), from a tensor or a long DataFrame.
+
+    Example:
+        >>> import pandas as pd
+        >>> from lens_laai.analysis.summary import stability_scores
+        >>> frame = pd.DataFrame({"layer": [1, 1], "head": [0, 3], "selection_probability": [0.9, 0.4]})
+        >>> scores = stability_scores(frame, (2, 4))
+        >>> int(scores.isnan().sum()), round(float(scores[1, 3]), 2)  # NaN where not given
+        (6, 0.4)
+        >>> stability_scores(frame, (1, 4))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: stability row (layer 1, head 0, selection_probability 0.9) is outside this model's 1 layers × 4 heads or outside [0, 1].
+    """
     if isinstance(stability, Tensor):
         if tuple(stability.shape) != shape:
             raise TaskError(

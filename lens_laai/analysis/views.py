@@ -2,8 +2,10 @@
 
 Matplotlib figures are returned (show them in a notebook, or :func:`figure_png` for the report).
 circuitsvis views are returned as :class:`View` objects: ``name`` (the circuitsvis element) and
-``props`` (its JSON-ready arguments). In a notebook ``view.html()`` renders with circuitsvis' own
-bundle; :mod:`lens_laai.analysis.report` inlines that bundle once for a whole page of views.
+``props`` (its JSON-ready arguments). The props reach the React component unchanged, so they carry the
+component's own names (``attentionHeadNames``, not the Python wrapper's ``attention_head_names``). In a
+notebook ``view.html()`` renders with circuitsvis' own bundle; :mod:`lens_laai.analysis.report` inlines
+that bundle once for a whole page of views.
 
 Example:
     >>> import torch
@@ -200,6 +202,8 @@ def attention_views(model: TransformerBridge, iv: HeadIntervention, prompt: str,
         >>> views = attention_views(model, iv, "Q: hot\\nA:")  # each renders itself in Jupyter
         >>> {v.name for v in views}
         {'AttentionHeads'}
+        >>> views[0].props["attentionHeadNames"][0][:2]  # heads labelled L<layer>H<head> on the page
+        'L1'
     """
     ids, tokens = _tokens(model, prompt)
     names = lambda n: n.endswith("attn.hook_pattern")
@@ -216,7 +220,7 @@ def attention_views(model: TransformerBridge, iv: HeadIntervention, prompt: str,
                 {
                     "attention": base[f"blocks.{layer}.attn.hook_pattern"][0, heads].tolist(),
                     "tokens": tokens,
-                    "attention_head_names": [f"L{layer}H{h}" for h in heads],
+                    "attentionHeadNames": [f"L{layer}H{h}" for h in heads],
                 },
                 f"Selected heads at layer {layer}",
             )
@@ -246,7 +250,7 @@ def attention_views(model: TransformerBridge, iv: HeadIntervention, prompt: str,
                 {
                     "attention": pair,
                     "tokens": tokens,
-                    "attention_head_names": [f"L{layer}H{head} without Δ", f"L{layer}H{head} with Δ"],
+                    "attentionHeadNames": [f"L{layer}H{head} without Δ", f"L{layer}H{head} with Δ"],
                 },
                 f"L{layer}H{head}: attention before and after Δ",
             )

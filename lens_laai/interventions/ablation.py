@@ -285,7 +285,17 @@ class HeadAblation(InterventionBase):
 
 @torch.no_grad()
 def reference_outputs(model: TransformerBridge, batches: Sequence[Batch], layers: Sequence[int]) -> dict[int, Tensor]:
-    """Every head's ``hook_z`` at the last token of each reference prompt: ``{layer: [n_prompts, n_heads, d_head]}``."""
+    """Every head's ``hook_z`` at the last token of each reference prompt: ``{layer: [n_prompts, n_heads, d_head]}``.
+
+    Example:
+        >>> from lens_laai.interventions.ablation import reference_outputs
+        >>> from lens_laai.tasks.prompts import model_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> batches = model_batches(model, ["Q: hot\\nA:", "Q: up\\nA:", "Q: big\\nA:"], [" cold", " down", " small"], batch_size=2)
+        >>> {layer: tuple(z.shape) for layer, z in reference_outputs(model, batches, [0, 2]).items()}  # [prompt, head, d_head]
+        {0: (3, 4, 16), 2: (3, 4, 16)}
+    """
     if not batches:
         raise InterventionError("Mean and resample ablations need at least one reference prompt.")
     grabbed: dict[int, list[Tensor]] = {l: [] for l in layers}

@@ -72,10 +72,28 @@ def check_positions(positions: Any) -> Positions:
 
 
 def positions_to_json(positions: Positions) -> str | list[int]:
+    """``positions`` as a manifest stores them: the string, or a list of ints.
+
+    Example:
+        >>> from lens_laai.interventions.positions import positions_to_json
+        >>> positions_to_json("last"), positions_to_json((0, -1))
+        ('last', [0, -1])
+    """
     return positions if isinstance(positions, str) else list(positions)
 
 
 def positions_from_json(value: Any) -> Positions:
+    """Positions read back from a manifest, checked as :func:`check_positions` checks them.
+
+    Example:
+        >>> from lens_laai.interventions.positions import positions_from_json, positions_to_json
+        >>> positions_from_json("last"), positions_from_json(positions_to_json((2, -1)))
+        ('last', (2, -1))
+        >>> positions_from_json([1, 1])
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.InterventionError: positions (1, 1) repeat an index; give each position once.
+    """
     return check_positions(value if isinstance(value, str) else tuple(value) if isinstance(value, list) else value)
 
 
@@ -104,6 +122,17 @@ def add_at_positions(
 
     ``positions`` is ``"last"`` (position -1 here: callers resolve padding first), ``"all"``, a
     tuple of indices, or a ``[batch]`` tensor with one index per row.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.positions import add_at_positions
+        >>> z = torch.zeros(1, 3, 1, 1)  # [batch, pos, head, d_head]
+        >>> add_at_positions(z, torch.ones(1, 1), (0, -1))[0, :, 0, 0].tolist(), z.sum().item()  # z itself untouched
+        ([1.0, 0.0, 1.0], 0.0)
+        >>> add_at_positions(z, torch.ones(1, 1), (3,))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.InterventionError: Positions [3] are outside this sequence of 3 tokens.
     """
     delta = delta.to(dtype=z.dtype, device=z.device)
     if isinstance(positions, str) and positions == "all":
@@ -133,6 +162,15 @@ class LastTokenTracker:
     The bridge is either given ``attention_mask`` explicitly, which this tracker records, or a
     batch of strings, which it pads on the tokenizer's side; for right padding the tracker
     rebuilds that padding's mask with the model's own tokenizer.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.positions import LastTokenTracker
+        >>> z = torch.zeros(2, 4, 1, 1)  # [batch, pos, head, d_head]
+        >>> LastTokenTracker(None, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])).index(z).tolist()  # right padding
+        [2, 3]
+        >>> LastTokenTracker(None, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])).index(z)  # left padding: -1 for all
+        'last'
     """
 
     def __init__(self, model: Any, attention_mask: Tensor | None = None) -> None:

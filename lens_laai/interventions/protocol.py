@@ -48,6 +48,7 @@ from lens_laai.interventions.positions import (
 from lens_laai.models.bridge import SHAPE_KEYS, check_fingerprint
 from lens_laai.storage.bundle import load_bundle, save_bundle
 from lens_laai.storage.schema import validate_manifest
+from lens_laai.tasks.provenance import merged_survey_record
 
 Hook = tuple[str, Callable[..., Any]]
 Where = Positions | Tensor | LastTokenTracker
@@ -82,7 +83,14 @@ class Intervention(Protocol):
 
 
 class InterventionBase:
-    """Shared implementation of the protocol; subclasses are dataclasses with these attributes."""
+    """Shared implementation of the protocol; subclasses are dataclasses with these attributes.
+
+    Example:
+        >>> import lens_laai
+        >>> from lens_laai.interventions.protocol import InterventionBase
+        >>> sorted(InterventionBase.registry)  # each kind registers the format its saves name
+        ['lens_laai.HeadAblation', 'lens_laai.HeadIntervention', 'lens_laai.ResidualIntervention']
+    """
 
     FORMAT: ClassVar[str]
     TENSOR_STEM: ClassVar[str]
@@ -326,7 +334,18 @@ def by_layer(tensors: dict[str, Tensor]) -> dict[int, Tensor]:
 
 
 def check_tensor(name: str, tensor: Any, shape: tuple[int, ...]) -> Tensor:
-    """Refuse anything but a finite floating tensor of ``shape``."""
+    """Refuse anything but a finite floating tensor of ``shape``.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.protocol import check_tensor
+        >>> check_tensor("Δ", torch.zeros(4, 16), (4, 16)).shape
+        torch.Size([4, 16])
+        >>> check_tensor("Δ", torch.zeros(4, 8), (4, 16))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.InterventionError: Δ has shape (4, 8), expected (4, 16).
+    """
     check_float_tensor(name, tensor, check_finite=False)
     if tuple(tensor.shape) != shape:
         raise InterventionError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}.")
@@ -334,7 +353,16 @@ def check_tensor(name: str, tensor: Any, shape: tuple[int, ...]) -> Tensor:
 
 
 def check_float_tensor(name: str, tensor: Any, check_finite: bool = True) -> Tensor:
-    """Refuse anything but a tensor of float16, bfloat16, float32 or float64 (and, by default, finite)."""
+    """Refuse anything but a tensor of float16, bfloat16, float32 or float64 (and, by default, finite).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.protocol import check_float_tensor
+        >>> check_float_tensor("Δ", torch.tensor([1.0, float("nan")]))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.InterventionError: Δ holds NaN or infinite values; an intervention must be finite.
+    """
     if not isinstance(tensor, Tensor) or tensor.dtype not in FLOAT_DTYPES:
         got = getattr(tensor, "dtype", type(tensor).__name__)
         raise InterventionError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {got}.")
@@ -343,36 +371,19 @@ def check_float_tensor(name: str, tensor: Any, check_finite: bool = True) -> Ten
     return tensor
 
 
-def merged_survey_record(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One survey record for a sum of survey fits: every operand's seen questions stay out of the test split.
-
-    Equal records stay as they are. Otherwise the survey, group and seed are the first operand's
-    (evaluation checks them), train and valid are the union of everyone's, and test keeps only the
-    first's test questions that no operand trained or validated on.
-    """
-    first = records[0]
-    if all(r == first for r in records):
-        return dict(first)
-    seen_train = list(dict.fromkeys(q for r in records for q in r.get("train", [])))
-    seen_valid = [q for q in dict.fromkeys(q for r in records for q in r.get("valid", [])) if q not in seen_train]
-    seen = set(seen_train) | set(seen_valid)
-    test = [q for q in first.get("test", []) if q not in seen]
-    return {
-        **first,
-        "train": seen_train,
-        "valid": seen_valid,
-        "test": test,
-        "n_train": len(seen_train),
-        "n_valid": len(seen_valid),
-        "n_test": len(test),
-        "merged_from": len(records),
-    }
-
-
 def saved_format(path: Path) -> str | None:
     """The ``format`` a save's manifest names (None if it has no manifest, or names none); read safely.
 
     A manifest that is not a readable regular file of JSON raises :class:`InterventionError` saying why.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai import HeadAblation
+        >>> from lens_laai.interventions.protocol import saved_format
+        >>> from lens_laai.testing import tiny_model
+        >>> path = HeadAblation.zero(tiny_model(), [(1, 0)]).save(tempfile.mkdtemp() + "/ablation")
+        >>> saved_format(path), saved_format(path.parent)  # a folder without a manifest: None
+        ('lens_laai.HeadAblation', None)
     """
     from lens_laai.storage.safe_read import loads_json, read_regular_file
 
@@ -385,7 +396,15 @@ def saved_format(path: Path) -> str | None:
 
 
 def adder_hook(value: Tensor, where: Where) -> Callable[..., Tensor]:
-    """A hook function adding ``value`` at ``where`` (positions, per-row indices, or a tracker)."""
+    """A hook function adding ``value`` at ``where`` (positions, per-row indices, or a tracker).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.protocol import adder_hook
+        >>> hook = adder_hook(torch.ones(1), (0,))  # add 1 at position 0
+        >>> hook(torch.zeros(1, 3, 1), None)[0, :, 0].tolist()
+        [1.0, 0.0, 0.0]
+    """
 
     def hook(activation: Tensor, hook: Any) -> Tensor:
         positions = where.index(activation) if isinstance(where, LastTokenTracker) else where

@@ -92,7 +92,22 @@ def held_out_split(
     n_train: int | None = None,
     n_valid: int | None = None,
 ) -> SurveySplits:
-    """The split to score on: the intervention's recorded one (checked), else ``splits``, else a fresh seeded split."""
+    """The split to score on: the intervention's recorded one (checked), else ``splits``, else a fresh seeded split.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai import fit_opinion
+        >>> from lens_laai.opinions.evaluate import held_out_split
+        >>> from lens_laai.testing import tiny_model
+        >>> cut = held_out_split(survey, red, seed=1, n_train=4, n_valid=2)  # no intervention: a fresh split
+        >>> len(cut.train), len(cut.valid), len(cut.test)
+        (4, 2, 2)
+        >>> iv = fit_opinion(tiny_model(), survey, "PARTY=Red", 1, splits=cut, steps=2, progress=False).intervention
+        >>> held_out_split(survey, red, iv).test == cut.test  # read back from the intervention's record
+        True
+    """
     record = (intervention.metadata.get("survey") if intervention is not None else None) or None
     if record is None:
         if intervention is not None and splits is None and seed is None:
@@ -142,7 +157,19 @@ def held_out_split(
 def few_shot_demos(
     survey: Survey, group: Group, keys: Sequence[str], shots: int | None, seed: int
 ) -> list[tuple[Any, int]]:
-    """(question, majority option) for ``shots`` (default all) of ``keys`` the group answered, in seeded order."""
+    """(question, majority option) for ``shots`` (default all) of ``keys`` the group answered, in seeded order.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.evaluate import few_shot_demos
+        >>> demos = few_shot_demos(survey, red, ["Q0", "Q1", "Q2"], shots=2, seed=0)
+        >>> [(q.key, q.options[i]) for q, i in demos]  # each with the group's majority answer
+        [('Q0', 'More'), ('Q2', 'Less')]
+        >>> len(demos), all(i == int(red.answers[q.key].distribution.argmax()) for q, i in demos)
+        (2, True)
+    """
     qs = group_questions(survey, group, keys)
     random.Random(seed).shuffle(qs)
     if shots is not None:
@@ -166,7 +193,20 @@ def distributions(
     prompt: OpinionPrompt | None = None,
     batch_size: int = 16,
 ) -> pd.DataFrame:
-    """One row per question of ``keys`` the group answered: target, model distribution, distances, refusal shares."""
+    """One row per question of ``keys`` the group answered: target, model distribution, distances, refusal shares.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.evaluate import distributions
+        >>> from lens_laai.testing import tiny_model
+        >>> table = distributions(tiny_model(), survey, red, ["Q0", "Q1"], method="persona")
+        >>> table.key.tolist(), [len(m) for m in table.model], [round(sum(m), 3) for m in table.model]
+        (['Q0', 'Q1'], [3, 2], [1.0, 1.0])
+        >>> {"target", "kl", "tv", "w1", "refusal_model", "refusal_target"} <= set(table.columns)
+        True
+    """
     if method not in METHODS:
         raise TaskError(f"method must be one of {METHODS}, got {method!r}.")
     prompt = prompt or OpinionPrompt()
@@ -217,7 +257,21 @@ def check_prompt_lengths(
     shots: int | None = None,
     prompt: OpinionPrompt | None = None,
 ) -> None:
-    """Raise :class:`~lens_laai.errors.ModelError` now if a prompt to be scored exceeds the model's context."""
+    """Raise :class:`~lens_laai.errors.ModelError` now if a prompt to be scored exceeds the model's context.
+
+    Example:
+        >>> from lens_laai.opinions.evaluate import check_prompt_lengths
+        >>> from lens_laai.opinions.prompts import OpinionPrompt
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> from lens_laai.testing import tiny_model
+        >>> model, survey = tiny_model(), toy_survey()
+        >>> check_prompt_lengths(model, survey, "PARTY=Red", survey.split(0, 3, 1))  # every prompt fits: no error
+        >>> wordy = OpinionPrompt(query="hot " * 600 + "{question}\\n{options}\\nAnswer:")
+        >>> check_prompt_lengths(model, survey, "PARTY=Red", survey.split(0, 3, 1), prompt=wordy)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.ModelError: A prompt is ... tokens long, but the model's context holds 512 ...
+    """
     from lens_laai.tasks.prompts import encode_prompts
 
     prompt, grp = prompt or OpinionPrompt(), survey.group(group)
@@ -325,6 +379,20 @@ def plot_distributions(
     """Bars of the target and each method's distribution on a few questions; returns the matplotlib figure.
 
     ``axes`` (one per question) draws into an existing figure, e.g. one row per group.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai import compare_methods
+        >>> from lens_laai.opinions.evaluate import plot_distributions
+        >>> from lens_laai.testing import tiny_model
+        >>> table = compare_methods(tiny_model(), survey, "PARTY=Red", survey.split(0, 3, 1), methods=["plain", "persona"]).table
+        >>> fig = plot_distributions(table, survey, max_questions=2)
+        >>> len(fig.axes), [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+        (2, ['target', 'plain', 'persona'])
     """
     import matplotlib.pyplot as plt
 

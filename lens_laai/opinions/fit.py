@@ -85,7 +85,20 @@ class OpinionFitResult:
 
 
 def group_questions(survey: Survey, group: Group, keys: Sequence[str]) -> list[SurveyQuestion]:
-    """The questions among ``keys`` that ``group`` answered (others have no target for it)."""
+    """The questions among ``keys`` that ``group`` answered (others have no target for it).
+
+    Example:
+        >>> import dataclasses
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.fit import group_questions
+        >>> [q.key for q in group_questions(survey, red, ["Q0", "Q1", "Q2"])]
+        ['Q0', 'Q1', 'Q2']
+        >>> not_asked_q1 = dataclasses.replace(red, answers={k: a for k, a in red.answers.items() if k != "Q1"})
+        >>> [q.key for q in group_questions(survey, not_asked_q1, ["Q0", "Q1", "Q2"])]
+        ['Q0', 'Q2']
+    """
     return [survey.questions[k] for k in keys if k in group.answers]
 
 
@@ -97,7 +110,21 @@ def opinion_batches(
     prompt: OpinionPrompt,
     batch_size: int = 16,
 ) -> list[QuestionBatch]:
-    """Plain prompts of ``keys`` (the group answered) with the group's target distributions."""
+    """Plain prompts of ``keys`` (the group answered) with the group's target distributions.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.fit import opinion_batches
+        >>> from lens_laai.opinions.prompts import OpinionPrompt
+        >>> from lens_laai.testing import tiny_model
+        >>> batches = opinion_batches(tiny_model(), survey, red, ["Q0", "Q1", "Q2"], OpinionPrompt(), batch_size=2)
+        >>> [len(b) for b in batches], batches[0].keys
+        ([2, 1], ['Q0', 'Q1'])
+        >>> [[round(p, 3) for p in row] for row in batches[0].target.tolist()]  # the group's answers; 0 past the options
+        [[0.682, 0.182, 0.136], [0.25, 0.75, 0.0]]
+    """
     qs = group_questions(survey, group, keys)
     if not qs:
         return []
@@ -298,7 +325,18 @@ def fit_opinion(
 def opinion_metadata(
     survey: Survey, group: Group, splits: SurveySplits, prompt: OpinionPrompt, config: dict[str, Any], **scores: Any
 ) -> dict[str, Any]:
-    """What a fitted survey intervention records so evaluation can reproduce its held-out questions."""
+    """What a fitted survey intervention records so evaluation can reproduce its held-out questions.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.fit import opinion_metadata
+        >>> from lens_laai.opinions.prompts import OpinionPrompt
+        >>> metadata = opinion_metadata(survey, red, survey.split(0, 3, 1), OpinionPrompt(), {"steps": 3})
+        >>> metadata["name"], metadata["survey"]["group"], metadata["survey"]["n_train"], metadata["survey"]["n_test"]
+        ('toy:PARTY=Red', 'PARTY=Red', 3, 4)
+    """
     record = {
         "name": survey.name,
         "hash": survey.data_hash(),

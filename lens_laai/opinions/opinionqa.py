@@ -62,7 +62,16 @@ PERSONAS = {  # "Answer the following question as if {persona}." (OpinionQA's st
 
 
 def load_opinionqa(folder: str | Path) -> Survey:
-    """Read ``info.csv``, ``metadata.csv`` and ``responses.csv`` from ``folder``; see the module docstring."""
+    """Read ``info.csv``, ``metadata.csv`` and ``responses.csv`` from ``folder``; see the module docstring.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.opinions.opinionqa import load_opinionqa
+        >>> load_opinionqa(tempfile.mkdtemp())  # the module docstring reads a real one
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: .../info.csv: missing; an OpinionQA-layout directory holds info.csv, metadata.csv and responses.csv.
+    """
     folder = Path(folder)
     questions = _questions(folder / "info.csv")
     attributes = _attributes(folder / "metadata.csv")

@@ -99,6 +99,14 @@ def letter_tokens(tokenizer: Any, n: int, prefix: str = " ") -> Int[Tensor, "n 2
     """Token ids of ``prefix + letter`` and ``letter`` for the first ``n`` letters; -1 where not one token.
 
     Raises :class:`TaskError` if a letter has neither single-token form, or two letters share one.
+
+    Example:
+        >>> from lens_laai.opinions.prompts import letter_tokens
+        >>> from lens_laai.testing import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> ids = letter_tokens(tokenizer, 3)  # [letter, (" X", "X")]; -1: not one token
+        >>> ids[:, 0].tolist(), [tokenizer.decode([int(i)]) for i in ids[:, 1]]
+        ([-1, -1, -1], ['A', 'B', 'C'])
     """
     out = torch.full((n, 2), -1, dtype=torch.long)
     for i, letter in enumerate(LETTERS[:n]):
@@ -119,7 +127,19 @@ def letter_tokens(tokenizer: Any, n: int, prefix: str = " ") -> Int[Tensor, "n 2
 
 @dataclass
 class QuestionBatch:
-    """A batch of prompts with everything needed to score the answer distribution at the last token."""
+    """A batch of prompts with everything needed to score the answer distribution at the last token.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.prompts import OpinionPrompt, question_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> qs = [survey.questions["Q0"], survey.questions["Q1"]]  # 3 ordinal options; 2 and a refusal
+        >>> (qb,) = question_batches(tiny_model(), qs, [OpinionPrompt().render(q) for q in qs])
+        >>> qb.n_ordinal.tolist(), qb.n_options.tolist(), qb.gaps.tolist(), qb.span.tolist()
+        ([3, 2], [3, 3], [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [2.0, 1.0])
+    """
 
     batch: Batch
     keys: list[str]
@@ -142,7 +162,19 @@ def question_batches(
     batch_size: int = 16,
     prepend_bos: bool = True,
 ) -> list[QuestionBatch]:
-    """Left-padded batches of ``prompts`` (one per question) with padded option tensors."""
+    """Left-padded batches of ``prompts`` (one per question) with padded option tensors.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> from lens_laai.opinions.prompts import OpinionPrompt, question_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> qs = [survey.questions[k] for k in ("Q0", "Q1", "Q2")]
+        >>> batches = question_batches(tiny_model(), qs, [OpinionPrompt().render(q) for q in qs], batch_size=2)
+        >>> [b.keys for b in batches], batches[0].target[1].tolist()  # no targets given: uniform over the ordinal options
+        ([['Q0', 'Q1'], ['Q2']], [0.5, 0.5, 0.0])
+    """
     from lens_laai.tasks.prompts import PromptTemplate
 
     template = PromptTemplate(prepend_bos=prepend_bos)
@@ -183,7 +215,17 @@ def question_batches(
 
 
 def option_log_probs(logits: Float[Tensor, "b vocab"], letters: Int[Tensor, "k 2"]) -> Float[Tensor, "b k"]:
-    """Per option letter, ``max(log p(" X"), log p("X"))`` of the next token (OpinionQA's reading)."""
+    """Per option letter, ``max(log p(" X"), log p("X"))`` of the next token (OpinionQA's reading).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.opinions.prompts import option_log_probs
+        >>> letters = torch.tensor([[5, 6], [7, -1]])  # option A: ids 5 (" A") and 6 ("A"); option B: id 7 only
+        >>> logits = torch.zeros(1, 10)
+        >>> logits[0, 6] = 2.0
+        >>> [round(p, 3) for p in option_log_probs(logits, letters).exp()[0].tolist()]  # e²/(e²+9), 1/(e²+9)
+        [0.451, 0.061]
+    """
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp[:, letters.clamp(min=0).to(logits.device)]  # [b, k, 2]
     picked = picked.masked_fill((letters < 0).to(logits.device), float("-inf"))
@@ -191,7 +233,21 @@ def option_log_probs(logits: Float[Tensor, "b vocab"], letters: Int[Tensor, "k 2
 
 
 def answer_distribution(option_logp: Float[Tensor, "b k"], qb: QuestionBatch) -> tuple[Tensor, Tensor]:
-    """``(log D_M, R_M)``: log-distribution over the ordinal options (−inf beyond them), refusal share."""
+    """``(log D_M, R_M)``: log-distribution over the ordinal options (−inf beyond them), refusal share.
+
+    Example:
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> survey = toy_survey()
+        >>> red = survey.group("PARTY=Red")
+        >>> import torch
+        >>> from lens_laai.opinions.prompts import OpinionPrompt, answer_distribution, question_batches
+        >>> from lens_laai.testing import tiny_model
+        >>> q = survey.questions["Q1"]  # Yes / No, then Refused
+        >>> (qb,) = question_batches(tiny_model(), [q], [OpinionPrompt().render(q)])
+        >>> log_dm, refusal = answer_distribution(torch.tensor([[0.3, 0.1, 0.1]]).log(), qb)
+        >>> [round(p, 3) for p in log_dm.exp()[0].tolist()], round(float(refusal[0]), 3)
+        ([0.75, 0.25, 0.0], 0.2)
+    """
     k = option_logp.shape[1]
     idx = torch.arange(k, device=option_logp.device)
     ordinal = idx[None, :] < qb.n_ordinal[:, None].to(option_logp.device)

@@ -300,7 +300,16 @@ def _group_json(g: Group) -> dict[str, Any]:
 def group_answers(
     labels: Iterable[str | None], options: tuple[str, ...], refusals: tuple[str, ...], weights: Iterable[float]
 ) -> Answers | None:
-    """Tally one group's answers (``None`` = not asked) into :class:`Answers`; ``None`` if no ordinal answer."""
+    """Tally one group's answers (``None`` = not asked) into :class:`Answers`; ``None`` if no ordinal answer.
+
+    Example:
+        >>> from lens_laai.opinions.survey import group_answers
+        >>> answers = group_answers(["Yes", "No", None, "Refused"], ("Yes", "No"), ("Refused",), [2.0, 1.0, 1.0, 1.0])
+        >>> answers.counts, answers.refusal, answers.n  # None: not asked, not counted
+        ((2.0, 1.0), 1.0, 3)
+        >>> group_answers(["Refused"], ("Yes", "No"), ("Refused",), [1.0]) is None  # no ordinal answer: no target
+        True
+    """
     counts = [0.0] * len(options)
     index = {o: i for i, o in enumerate(options)}
     refusal, n = 0.0, 0

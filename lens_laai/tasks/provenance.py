@@ -12,6 +12,8 @@ fit saw (training and validation). Algebra keeps the records of every operand. E
 * and, whatever the split came from, refuses to score a "test" pair that any operand saw while
   fitting, comparing pairs up to whitespace and letter case (:func:`loose_pair_hash`).
 
+Survey fits carry a survey record instead; :func:`merged_survey_record` merges the records of a sum.
+
 Example:
     >>> from lens_laai.tasks.provenance import DataRecord, held_out
     >>> from lens_laai.testing import tiny_task
@@ -56,6 +58,13 @@ def loose_pair_hash(pair: Pair) -> str:
     model fitted on ``("hot", "cold")`` has seen ``("hot ", "Cold")``; scoring that as a held-out
     pair would overstate accuracy. (Two genuinely different pairs that differ only in case are
     then treated as one: the check errs towards refusing, with a message, rather than leaking.)
+
+    Example:
+        >>> from lens_laai.tasks.provenance import loose_pair_hash, pair_hash
+        >>> loose_pair_hash(("hot", "cold")) == loose_pair_hash((" Hot ", "COLD"))
+        True
+        >>> pair_hash(("hot", "cold")) == pair_hash(("Hot", "cold"))  # the exact hash tells them apart
+        False
     """
     loose = [" ".join(text.split()).casefold() for text in pair]
     return hashlib.sha256(json.dumps(loose, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -131,7 +140,15 @@ class DataRecord:
 
 
 def records_of(metadata_list: Iterable[dict[str, Any]]) -> list[DataRecord]:
-    """Every distinct record in the ``metadata["data"]`` lists given (operands of algebra, or several interventions)."""
+    """Every distinct record in the ``metadata["data"]`` lists given (operands of algebra, or several interventions).
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord, records_of
+        >>> from lens_laai.testing import tiny_task
+        >>> record = DataRecord.of(tiny_task().split(seed=0, n_train=8)).to_json()
+        >>> [r.n_train for r in records_of([{"data": [record]}, {"data": [record]}, {}])]  # duplicates kept once
+        [8]
+    """
     out: list[DataRecord] = []
     for metadata in metadata_list:
         for item in metadata.get("data", []) or []:
@@ -222,7 +239,17 @@ def check_unseen(part: Task, records: Sequence[DataRecord]) -> None:
 def fit_metadata(
     splits: TaskSplits, task: Task | None, template: Any, config: dict[str, Any], **scores: Any
 ) -> dict[str, Any]:
-    """The metadata every fitted intervention carries: name, data record, prompt template, config, scores."""
+    """The metadata every fitted intervention carries: name, data record, prompt template, config, scores.
+
+    Example:
+        >>> from lens_laai import PromptTemplate
+        >>> from lens_laai.tasks.provenance import fit_metadata
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tiny_task()
+        >>> metadata = fit_metadata(task.split(seed=0, n_train=8), task, PromptTemplate(), {"steps": 3}, train_accuracy=0.5)
+        >>> sorted(metadata), metadata["data"][0]["n_train"]
+        (['data', 'fit_config', 'name', 'task', 'template', 'train_accuracy'], 8)
+    """
     return {
         "name": splits.train.name,
         "task": splits.train.name,
@@ -230,4 +257,37 @@ def fit_metadata(
         "template": template.to_json(),
         "fit_config": config,
         **scores,
+    }
+
+
+def merged_survey_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One survey record for a sum of survey fits: every operand's seen questions stay out of the test split.
+
+    Equal records stay as they are. Otherwise the survey, group and seed are the first operand's
+    (evaluation checks them), train and valid are the union of everyone's, and test keeps only the
+    first's test questions that no operand trained or validated on.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import merged_survey_record
+        >>> a = {"survey": "gss", "train": ["q1"], "valid": ["q2"], "test": ["q3", "q4"]}
+        >>> merged = merged_survey_record([a, {**a, "train": ["q3"]}])  # the second fit trained on q3
+        >>> merged["train"], merged["test"], merged["merged_from"]
+        (['q1', 'q3'], ['q4'], 2)
+    """
+    first = records[0]
+    if all(r == first for r in records):
+        return dict(first)
+    seen_train = list(dict.fromkeys(q for r in records for q in r.get("train", [])))
+    seen_valid = [q for q in dict.fromkeys(q for r in records for q in r.get("valid", [])) if q not in seen_train]
+    seen = set(seen_train) | set(seen_valid)
+    test = [q for q in first.get("test", []) if q not in seen]
+    return {
+        **first,
+        "train": seen_train,
+        "valid": seen_valid,
+        "test": test,
+        "n_train": len(seen_train),
+        "n_valid": len(seen_valid),
+        "n_test": len(test),
+        "merged_from": len(records),
     }
