@@ -22,7 +22,17 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
 
 
 def print_modes(modes: list[dict[str, Any]]) -> None:
-    """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked."""
+    """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked.
+
+    Example:
+        >>> from lens_laai.cli.fit_report import print_modes
+        >>> print_modes([{"mode": "zero-shot Δ", "delta": True, "n_selected": 2, "cv_accuracy": 0.5,
+        ...               "cv_accuracy_se": 0.1, "cv_ce": 2.0, "cv_ce_se": 0.3, "chosen": True}])  # doctest: +NORMALIZE_WHITESPACE
+        <BLANKLINE>
+        How to use it, chosen by the same cross-validation (evaluate and generate use the pick by default):
+               mode heads CV accuracy CV cross-entropy pick
+        zero-shot Δ     2 0.50 ± 0.10      2.00 ± 0.30   <-
+    """
     table = pd.DataFrame(
         {
             "mode": [m["mode"] for m in modes],

@@ -265,7 +265,13 @@ def prepare_data(
 
 
 def lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bool]:
-    """(λ₂ values, whether they are relative to λ_max)."""
+    """(λ₂ values, whether they are relative to λ_max) from ``fit``'s ``group_l1`` / ``group_l1_rel``.
+
+    Example:
+        >>> from lens_laai.fitting.config import lambda_spec
+        >>> lambda_spec(None, [0.5, 0.1]), lambda_spec(0.3, None)
+        (((0.5, 0.1), True), ((0.3,), False))
+    """
     if group_l1 is not None and group_l1_rel is not None:
         raise FitError("give group_l1 (absolute λ₂) or group_l1_rel (fractions of λ_max), not both.")
     if group_l1 is not None:
@@ -277,7 +283,15 @@ def lambda_spec(group_l1: Any, group_l1_rel: Any) -> tuple[tuple[float, ...], bo
 
 
 def check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None = None) -> None:
-    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use."""
+    """Refuse, before any work, splits the fit (or each cross-validation fold) cannot use.
+
+    Example:
+        >>> from lens_laai.fitting.config import FitConfig, check_splits
+        >>> from lens_laai.testing import tiny_task
+        >>> check_splits(tiny_task().split(0, 4), 5, "none")
+        Traceback (most recent call last):
+        lens_laai.errors.FitError: 5-shot training prompts need 6 or more training pairs; use n_train ≥ 6.
+    """
     n = len(splits.train)
     if not n:
         raise TaskError("The training split is empty; use n_train ≥ 1.")
@@ -306,7 +320,13 @@ def check_splits(splits: TaskSplits, shots: int, how: str, cfg: FitConfig | None
 
 
 def layers_arg(layers: Sequence[int] | str | None) -> tuple[int, ...] | str | None:
-    """``fit``'s ``layers`` as FitConfig keeps it: a tuple of ints, a name, or None."""
+    """``fit``'s ``layers`` as FitConfig keeps it: a tuple of ints, a name, or None.
+
+    Example:
+        >>> from lens_laai.fitting.config import layers_arg
+        >>> layers_arg([4, 8]), layers_arg("all"), layers_arg(None)
+        ((4, 8), 'all', None)
+    """
     if layers is None or isinstance(layers, str):
         return layers
     return tuple(layers)

@@ -210,13 +210,31 @@ def training_batches(
 def held_out_batches(
     model: TransformerBridge, task: Task, demos: Task, cfg: Any, template: PromptTemplate
 ) -> list[Batch]:
-    """Prompts of held-out pairs in batches: every pair once per count of :func:`scored_shots`, in that order."""
+    """Prompts of held-out pairs in batches: every pair once per count of :func:`scored_shots`, in that order.
+
+    Example:
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import held_out_batches
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> splits = tiny_task().split(0, 8)
+        >>> batches = held_out_batches(tiny_model(), splits.test, splits.train, FitConfig(demos=2), PromptTemplate())
+        >>> [p.count("Q:") for b in batches for p in b.prompts] == [1] * len(splits.test) + [3] * len(splits.test)
+        True
+    """
     return _batches(model, [(task, k) for k in scored_shots(cfg)], demos, cfg, template)
 
 
 def scored_shots(cfg: Any) -> tuple[int, ...]:
     """The demonstration counts held-out pairs are scored with: ``(0, cfg.demos)`` when the fit chooses a
-    k-shot mode (``cfg.demos`` set), else the training counts ``cfg.shots``."""
+    k-shot mode (``cfg.demos`` set), else the training counts ``cfg.shots``.
+
+    Example:
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import scored_shots
+        >>> scored_shots(FitConfig(shots=(0, 5), demos=5)), scored_shots(FitConfig(shots=1))
+        ((0, 5), (1,))
+    """
     demos = getattr(cfg, "demos", None)
     return (0, demos) if demos else shot_counts(cfg.shots)
 
@@ -234,7 +252,16 @@ def _batches(
 
 def zero_shot_meter(model: TransformerBridge, train: Task, template: PromptTemplate) -> CostMeter:
     """A meter whose unit is one full forward of one zero-shot prompt of ``train``, however many
-    demonstrations the fit's prompts carry (so fits stay comparable)."""
+    demonstrations the fit's prompts carry (so fits stay comparable).
+
+    Example:
+        >>> from lens_laai.fitting.layer_fit import zero_shot_meter
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> meter = zero_shot_meter(tiny_model(), tiny_task().split(0, 8).train, PromptTemplate())
+        >>> meter.unit_fixed, meter.prompts, meter.forward_equivalents()
+        (True, 8, 0.0)
+    """
     meter = CostMeter()
     for batch in model_batches(model, *k_shot_prompts(train, 0, train, 0, template), template=template):
         meter.register_prompts(batch, model.cfg.n_layers)

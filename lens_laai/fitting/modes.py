@@ -53,6 +53,12 @@ class ModeChoice:
     ``table``: one row per candidate mode (``mode, shots, delta, point, n_selected, cv_accuracy,
     cv_accuracy_se, cv_ce, cv_ce_se, chosen``); ``path_table``: the λ₂ path scored on the rows of
     the Δ mode whose point was used (the frontier a user reads); ``index``: that point.
+    :func:`choose_mode` makes one (the module's example shows it).
+
+    Example:
+        >>> from lens_laai.fitting.modes import ModeChoice
+        >>> sorted(ModeChoice.__dataclass_fields__)
+        ['index', 'mode', 'path_table', 'table']
     """
 
     mode: Mode
@@ -91,6 +97,13 @@ def fill_shots(cfg: Any, shots_default: bool, demos_default: bool, n: int, how: 
     Zero-shot prompts alone unless a k-shot mode can be fitted and chosen: one layer, and (for
     ``mode="auto"``) held-out scores to choose with (``how`` is ``"cv"`` or ``"valid"``). The
     smallest fitting part is a cross-validation fold's (``n − ⌈n / folds⌉``), else all ``n``.
+
+    Example:
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.modes import fill_shots
+        >>> cfg = fill_shots(FitConfig(), True, True, 20, "cv", True)
+        >>> cfg.shots, cfg.demos, fill_shots(FitConfig(mode="zero-shot"), True, True, 20, "cv", True).shots
+        ((0, 5), 5, 0)
     """
     if not one_layer or (cfg.mode == "auto" and how not in ("cv", "valid")):
         if cfg.mode == "few-shot":
@@ -104,7 +117,16 @@ def fill_shots(cfg: Any, shots_default: bool, demos_default: bool, n: int, how: 
 def recommended_mode(cfg: Any, choice: ModeChoice | None, train: Task) -> tuple[Mode, pd.DataFrame | None]:
     """The mode a fit records (with the demonstrations :func:`~lens_laai.generate` uses: a seeded draw
     from ``train``) and the table that chose it (``None`` when nothing was scored: the mode ``cfg.mode``
-    names, at the counts :func:`~lens_laai.fitting.layer_fit.scored_shots` gives)."""
+    names, at the counts :func:`~lens_laai.fitting.layer_fit.scored_shots` gives).
+
+    Example:
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.modes import recommended_mode
+        >>> from lens_laai.testing import tiny_task
+        >>> mode, table = recommended_mode(FitConfig(mode="few-shot", shots=(0, 2), demos=2), None, tiny_task())
+        >>> mode.name, len(mode.demonstrations), table
+        ('2-shot prompting + Δ', 2, None)
+    """
     counts = scored_shots(cfg)
     if choice is not None:
         use, table = choice.mode, choice.table
@@ -117,7 +139,15 @@ def recommended_mode(cfg: Any, choice: ModeChoice | None, train: Task) -> tuple[
 
 
 def check_mode(mode: Any) -> None:
-    """Raise :class:`FitError` unless ``mode`` is one of :data:`MODES`."""
+    """Raise :class:`FitError` unless ``mode`` is one of :data:`MODES`.
+
+    Example:
+        >>> from lens_laai.fitting.modes import check_mode
+        >>> check_mode("auto")
+        >>> check_mode("sometimes")
+        Traceback (most recent call last):
+        lens_laai.errors.FitError: mode must be 'auto' (chosen by cross-validation), 'zero-shot' (the paper's setting) or 'few-shot' (Δ on k-shot prompts), got 'sometimes'.
+    """
     if mode not in MODES:
         raise FitError(
             f"mode must be 'auto' (chosen by cross-validation), 'zero-shot' (the paper's setting) or "
@@ -154,6 +184,17 @@ def choose_mode(
 
     Each Δ mode's λ₂ point is ``cfg.rule`` on ``cfg.cv_metric`` over its own rows (``counts``: heads
     kept on all n pairs, per point), or ``index`` when a head budget fixed it.
+
+    Example (one λ₂ point, one fold of 2 pairs scored zero-shot and 5-shot):
+        >>> import numpy as np
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.modes import choose_mode
+        >>> from lens_laai.fitting.selection import HeldScores
+        >>> held = {(0.5, "relaxed"): [np.array([[0, 1, 1, 1], [3.0, 1.0, 0.5, 0.5]])]}
+        >>> prompting = [np.array([[0, 0, 1, 0], [5.0, 5.0, 1.0, 2.0]])]
+        >>> choice = choose_mode(HeldScores([0.5], (0, 5), {0.5: [1]}, held, prompting, [2]), FitConfig(demos=5), [1])
+        >>> choice.mode.name, choice.table.cv_accuracy.tolist()
+        ('5-shot prompting + Δ', [0.5, 1.0, 0.5])
     """
     candidates = candidate_modes(getattr(cfg, "mode", "auto"), scores.shots)
     rows, tables = [], {}

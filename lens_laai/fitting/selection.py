@@ -156,6 +156,14 @@ class HeldScores:
     blocks of ``block_sizes[fold]``, one block per number of demonstrations in ``shots`` (in that
     order); ``prompting`` is the same for Δ = 0 (the prompts alone); ``counts[lam]`` the heads each
     fold's fit kept.
+
+    Example:
+        >>> import numpy as np
+        >>> from lens_laai.fitting.selection import HeldScores
+        >>> held = {(0.5, "relaxed"): [np.array([[1, 0, 1, 1], [0.1, 2.0, 0.2, 0.3]])]}
+        >>> scores = HeldScores([0.5], (0, 5), {0.5: [1]}, held, [np.zeros((2, 4))], [2])
+        >>> scores.block(5).held[(0.5, "relaxed")][0].tolist(), scores.table().relaxed_cv_accuracy.tolist()
+        ([[1.0, 1.0], [0.2, 0.3]], [0.75])
     """
 
     path: list[float]
@@ -191,7 +199,19 @@ def held_scores(
     relaxed_steps: int | None = RELAXED_STEPS,
     progress: bool = True,
 ) -> HeldScores:
-    """``cfg.folds``-fold cross-validation of one layer's λ₂ path: the per-row scores :func:`cross_validated_path` pools."""
+    """``cfg.folds``-fold cross-validation of one layer's λ₂ path: the per-row scores :func:`cross_validated_path` pools.
+
+    Example:
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.selection import held_scores
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> cfg = FitConfig(steps=1, shots=(0, 1), demos=2)
+        >>> scores = held_scores(tiny_model(), tiny_task().split(0, 8).train, 1, [0.5], cfg, PromptTemplate(), CostMeter(), 1, False)
+        >>> scores.shots, scores.block_sizes, scores.held[(0.5, "relaxed")][0].shape
+        ((0, 2), [4, 4], (2, 8))
+    """
     parts = fold_splits(train, cfg.folds, cfg.seed)
     path = sorted(lambdas, reverse=True)
     runners: dict = {}

@@ -27,7 +27,13 @@ Pair = tuple[str, str]
 @dataclass(frozen=True)
 class Mode:
     """``shots`` demonstrations in each prompt; Δ added when ``delta``; ``demonstrations``: the fixed
-    k pairs (from the training pairs) that :func:`lens_laai.generate` puts before a prompt."""
+    k pairs (from the training pairs) that :func:`lens_laai.generate` puts before a prompt.
+
+    Example:
+        >>> from lens_laai.interventions.mode import Mode
+        >>> Mode(2, True, (("hot", "cold"), ("up", "down"))).to_json()
+        {'shots': 2, 'delta': True, 'demonstrations': [['hot', 'cold'], ['up', 'down']]}
+    """
 
     shots: int = 0
     delta: bool = True

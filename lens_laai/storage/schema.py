@@ -127,11 +127,19 @@ class OpinionPromptJSON(_Strict):
 
 
 class ModeJSON(_Strict):
-    """:class:`lens_laai.interventions.mode.Mode` as saved: how the fit recommends using the intervention."""
+    """:class:`lens_laai.interventions.mode.Mode` as saved: how the fit recommends using the intervention.
+
+    Example:
+        >>> from lens_laai.storage.schema import ModeJSON
+        >>> ModeJSON.model_validate({"shots": 5, "delta": True}).shots
+        5
+    """
 
     shots: Count
     delta: bool
-    demonstrations: Annotated[list[Annotated[list[str], Field(min_length=2, max_length=2)]], Field(max_length=4096)] = []
+    demonstrations: Annotated[
+        list[Annotated[list[str], Field(min_length=2, max_length=2)]], Field(max_length=4096)
+    ] = []
 
 
 class Metadata(_Open):

@@ -131,6 +131,7 @@ def fit_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
         "n_heads": len(heads),
         "heads": " ".join(f"{l}.{h}" for l, h in heads),
         "selection": res.selection,
+        "mode": res.mode.name,
         "group_l1": float(res.config.group_l1),
         "group_l1_relative": bool(res.config.relative),
         "train_accuracy": res.train_accuracy,
