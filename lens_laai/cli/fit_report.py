@@ -11,6 +11,10 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
     """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
     cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
     table = path[list(cols)].rename(columns=cols)
+    folds = path["cv_n_selected"] if "cv_n_selected" in path else path.n_selected
+    unfitted = path.n_selected.isna()
+    table["heads"] = [f"{c:.1f}*" if u else str(int(h)) for h, c, u in zip(path.n_selected, folds, unfitted)]
+    table["train acc (penalised)"] = ["-" if u else f"{a:.3f}" for a, u in zip(path.train_accuracy, unfitted)]
     for est in ("relaxed", "penalised"):
         if f"{est}_cv_accuracy" in path:
             acc, se = path[f"{est}_cv_accuracy"], path[f"{est}_cv_accuracy_se"]
@@ -19,6 +23,8 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
     used = f"{s['labelled_pairs_used']} labelled pairs used in all"
     print(f"\nSparsity–accuracy frontier at layer {s['layer']} (λ₂ path, warm starts; {used}):")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if unfitted.any():
+        print("* past the pick: not refitted on all pairs; heads kept, mean over the cross-validation folds")
 
 
 def print_modes(modes: list[dict[str, Any]]) -> None:

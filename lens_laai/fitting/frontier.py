@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,23 +90,27 @@ def choose_on_path(
     ):
         held = held_scores(model, splits.train, layer, path, cfg, template, meter, relaxed_steps, progress)
     valid = splits.valid if len(splits.valid) else None
+    estimator = "relaxed" if cfg.relaxed else "penalised"
+    modes, budget, lazy = None, None, False
     if cfg.max_heads is None and len(path) > 1 and how == "valid":
         points = list(relaxed_path(model, splits.train, valid, layer, path, cfg, template, meter, relaxed_steps))
         held = _validation_scores(points, cfg)
         fits = [p.fit for p in points]
+    elif held is not None and cfg.max_heads is None:  # the point is chosen on the folds: fit all n pairs only that far
+        modes = choose_mode(held, cfg, [min(held.counts[lam]) for lam in path], estimator, "cv")
+        fits = _fit_through(layer_path(model, splits.train, valid, layer, path, cfg, template, meter), modes.index)
+        lazy = True
     else:
         fits = list(layer_path(model, splits.train, valid, layer, path, cfg, template, meter))
-    counts = [f.n_selected for f in fits]
-    estimator = "relaxed" if cfg.relaxed else "penalised"
-    budget = _within_budget(counts, cfg.max_heads) if cfg.max_heads is not None else None
-    modes, scored = None, None
-    if held is not None:
+        budget = _within_budget([f.n_selected for f in fits], cfg.max_heads) if cfg.max_heads is not None else None
+    if held is not None and modes is None:
+        counts = [f.n_selected for f in fits]
         modes = choose_mode(held, cfg, counts, estimator, "valid" if how == "valid" else "cv", budget)
-        scored = modes.path_table
+    scored = modes.path_table if modes is not None else None
     if budget is not None:
         index, rule = budget, f"max_heads={cfg.max_heads}"
     elif modes is not None:
-        index, rule = modes.index, f"{how}-{cfg.rule}-{cfg.cv_metric}"
+        index, rule = len(fits) - 1 if lazy else modes.index, f"{how}-{cfg.rule}-{cfg.cv_metric}"
     else:
         index, rule = len(fits) - 1, "last"
     chosen = fits[index]
@@ -119,10 +123,12 @@ def choose_on_path(
         relaxed_acc = chosen.runner.scores(delta_hooks(chosen.sites, relaxed))[0]
         if chosen.valid_runner is not None:
             relaxed_valid = chosen.valid_runner.scores(delta_hooks(chosen.sites, relaxed))
-    table = pd.DataFrame([_row(f, lam, cfg) for lam, f in zip(path, fits)])
+    table = pd.DataFrame(
+        [_row(f, lam, cfg) for lam, f in zip(path, fits)] + [_unfitted(lam, cfg) for lam in path[len(fits) :]]
+    )
     if scored is not None:
         table = pd.concat([table, scored.drop(columns=["lam"])], axis=1)
-    table["chosen"] = [i == index for i in range(len(fits))]
+    table["chosen"] = [i == index for i in range(len(path))]
     return PathChoice(chosen, relaxed, relaxed_acc, relaxed_valid, table, index, rule, modes)
 
 
@@ -136,6 +142,23 @@ def _validation_scores(points: list[PathPoint], cfg: Any) -> HeldScores:
     return HeldScores(
         [p.lam for p in points], scored_shots(cfg), {p.lam: [p.n_selected] for p in points}, held, prompting, [n]
     )
+
+
+def _fit_through(fits: Iterator[LayerFit], index: int) -> list[LayerFit]:
+    """The path on all n pairs up to point ``index`` (then on, if that point keeps no head, to the first that
+    keeps one): the points after the pick are not needed, and the frontier shows them from the folds."""
+    out: list[LayerFit] = []
+    for f in fits:
+        out.append(f)
+        if len(out) > index and f.n_selected > 0:
+            break
+    return out
+
+
+def _unfitted(lam: float, cfg: Any) -> dict[str, Any]:
+    """A frontier row for a point past the pick: not fitted on all n pairs (its cross-validated columns say the rest)."""
+    key = "group_l1_rel" if cfg.relative else "group_l1"
+    return {key: lam, "n_selected": float("nan"), "train_accuracy": float("nan")}
 
 
 def _top_heads(f: LayerFit, k: int) -> LayerFit:
