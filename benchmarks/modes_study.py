@@ -213,11 +213,69 @@ def per_task(rows: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order]
 
 
+def earlier(out: Path) -> pd.DataFrame:
+    """Rows the earlier studies measured on the same splits (same seeds, n, test pairs), for cells this
+    study has not run: the zero-shot fit and the dense fit from ``sparse_study`` (its 1-SE rule on
+    cross-validated cross-entropy with the relaxed refit, and the path's last point), Function
+    Vectors and mean difference from ``dev_study``. Each carries its ``source``."""
+    results, rows = out.parent, []
+    picks = results / "sparse_study" / "sparse_study_picks.csv"
+    if picks.exists():
+        p = pd.read_csv(picks)
+        for r in p[p.rule == "relaxed, 1se (ce)"].itertuples():
+            rows.append(
+                {
+                    "task": r.task,
+                    "seed": r.seed,
+                    "method": "zero-shot fit",
+                    "accuracy": r.test_accuracy,
+                    "n_selected": r.n_selected,
+                    "source": "sparse_study",
+                }
+            )
+    points = sorted((results / "sparse_study").glob("points.shard*.csv"))
+    if points:
+        p = pd.concat([pd.read_csv(f) for f in points]).drop_duplicates(["task", "seed", "lam"])
+        for r in p[p.lam == p.lam.min()].itertuples():
+            rows.append(
+                {
+                    "task": r.task,
+                    "seed": r.seed,
+                    "method": "dense zero-shot fit",
+                    "accuracy": r.test_accuracy,
+                    "n_selected": r.n_selected,
+                    "source": "sparse_study",
+                }
+            )
+    names = {"function-vector": "function vectors", "mean-difference": "mean difference"}
+    for f in sorted((results / "dev_study").glob("methods.shard*.csv")):
+        d = pd.read_csv(f)
+        for r in d[d.method.isin(list(names))].itertuples():
+            rows.append(
+                {
+                    "task": r.task,
+                    "seed": r.seed,
+                    "method": names[r.method],
+                    "accuracy": r.accuracy,
+                    "forward_equivalents": r.forward_equivalents,
+                    "source": "dev_study",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def summarise(out: Path) -> int:
-    rows = pd.read_csv(out / "rows.csv")
+    rows = pd.read_csv(out / "rows.csv").assign(source="modes_study")
+    old = earlier(out)
+    if len(old):
+        have = set(zip(rows.task, rows.seed, rows.method))
+        old = old[[k not in have for k in zip(old.task, old.seed, old.method)]]
+        rows = pd.concat([rows, old[old.task.isin(set(rows.task))]], ignore_index=True)
     table = per_task(rows)
     meta = {"source": "rows.csv"}
     mean = table.drop(columns=["chosen modes"]).mean(numeric_only=True)
+    meta = {"source": "rows.csv, and earlier studies' rows on the same splits where this one has none (column source)"}
+    write_outputs(str(out), "modes_study_rows_all", rows, meta)
     write_outputs(str(out), "modes_study_per_task", pd.concat([table, mean.to_frame("mean").T]).reset_index(), meta)
     ten = table["10-shot prompting"]
     default = table["default (chosen mode)"]
