@@ -107,6 +107,11 @@ def choose_on_path(
         counts = [f.n_selected for f in fits]
         modes = choose_mode(held, cfg, counts, estimator, "valid" if how == "valid" else "cv", budget)
     scored = modes.path_table if modes is not None else None
+    if modes is not None:  # heads kept by the fit on all n pairs where it reached the point (else the folds' fewest)
+        modes.table["n_selected"] = [
+            fits[int(p)].n_selected if d and int(p) < len(fits) else k
+            for p, d, k in zip(modes.table.point.fillna(0), modes.table.delta, modes.table.n_selected)
+        ]
     if budget is not None:
         index, rule = budget, f"max_heads={cfg.max_heads}"
     elif modes is not None:
