@@ -241,3 +241,11 @@ def test_modes_study_smoke(capsys, tmp_path):
     assert chosen.chosen_mode in json.loads(chosen.cv) and chosen.forward_equivalents > 0
     summary = pd.read_csv(tmp_path / "modes_study_summary.csv")
     assert "target: default ≥ 10-shot mean + 0.05" in set(summary.what)
+
+
+def test_stability_study_smoke(tmp_path):
+    module = load_script("stability_study")
+    assert module.main(["--model", "lens-laai-tiny", "--quick", "--no-progress", "--out-dir", str(tmp_path)]) == 0
+    probs = pd.read_csv(tmp_path / "selection_probabilities.csv")
+    assert set(probs.columns) >= {"task", "seed", "layer", "head", "probability"}
+    assert probs.probability.between(0, 1).all() and (tmp_path / "selection_probabilities.png").exists()
