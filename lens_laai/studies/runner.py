@@ -233,11 +233,28 @@ def _record_study(study: Study, root: Path) -> None:
 
     path = root / "study.json"
     record = study.to_dict()
-    if path.exists():
-        old = json.loads(path.read_text())
+    if os.path.lexists(path):
+        old = _read_record(path)
         if old.get("kind") != record["kind"]:
             raise StudyError(
                 f"{root} holds results of a study of kind {old.get('kind')!r}; this one is {record['kind']!r}. "
                 "Use another --out folder."
             )
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The study record a run left in its output folder, or a :class:`StudyError` naming the file and the fix."""
+    from lens_laai.storage.safe_read import loads_json, read_regular_file
+
+    fix = (
+        f"If the results in {path.parent} are this study's, delete {path.name} there and run again "
+        "(finished cells are kept); otherwise use another --out folder."
+    )
+    try:
+        old = loads_json(read_regular_file(path, StudyError), f"Study record {path}", StudyError)
+    except StudyError as err:
+        raise StudyError(f"{err} {fix}") from None
+    if not isinstance(old, dict):
+        raise StudyError(f"Study record {path}: expected a JSON object, found {type(old).__name__}. {fix}")
+    return old
