@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from lens_laai.baselines.common import (
     runner_for,
     unit_meter,
 )
+from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.interventions.residual import ResidualIntervention
@@ -66,9 +68,15 @@ from lens_laai.tasks.task import Pair, Task, TaskError, TaskSplits
 def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
     """``layers`` checked against the model (default: all layers), sorted and de-duplicated."""
     n = model.cfg.n_layers
-    chosen = list(range(n)) if layers is None else sorted({int(l) for l in layers})
+    try:
+        chosen = list(range(n)) if layers is None else sorted({operator.index(l) for l in layers})
+    except TypeError:  # not a list, or not integers
+        chosen = []
     if not chosen or any(not 0 <= l < n for l in chosen):
-        raise ValueError(f"layers must be a non-empty list within 0..{n - 1}, got {layers!r}.")
+        raise FitError(
+            f"layers must be a non-empty list within 0..{n - 1} (the model has {n} layers), got {layers!r}; "
+            "pass layer indices in that range, or None for every layer."
+        )
     return chosen
 
 
@@ -159,7 +167,7 @@ def causal_indirect_effect(
     """
     layers = candidate_layers(model, layers)
     if n_prompts < 1:
-        raise ValueError(f"n_prompts must be ≥ 1, got {n_prompts}.")
+        raise FitError(f"n_prompts must be ≥ 1, got {n_prompts}; pass how many shuffled-label prompts to average over.")
     own = unit_meter(model, splits.train, template)
     batch = shuffled_label_batch(model, splits.train, n_prompts, shots, seed, template)
     table = indirect_effects(model, batch, mean_acts, layers, meter=own, progress=progress)
@@ -188,7 +196,10 @@ def indirect_effects(
     layers = candidate_layers(model, layers)
     missing = [l for l in layers if not torch.isfinite(mean_acts[l]).all()]
     if missing:
-        raise ValueError(f"mean_acts has no values for layers {missing}; compute it with layers including them.")
+        raise FitError(
+            f"mean_acts has no values for layers {missing}; compute it with mean_head_activations(..., layers=...) "
+            "including them, or score only the layers it covers."
+        )
     runner = runner_for(model, [batch], layers[0])
     base = target_probs(runner.logits(0, []), batch.target_ids)
     rows = []
@@ -217,8 +228,10 @@ def head_outputs(
 
 def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
     """The ``top_k`` (layer, head) pairs with the largest CIE (ties: lower layer, then head)."""
-    if not 1 <= top_k <= len(cie):
-        raise ValueError(f"top_k must be within 1..{len(cie)} (the heads scored), got {top_k}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(cie):
+        raise FitError(
+            f"top_k must be within 1..{len(cie)} (the heads scored), got {top_k!r}; pass a top_k in that range."
+        )
     ranked = cie.sort_values(["cie", "layer", "head"], ascending=[False, True, True], kind="mergesort")
     return [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top_k).itertuples(index=False)]
 
@@ -279,7 +292,10 @@ def fit_function_vector(
     start = time.perf_counter()
     check_shots(splits, shots)
     if not scales or any(not isinstance(a, (int, float)) or a <= 0 for a in scales):
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}.")
+        raise FitError(
+            f"scales must be a non-empty list of positive numbers, got {scales!r}; "
+            "leave it out for the paper's unscaled vector (1.0,)."
+        )
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
     clean = model_batches(

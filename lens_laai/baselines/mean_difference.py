@@ -45,6 +45,7 @@ from lens_laai.baselines.common import (
     unit_meter,
 )
 from lens_laai.baselines.function_vectors import candidate_layers
+from lens_laai.errors import FitError
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.models.bridge import model_fingerprint, model_name
@@ -121,20 +122,28 @@ def fit_mean_difference(
     start = time.perf_counter()
     check_shots(splits, shots)
     n_heads = model.cfg.n_heads
-    if not isinstance(top_k, int) or not 1 <= top_k <= n_heads:
-        raise ValueError(f"top_k must be an integer within 1..{n_heads} (heads per layer), got {top_k!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_heads:
+        raise FitError(
+            f"top_k must be an integer within 1..{n_heads} (heads per layer), got {top_k!r}; "
+            "pass how many heads of the layer to keep."
+        )
     if select_by not in ("norm", "separation"):
-        raise ValueError(f"select_by must be 'norm' or 'separation', got {select_by!r}.")
+        raise FitError(f"select_by must be 'norm' or 'separation', got {select_by!r}; pass one of the two.")
     if select_by == "separation" and len(splits.train) < 2:
         raise TaskError("select_by='separation' needs a spread estimate: use n_train ≥ 2 or select_by='norm'.")
     if not alphas or any(not isinstance(a, (int, float)) or a <= 0 for a in alphas):
-        raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas!r}.")
+        raise FitError(
+            f"alphas must be a non-empty list of positive numbers, got {alphas!r}; "
+            f"leave it out for the default grid {DEFAULT_ALPHAS}."
+        )
     if layer == "auto":
         todo = candidate_layers(model, layers)
     elif isinstance(layer, int) and not isinstance(layer, bool):
         todo = candidate_layers(model, [layer])
     else:
-        raise ValueError(f"layer must be an int or 'auto', got {layer!r}.")
+        raise FitError(
+            f"layer must be an int or 'auto', got {layer!r}; pass a layer index, or 'auto' to try each layer."
+        )
 
     meter = unit_meter(model, splits.train, template)
     per_shots = {}
