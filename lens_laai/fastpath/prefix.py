@@ -83,6 +83,9 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 3e-2,
 }
 PATHS = ("kernel", "blocks", "full forward")
+# What a fast path's self-check may raise on a model it does not fit; it then steps aside with a
+# warning. Our own errors (LensLaaiError, from a user's hook) and anything else propagate.
+CHECK_FAILURES: tuple[type[Exception], ...] = (TypeError, AttributeError, RuntimeError, KeyError)
 
 
 class FrozenPrefix:
@@ -170,7 +173,7 @@ class LastTokenCache:
         if check:
             try:
                 ok = built._reproduces_full_forward()
-            except (TypeError, AttributeError, RuntimeError, KeyError) as err:
+            except CHECK_FAILURES as err:
                 warn_once(
                     f"check:{arch}",
                     f"Fast last-token path failed on {arch} ({type(err).__name__}: {err}); using the full forward.",
@@ -273,15 +276,20 @@ class LastTokenCache:
                 f"this {type(hf).__name__} ({err}); using the bridge's blocks (same results, slower).",
             )
             return
-        with torch.no_grad():
-            self.kernel, self.kernel_inputs = kernel, inputs
-            if check and not self._kernel_matches_bridge():
-                self.kernel, self.kernel_inputs = None, {}
-                warn_once(
-                    f"kernel:{type(hf).__name__}",
-                    "The plain-tensor last-token kernel disagrees with the "
-                    "full forward on this model; using the bridge's blocks (same results, slower).",
-                )
+        self.kernel, self.kernel_inputs = kernel, inputs
+        if not check:
+            return
+        try:
+            with torch.no_grad():
+                ok, why = self._kernel_matches_bridge(), "disagrees with the full forward on this model"
+        except CHECK_FAILURES as err:  # our own errors pass through, as in the blocks' check
+            ok, why = False, f"failed on this {type(hf).__name__} ({type(err).__name__}: {err})"
+        if not ok:
+            self.kernel, self.kernel_inputs = None, {}
+            warn_once(
+                f"kernel:{type(hf).__name__}",
+                f"The plain-tensor last-token kernel {why}; using the bridge's blocks (same results, slower).",
+            )
 
     def _kernel_matches_bridge(self) -> bool:
         """Kernel vs full forward at Δ = 0, and kernel vs the bridge's blocks under a random ``hook_z`` edit."""
