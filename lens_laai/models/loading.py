@@ -268,7 +268,12 @@ def _cache_dir(gguf: Path) -> Path:
 
 
 def _save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write the dequantised model to a temporary sibling, then rename it into place."""
+    """Write the dequantised model to a temporary sibling, then rename it into place.
+
+    However the write ends early (a full disk, a failing library, Ctrl-C), the temporary folder
+    is removed and ``target`` is left as it was. A file-system refusal only costs the cache (the
+    caller goes on without it); anything else is raised again.
+    """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -284,8 +289,10 @@ def _save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except (OSError, ValueError):
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, (OSError, ValueError)):
+            raise
 
 
 def _load_hub_or_dir(name: str, dtype: torch.dtype | None, placement: dict[str, Any]) -> TransformerBridge:
