@@ -38,7 +38,16 @@ READ_ATTEMPTS = 50
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step (temp file, fsync, rename, directory fsync)."""
+    """Replace ``path`` with ``data`` in one step (temp file, fsync, rename, directory fsync).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.storage.bundle import atomic_write_bytes
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "sub" / "blob.bin"  # missing folders are created
+        >>> atomic_write_bytes(path, b"abc")
+        >>> path.read_bytes(), sorted(p.name for p in path.parent.iterdir())  # no temporary file left
+        (b'abc', ['blob.bin'])
+    """
     path = Path(path)
     with _save_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +105,20 @@ def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     Allowed: a missing path, an empty directory, one of our saves and (with ``force``) a foreign
     directory without a manifest.json. Files and other foreign directories are refused, so that a
     wrong path cannot destroy someone's data.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.errors import SaveError
+        >>> from lens_laai.storage.bundle import check_save_path
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> check_save_path(folder / "new") == (folder / "new").resolve()
+        True
+        >>> _ = (folder / "notes.txt").write_text("someone's file")
+        >>> try:
+        ...     check_save_path(folder / "notes.txt")
+        ... except SaveError as err:
+        ...     print(str(err).split(";")[1].strip())
+        refusing to overwrite it. Choose a new path.
     """
     with _save_errors(Path(path)):
         target = Path(path).expanduser().resolve()
@@ -147,6 +170,13 @@ def save_bundle(
     its manifest switched last, so a crash at any point leaves the old or the new save loadable.
     Concurrent saves to one path take turns (:func:`lens_laai.storage.lock.save_lock`), so the
     last one to finish is the save, whole.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lens_laai.storage.bundle import save_bundle
+        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.ones(2)}, {"format": "lens_laai.example"}, "w")
+        >>> sorted(p.name.split(".")[0] for p in path.iterdir())  # the manifest and one tensor file
+        ['manifest', 'w']
     """
     from safetensors.torch import save
 
@@ -184,6 +214,14 @@ def load_bundle(
     The tensors are those of the manifest read: when a concurrent save replaces the manifest
     meanwhile, the read starts again. Anything unreadable raises :class:`InterventionError` naming
     the file and the problem.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lens_laai.storage.bundle import load_bundle, save_bundle
+        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.arange(3.0)}, {"format": "lens_laai.example"}, "w")
+        >>> tensors, manifest = load_bundle(path, "lens_laai.example", "w")
+        >>> tensors["w"].tolist(), manifest["format_version"], manifest["tensors_bytes"] > 0
+        ([0.0, 1.0, 2.0], 2, True)
     """
     root = Path(path)
     for attempt in range(READ_ATTEMPTS):

@@ -40,7 +40,21 @@ LOCK_TIMEOUT_S = 120.0
 
 @contextmanager
 def save_lock(target: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold the exclusive lock on saves to ``target`` inside the block (its parent folder is created)."""
+    """Hold the exclusive lock on saves to ``target`` inside the block (its parent folder is created).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from lens_laai.errors import SaveError
+        >>> from lens_laai.storage.lock import save_lock
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "run"
+        >>> with save_lock(target):  # a second writer to the same folder waits, then gives up with our error
+        ...     try:
+        ...         with save_lock(target, timeout=0.1):
+        ...             pass
+        ...     except SaveError as err:
+        ...         print(type(err).__name__, "for over 0 s" in str(err))
+        SaveError True
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     with _flock(target, timeout) if fcntl is not None else _filelock(target, timeout):
         yield
