@@ -34,7 +34,20 @@ LOCAL_RAY_CONFIG = {"worker_niceness": 0}
 
 
 class CellRunner:
-    """Runs cells one after another in one process (a Ray actor wraps one of these per device)."""
+    """Runs cells one after another in one process (a Ray actor wraps one of these per device).
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> runner = CellRunner(study)
+        >>> row = runner.run(study.cells()[1])
+        >>> row["status"], row["shots"], 0 <= row["accuracy"] <= 1, row["attempt"]
+        ('ok', 2, True, 1)
+    """
 
     def __init__(
         self,
@@ -92,7 +105,23 @@ class CellRunner:
 
 
 def pending(study: Study, out: str | os.PathLike) -> tuple[list[Cell], int]:
-    """The cells still to run (grouped by model, so a worker rarely reloads) and how many are done."""
+    """The cells still to run (grouped by model, so a worker rarely reloads) and how many are done.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> out = tempfile.mkdtemp()
+        >>> todo, done = pending(study, out)
+        >>> len(todo), done
+        (2, 0)
+        >>> _ = run_study(study, out, progress=False)
+        >>> pending(study, out)
+        ([], 2)
+    """
     cells = study.cells()
     for cell in cells:
         check_settings(cell.kind, cell.config)
@@ -131,6 +160,19 @@ def run_study(
         on_worker_start: called with the list of actor handles once they are up (tests use it).
         context: for ``workers=0``: a :class:`CellContext` to run in, e.g. one holding a model you
             have loaded (``ctx = CellContext(); ctx.model("smollm2-135m")``), so it is not loaded again.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> table = run_study(study, tempfile.mkdtemp(), progress=False)
+        >>> table[["shots", "status", "labelled_pairs"]].sort_values("shots").values.tolist()
+        [[0, 'ok', 0], [2, 'ok', 8]]
+        >>> bool(table.accuracy.between(0, 1).all()), bool((table.forward_equivalents > 0).all())
+        (True, True)
     """
     todo, done = pending(study, out)  # checks every cell's settings before anything is written
     store = ResultStore(out)
