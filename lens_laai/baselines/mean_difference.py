@@ -60,7 +60,17 @@ DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 def head_scores(
     z_shot: Float[Tensor, "prompt head d_head"], z_zero: Float[Tensor, "prompt head d_head"]
 ) -> tuple[Float[Tensor, "head d_head"], Float[Tensor, " head"], Float[Tensor, " head"]]:
-    """Per head: mean difference (k-shot − zero-shot), its norm, and the separation score."""
+    """Per head: mean difference (k-shot − zero-shot), its norm, and the separation score.
+
+    Example:
+        >>> import torch
+        >>> z_zero = torch.zeros(4, 2, 3)
+        >>> z_shot = torch.zeros(4, 2, 3)
+        >>> z_shot[:, 1] = torch.tensor([3.0, 4.0, 0.0])  # only head 1 moves with the demonstrations
+        >>> diff, norm, separation = head_scores(z_shot, z_zero)
+        >>> diff.shape, norm.tolist()
+        (torch.Size([2, 3]), [0.0, 5.0])
+    """
     diff = (z_shot - z_zero).float().mean(0)
     norm = diff.norm(dim=-1)
     if z_shot.shape[0] < 2:
@@ -70,7 +80,13 @@ def head_scores(
 
 
 def top_k_mask(scores: Float[Tensor, " head"], top_k: int) -> Float[Tensor, " head"]:
-    """1.0 for the ``top_k`` highest scores (ties: lower head index), 0.0 elsewhere."""
+    """1.0 for the ``top_k`` highest scores (ties: lower head index), 0.0 elsewhere.
+
+    Example:
+        >>> import torch
+        >>> top_k_mask(torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)  # ties: the lower head
+        tensor([0., 1., 0., 1.])
+    """
     order = sorted(range(len(scores)), key=lambda h: (-float(scores[h]), h))
     mask = torch.zeros(len(scores))
     mask[order[:top_k]] = 1.0
@@ -79,7 +95,15 @@ def top_k_mask(scores: Float[Tensor, " head"], top_k: int) -> Float[Tensor, " he
 
 @dataclass
 class MeanDifferenceResult:
-    """The best mean-difference intervention, its (layer, α) sweep, head scores and cost."""
+    """The best mean-difference intervention, its (layer, α) sweep, head scores and cost.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_mean_difference(model, splits, 1, top_k=2, alphas=(1.0, 4.0), shots=3, progress=False)
+        >>> len(result.selected_heads), result.alpha in (1.0, 4.0), list(result.sweep.columns[:2])
+        (2, True, ['layer', 'alpha'])
+    """
 
     intervention: HeadIntervention
     layer: int
@@ -118,6 +142,18 @@ def fit_mean_difference(
         top_k: heads kept per layer; ``select_by`` ranks them (``"norm"`` or ``"separation"``).
         alphas: the scale grid tried on zero-shot validation prompts.
         shots: demonstrations (from the train split) in the k-shot prompts.
+
+    Example:
+        >>> from lens_laai import evaluate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_mean_difference(model, splits, "auto", top_k=2, alphas=(1.0, 4.0), shots=3, progress=False)
+        >>> result.layer in (0, 1, 2), sorted(result.intervention.deltas) == [result.layer]
+        (True, True)
+        >>> [h for _, h in result.intervention.selected_heads()] == [h for _, h in result.selected_heads]
+        True
+        >>> 0 <= evaluate(model, splits, result.intervention).accuracy <= 1
+        True
     """
     start = time.perf_counter()
     check_shots(splits, shots)

@@ -218,7 +218,8 @@ def load_bundle(
     Example:
         >>> import tempfile, torch
         >>> from lens_laai.storage.bundle import load_bundle, save_bundle
-        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.arange(3.0)}, {"format": "lens_laai.example"}, "w")
+        >>> manifest = {"format": "lens_laai.example"}
+        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.arange(3.0)}, manifest, "w")
         >>> tensors, manifest = load_bundle(path, "lens_laai.example", "w")
         >>> tensors["w"].tolist(), manifest["format_version"], manifest["tensors_bytes"] > 0
         ([0.0, 1.0, 2.0], 2, True)

@@ -96,7 +96,7 @@ def _wait(fd: int, target: Path, timeout: float) -> None:
 
 
 class _Waiter(threading.Thread):
-    """A daemon thread blocked in ``flock(fd, LOCK_EX)``; its duplicate ``fd`` is closed exactly once, by whoever is last."""
+    """A daemon thread blocked in ``flock(fd, LOCK_EX)``; its duplicate ``fd`` is closed once, by whoever is last."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(name="lens_laai-save-lock", daemon=True)

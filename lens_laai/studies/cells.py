@@ -259,8 +259,8 @@ def baseline_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
         >>> from lens_laai.testing import tiny_task
         >>> task = tempfile.mkdtemp() + "/tiny.json"
         >>> tiny_task().to_json(task)
-        >>> config = {"model": "lens-laai-tiny", "task": task, "n": 8, "method": "mean-difference", "layer": 1, "shots": 3}
-        >>> row = baseline_cell(CellContext(), config)
+        >>> config = {"model": "lens-laai-tiny", "task": task, "n": 8, "layer": 1, "shots": 3}
+        >>> row = baseline_cell(CellContext(), {**config, "method": "mean-difference"})
         >>> row["fitted_layer"], row["alpha"] > 0, row["forward_equivalents"] > row["fit_forward_equivalents"]
         (1, True, True)
     """
@@ -292,8 +292,8 @@ def opinion_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
     """``fit_opinion`` for one group on one question split, scored on the held-out questions.
 
     Example:
-        >>> config = {"model": "lens-laai-tiny", "group": "SEX=Female", "layer": 1, "steps": 2, "n_train": 4, "n_valid": 1}
-        >>> row = opinion_cell(CellContext(), {**config, "n_test": 4})
+        >>> config = {"model": "lens-laai-tiny", "group": "SEX=Female", "layer": 1, "steps": 2}
+        >>> row = opinion_cell(CellContext(), {**config, "n_train": 4, "n_valid": 1, "n_test": 4})
         >>> row["n_questions"], row["fitted_layer"], 0 <= row["tv"] <= 1, row["labelled_pairs"]
         (4.0, 1, True, 5)
     """

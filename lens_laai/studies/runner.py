@@ -42,7 +42,8 @@ class CellRunner:
         >>> from lens_laai.testing import tiny_task
         >>> task = tempfile.mkdtemp() + "/tiny.json"
         >>> tiny_task().to_json(task)
-        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
         >>> runner = CellRunner(study)
         >>> row = runner.run(study.cells()[1])
         >>> row["status"], row["shots"], 0 <= row["accuracy"] <= 1, row["attempt"]
@@ -113,7 +114,8 @@ def pending(study: Study, out: str | os.PathLike) -> tuple[list[Cell], int]:
         >>> from lens_laai.testing import tiny_task
         >>> task = tempfile.mkdtemp() + "/tiny.json"
         >>> tiny_task().to_json(task)
-        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
         >>> out = tempfile.mkdtemp()
         >>> todo, done = pending(study, out)
         >>> len(todo), done
@@ -167,7 +169,8 @@ def run_study(
         >>> from lens_laai.testing import tiny_task
         >>> task = tempfile.mkdtemp() + "/tiny.json"
         >>> tiny_task().to_json(task)
-        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed={"model": "lens-laai-tiny", "task": task, "n": 8})
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
         >>> table = run_study(study, tempfile.mkdtemp(), progress=False)
         >>> table[["shots", "status", "labelled_pairs"]].sort_values("shots").values.tolist()
         [[0, 'ok', 0], [2, 'ok', 8]]

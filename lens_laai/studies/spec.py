@@ -149,7 +149,9 @@ def load_study(path: str | os.PathLike) -> Study:
     Example:
         >>> import pathlib, tempfile
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "grid.toml"
-        >>> _ = path.write_text('kind = "fit"\\n[fixed]\\nmodel = "lens-laai-tiny"\\n[axes]\\nseed = [0, 1]\\nlayer = [1, 2]\\n')
+        >>> _ = path.write_text('kind = "fit"\\n[fixed]\\nmodel = "lens-laai-tiny"\\n[axes]\\nseed = [0, 1]\\n')
+        >>> with path.open("a") as f:
+        ...     _ = f.write("layer = [1, 2]\\n")
         >>> study = load_study(path)
         >>> study.name, len(study.cells()), study.cells()[1].config
         ('grid', 4, {'model': 'lens-laai-tiny', 'seed': 0, 'layer': 2})
