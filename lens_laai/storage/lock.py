@@ -100,7 +100,8 @@ class _Waiter(threading.Thread):
 
     def __init__(self, fd: int) -> None:
         super().__init__(name="lens_laai-save-lock", daemon=True)
-        self.fd, self.done, self.error = fd, threading.Event(), None
+        self.fd, self.done = fd, threading.Event()
+        self.error: OSError | None = None
         self._mutex, self._abandoned = threading.Lock(), False
 
     def run(self) -> None:
