@@ -225,7 +225,7 @@ BAD_OPTIONS = {
     "top_heads top_k": (
         lambda m, s: top_heads(pd.DataFrame({"layer": [0], "head": [0], "cie": [1.0]}), 2),
         "top_k",
-        "pass",
+        "pick one",
     ),
 }
 

@@ -14,15 +14,6 @@
 
 Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.LayerRunner`),
 which falls back to full forwards where it is unsupported.
-
-Example:
-    >>> from lens_laai import evaluate
-    >>> from lens_laai.baselines import fit_function_vector
-    >>> from lens_laai.testing import tiny_model, tiny_task
-    >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
-    >>> result = fit_function_vector(model, splits, top_k=2, shots=3, n_prompts=4, progress=False)
-    >>> evaluate(model, splits, result.intervention).n
-    12
 """
 
 from __future__ import annotations
@@ -79,10 +70,7 @@ def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> 
     except TypeError:  # not a list, or not integers
         chosen = []
     if not chosen or any(not 0 <= l < n for l in chosen):
-        raise FitError(
-            f"layers must be a non-empty list within 0..{n - 1} (the model has {n} layers), got {layers!r}; "
-            "pass layer indices in that range, or None for every layer."
-        )
+        raise FitError(f"layers must be layer indices within 0..{n - 1}, got {layers!r}; pass some, or None for all.")
     return chosen
 
 
@@ -91,8 +79,6 @@ def mean_head_activations(
     model: TransformerBridge, prompts_batches: list[Batch], layers: Sequence[int] | None = None
 ) -> Float[Tensor, "layer head d_head"]:
     """Mean ``hook_z`` at the last token over the prompts; layers not in ``layers`` are NaN.
-
-    ``mean_head_activations(model, batches, layers=[6, 7])[6, 2]`` is head 6.2's mean.
 
     Example:
         >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
@@ -126,24 +112,8 @@ def deranged_prompts(
     Example:
         >>> pool = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow")]
         >>> clean, corrupt, targets = deranged_prompts([("old", "new")], pool, 2, rng=0)
-        >>> print(clean[0])
-        Q: fast
-        A: slow
-        <BLANKLINE>
-        Q: up
-        A: down
-        <BLANKLINE>
-        Q: old
-        A:
-        >>> print(corrupt[0])  # the same inputs; each demonstration's output is another's
-        Q: fast
-        A: down
-        <BLANKLINE>
-        Q: up
-        A: slow
-        <BLANKLINE>
-        Q: old
-        A:
+        >>> clean[0].split("\\n\\n"), corrupt[0].split("\\n\\n")[:2]  # the corrupt demos swap their outputs
+        (['Q: fast\\nA: slow', 'Q: up\\nA: down', 'Q: old\\nA:'], ['Q: fast\\nA: down', 'Q: up\\nA: slow'])
         >>> targets
         [' new']
     """
@@ -251,7 +221,6 @@ def indirect_effects(
     ``df.attrs`` holds ``forward_passes`` and ``fast_path``; the compute is charged to ``meter``.
 
     Example:
-        >>> import torch
         >>> from lens_laai.testing import tiny_model, tiny_task
         >>> model, train = tiny_model(), tiny_task().split(0, 8).train
         >>> batch = shuffled_label_batch(model, train, n_prompts=4, shots=3, seed=0)
@@ -291,7 +260,6 @@ def head_outputs(
     (Gemma 2 and 3) normalises the attention output before the residual add.
 
     Example:
-        >>> import torch
         >>> from lens_laai.testing import tiny_model
         >>> model = tiny_model()
         >>> z = torch.randn(5, 4, 16)
@@ -306,15 +274,12 @@ def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
     """The ``top_k`` (layer, head) pairs with the largest CIE (ties: lower layer, then head).
 
     Example:
-        >>> import pandas as pd
         >>> cie = pd.DataFrame({"layer": [1, 1, 2, 2], "head": [0, 1, 0, 1], "cie": [0.1, 0.3, 0.3, -0.2]})
         >>> top_heads(cie, 2)  # ties go to the lower layer
         [(1, 1), (2, 0)]
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(cie):
-        raise FitError(
-            f"top_k must be within 1..{len(cie)} (the heads scored), got {top_k!r}; pass a top_k in that range."
-        )
+        raise FitError(f"top_k must be an integer within 1..{len(cie)} (the heads scored), got {top_k!r}; pick one.")
     ranked = cie.sort_values(["cie", "layer", "head"], ascending=[False, True, True], kind="mergesort")
     return [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top_k).itertuples(index=False)]
 
@@ -326,7 +291,6 @@ def function_vector(
     """Sum over the ``top_k`` heads by CIE of each head's mean output in the residual stream.
 
     Example:
-        >>> import pandas as pd, torch
         >>> from lens_laai.testing import tiny_model
         >>> model = tiny_model()
         >>> acts = torch.randn(3, 4, 16)
@@ -404,10 +368,7 @@ def fit_function_vector(
     start = time.perf_counter()
     check_shots(splits, shots)
     if not scales or any(not isinstance(a, (int, float)) or a <= 0 for a in scales):
-        raise FitError(
-            f"scales must be a non-empty list of positive numbers, got {scales!r}; "
-            "leave it out for the paper's unscaled vector (1.0,)."
-        )
+        raise FitError(f"scales must be a non-empty list of positive numbers, got {scales!r}; the paper's is (1.0,).")
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
     clean = model_batches(
@@ -479,7 +440,6 @@ def target_probs(logits: Float[Tensor, "batch vocab"], target_ids: Tensor) -> Fl
     """P(target's first token) per row of last-position ``logits``.
 
     Example:
-        >>> import torch
         >>> logits = torch.tensor([[0.0, 0.0], [0.0, 100.0]])
         >>> target_probs(logits, torch.tensor([1, 1]))
         tensor([0.5000, 1.0000])
