@@ -2,14 +2,13 @@
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _browser import render_offline
 
 from lens_laai import (
     HeadAblation,
@@ -304,43 +303,13 @@ def test_analyze_and_report_commands(report, capsys):
 
 
 def test_report_renders_offline_in_a_real_browser(report, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
-    log = tmp_path / "net.json"
-    command = [
-        browser,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--proxy-server=http://127.0.0.1:9",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        f"--log-net-log={log}",
-        "--virtual-time-budget=10000",
-        f"--screenshot={tmp_path / 'shot.png'}",
-        "--window-size=1200,1600",
-        "--dump-dom",
-        (report / "report.html").as_uri(),
-    ]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    url, log = (report / "report.html").as_uri(), tmp_path / "net.json"
+    dom, requests = render_offline(url, log, tmp_path / "shot.png", window="1200,1600", budget_ms=10000, timeout=120)
     views = re.findall(r'<div id="cv-\d+" class="cv">(.{0,40})', dom)
     assert views and all(v.startswith("<") for v in views), "every circuitsvis view rendered content"
     assert re.search(r">L1H\d+<", dom) and not re.search(r">Head \d+<", dom), "heads labelled L<layer>H<head>"
     assert (tmp_path / "shot.png").stat().st_size > 10_000
-    assert page_requests(log) == [], "the page fetched something from the network"
-
-
-def page_requests(net_log) -> list[str]:
-    """URLs the page itself asked for, other than file: and data: (the browser's own requests have no origin)."""
-    data = json.loads(net_log.read_text())
-    start = data["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
-    requests = [e["params"] for e in data["events"] if e["type"] == start and "url" in e.get("params", {})]
-    return [
-        p["url"]
-        for p in requests
-        if p.get("initiator") != "not an origin" and not p["url"].startswith(("file:", "data:"))
-    ]
+    assert requests == [], "the page fetched something from the network"
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 import json
+import re
 
+import pandas as pd
 import pytest
 import torch
 
-from lens_laai import HeadIntervention, InterventionError, TaskError, evaluate
+from lens_laai import FitError, HeadIntervention, InterventionError, TaskError, evaluate
 from lens_laai.baselines import (
     ResidualIntervention,
     causal_indirect_effect,
@@ -15,6 +17,7 @@ from lens_laai.baselines import (
     prompting_baseline,
     prompting_cost,
     shuffled_label_batch,
+    top_heads,
 )
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.models.loading import model_fingerprint, model_name
@@ -191,3 +194,46 @@ def test_prompting_baseline_and_cost(tiny, splits):
         prompting_baseline(tiny, splits, 9)
     with pytest.raises(TaskError, match="shots ≤ 7"):
         prompting_baseline(tiny, splits, 8, split="train")  # a train query is never its own demonstration
+
+
+BAD_OPTIONS = {
+    "mean-difference top_k": (
+        lambda m, s: fit_mean_difference(m, s, 1, top_k=0, shots=3),
+        "top_k",
+        "heads of the layer",
+    ),
+    "mean-difference select_by": (
+        lambda m, s: fit_mean_difference(m, s, 1, select_by="max", shots=3),
+        "select_by",
+        "one of the two",
+    ),
+    "mean-difference alphas": (lambda m, s: fit_mean_difference(m, s, 1, alphas=(), shots=3), "alphas", "default"),
+    "mean-difference layer": (lambda m, s: fit_mean_difference(m, s, "1", shots=3), "layer must be", "auto"),
+    "mean-difference layers": (lambda m, s: fit_mean_difference(m, s, layers=[9], shots=3), "0..2", "None"),
+    "function-vector layers": (lambda m, s: fit_function_vector(m, s, layers=["x"], shots=3), "layers", "None"),
+    "function-vector scales": (lambda m, s: fit_function_vector(m, s, scales=[-1.0], shots=3), "scales", "(1.0,)"),
+    "CIE n_prompts": (
+        lambda m, s: causal_indirect_effect(m, s, torch.zeros(3, 4, 16), n_prompts=0, shots=3),
+        "n_prompts",
+        "pass how many",
+    ),
+    "CIE missing layers": (
+        lambda m, s: causal_indirect_effect(m, s, torch.full((3, 4, 16), float("nan")), n_prompts=2, shots=3),
+        "no values for layers",
+        "mean_head_activations",
+    ),
+    "top_heads top_k": (
+        lambda m, s: top_heads(pd.DataFrame({"layer": [0], "head": [0], "cie": [1.0]}), 2),
+        "top_k",
+        "pick one",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_baseline_options_are_fit_errors_that_name_the_fix(tiny, splits, case):
+    """Each bad option is our :class:`FitError` (still a ValueError), raised before any model work."""
+    call, problem, fix = BAD_OPTIONS[case]
+    with pytest.raises(FitError, match=re.escape(problem)) as err:
+        call(tiny, splits)
+    assert isinstance(err.value, ValueError) and fix in str(err.value), str(err.value)

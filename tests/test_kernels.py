@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lens_laai.errors import InterventionError
 from lens_laai.fastpath import LastTokenCache, notices, prefix
 from lens_laai.fastpath.kernels import LlamaLastToken, last_token_cross_entropy
 from lens_laai.interventions.head import delta_hook
@@ -81,6 +82,36 @@ def test_kernel_that_disagrees_is_dropped_with_a_warning(tiny, task, monkeypatch
         cache, _ = _cache(tiny, task)
     assert cache.kernel is None
     assert torch.allclose(cache.logits(), cache.full_logits, atol=1e-4)
+
+
+def test_kernel_that_fails_in_its_check_is_dropped_with_a_warning(tiny, task, monkeypatch):
+    """A kernel raising in its self-check steps aside, as the blocks' check does: the blocks path, exact, no hooks left."""
+
+    def broken(self, h, *args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    notices._warned.clear()
+    monkeypatch.setattr(LlamaLastToken, "hidden", broken)
+    with pytest.warns(RuntimeWarning, match="kernel failed on this .*RuntimeError: mat1 and mat2"):
+        cache, batch = _cache(tiny, task)
+    assert cache is not None and cache.kernel is None and cache.path == "blocks" and not cache.kernel_inputs
+    assert torch.allclose(cache.logits(), cache.full_logits, atol=1e-4)
+    delta = torch.ones(tiny.cfg.n_heads, tiny.cfg.d_head)
+    with torch.no_grad():
+        full = tiny.run_with_hooks(
+            batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=[(hook_name(1), delta_hook(delta))]
+        )[:, -1]
+    assert torch.allclose(cache.logits([(hook_name(1), delta_hook(delta))]), full, atol=1e-4)
+    assert not any(hp.fwd_hooks for hp in tiny.hook_dict.values())
+
+
+def test_our_own_error_in_the_kernel_check_is_not_swallowed(tiny, task, monkeypatch):
+    def refuse(self, h, *args):
+        raise InterventionError("a hook refused its input")
+
+    monkeypatch.setattr(LlamaLastToken, "hidden", refuse)
+    with pytest.raises(InterventionError, match="refused"):
+        _cache(tiny, task)
 
 
 def test_kernel_declines_architectures_it_does_not_know(tiny):

@@ -74,3 +74,47 @@ def test_local_directory_loads(tmp_path, tiny):
     model = load_model(str(tmp_path))
     assert model.cfg.n_layers == 2 and not model.training
     assert not any(p.requires_grad for p in model.parameters())
+
+
+class Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt (which pytest would treat as the user stopping the run)."""
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("safetensors: shared tensors"), KeyboardInterrupt(), Interrupted()])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_cache_write_leaves_no_temporary_folder_and_the_target_as_it_was(tmp_path, monkeypatch, exc, existing):
+    import safetensors.torch
+
+    from lens_laai.models.loading import _save_atomically
+    from lens_laai.testing import tiny_hf_model_for, tiny_tokenizer
+
+    target = tmp_path / "cache" / "model-f32"
+    if existing:
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    with pytest.raises(type(exc)):
+        _save_atomically(tiny_hf_model_for("llama"), tiny_tokenizer(), target)
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == (["model-f32"] if existing else []), left
+    if existing:
+        assert [p.name for p in target.iterdir()] == ["config.json"] and (target / "config.json").read_text() == "{}"
+
+
+def test_a_refused_cache_write_is_skipped_quietly_and_cleaned_up(tmp_path, monkeypatch):
+    """A full or read-only disk only costs the cache: no error, no temporary folder."""
+    import safetensors.torch
+
+    from lens_laai.models.loading import _save_atomically
+    from lens_laai.testing import tiny_hf_model_for, tiny_tokenizer
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    _save_atomically(tiny_hf_model_for("llama"), tiny_tokenizer(), tmp_path / "model-f32")
+    assert list(tmp_path.iterdir()) == []

@@ -83,7 +83,9 @@ def test_head_budget_and_relaxed_switch(tiny, task):
     budget = fit(tiny, task, mode="zero-shot", **kw)  # a budget alone: nothing is cross-validated
     assert budget.n_selected <= 1 and budget.selection_rule.startswith("max_heads=1") and budget.selection == "none"
     assert budget.candidates.chosen.sum() == 1 and "relaxed_cv_accuracy" not in budget.candidates
-    with_modes = fit(tiny, task, **kw)  # the default mode="auto": cross-validation chooses the mode at the budget's point
+    with_modes = fit(
+        tiny, task, **kw
+    )  # the default mode="auto": cross-validation chooses the mode at the budget's point
     assert with_modes.n_selected <= 1 and with_modes.selection_rule.startswith("max_heads=1")
     assert with_modes.selection == "cv" and len(with_modes.modes) == 3
     assert (with_modes.modes[with_modes.modes.delta].n_selected <= 1).all()

@@ -159,6 +159,46 @@ def test_cli_study_run_and_status(tmp_path, task_file, capsys):
     assert "missing.toml does not exist" in capsys.readouterr().err
 
 
+DAMAGED_RECORDS = {
+    "truncated JSON": (b'{"name": "flaky", "kind": "te', "not valid JSON"),
+    "not UTF-8": (b"\xff\xfe{}", "not UTF-8"),
+    "not an object": (b"[1, 2]", "expected a JSON object"),
+    "a directory": (None, "a directory"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_RECORDS))
+def test_a_damaged_study_record_is_a_study_error_naming_the_file_and_the_fix(tmp_path, damage):
+    content, message = DAMAGED_RECORDS[damage]
+    log, out = tmp_path / "calls.txt", tmp_path / "out"
+    record = out / "study.json"
+    out.mkdir()
+    record.mkdir() if content is None else record.write_bytes(content)
+    study = Study("flaky", "test_study:flaky", axes={"x": [1]}, fixed={"log": str(log)}, paths=(HERE,))
+    with pytest.raises(StudyError, match=message) as err:
+        run_study(study, out, progress=False)
+    assert str(record) in str(err.value) and "delete study.json" in str(err.value) and "--out" in str(err.value)
+    assert not log.exists()  # no cell ran
+    assert record.is_dir() if content is None else record.read_bytes() == content  # the file is left as it was
+
+
+def test_cli_names_a_damaged_study_record_in_one_line(tmp_path, task_file):
+    import subprocess
+    import sys
+
+    path, out = tmp_path / "s.toml", tmp_path / "out"
+    path.write_text(f'name = "cli"\nkind = "evaluate"\n[fixed]\nmodel = "lens-laai-tiny"\ntask = "{task_file}"\n')
+    out.mkdir()
+    (out / "study.json").write_text('{"name": "cli", ')
+    env = {**os.environ, "PYTHONPATH": str(Path(HERE).parent)}
+    cmd = [sys.executable, "-m", "lens_laai.cli", "study", "run", str(path), "--out", str(out), "--workers", "0"]
+    done = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "study.json" in lines[0] and "not valid JSON" in lines[0] and "--out" in lines[0], lines[0]
+
+
 def test_a_worker_killed_mid_cell_is_retried_and_the_table_matches_a_serial_run(tmp_path, task_file):
     """Two Ray workers; one is SIGKILLed inside a cell. Ray restarts it and retries the cell; the table
     then holds every cell exactly once, with the numbers of a serial run. Ray must start here: no skip."""

@@ -14,19 +14,11 @@
 
 Patching and the layer sweep use the last-token fast path (:class:`lens_laai.fastpath.LayerRunner`),
 which falls back to full forwards where it is unsupported.
-
-Example:
-    >>> from lens_laai import evaluate
-    >>> from lens_laai.baselines import fit_function_vector
-    >>> from lens_laai.testing import tiny_model, tiny_task
-    >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
-    >>> result = fit_function_vector(model, splits, top_k=2, shots=3, n_prompts=4, progress=False)
-    >>> evaluate(model, splits, result.intervention).n
-    12
 """
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +39,7 @@ from lens_laai.baselines.common import (
     runner_for,
     unit_meter,
 )
+from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.interventions.residual import ResidualIntervention
@@ -64,11 +57,20 @@ from lens_laai.tasks.task import Pair, Task, TaskError, TaskSplits
 
 
 def candidate_layers(model: TransformerBridge, layers: Sequence[int] | None) -> list[int]:
-    """``layers`` checked against the model (default: all layers), sorted and de-duplicated."""
+    """``layers`` checked against the model (default: all layers), sorted and de-duplicated.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> candidate_layers(tiny_model(), None), candidate_layers(tiny_model(), [2, 1, 2])
+        ([0, 1, 2], [1, 2])
+    """
     n = model.cfg.n_layers
-    chosen = list(range(n)) if layers is None else sorted({int(l) for l in layers})
+    try:
+        chosen = list(range(n)) if layers is None else sorted({operator.index(l) for l in layers})
+    except TypeError:  # not a list, or not integers
+        chosen = []
     if not chosen or any(not 0 <= l < n for l in chosen):
-        raise ValueError(f"layers must be a non-empty list within 0..{n - 1}, got {layers!r}.")
+        raise FitError(f"layers must be layer indices within 0..{n - 1}, got {layers!r}; pass some, or None for all.")
     return chosen
 
 
@@ -78,7 +80,14 @@ def mean_head_activations(
 ) -> Float[Tensor, "layer head d_head"]:
     """Mean ``hook_z`` at the last token over the prompts; layers not in ``layers`` are NaN.
 
-    Example: ``mean_head_activations(model, batches, layers=[6, 7])[6, 2]`` is head 6.2's mean.
+    Example:
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train = tiny_model(), tiny_task().split(0, 8).train
+        >>> batches = model_batches(model, *k_shot_prompts(train, 3, train, 0))
+        >>> acts = mean_head_activations(model, batches, layers=[1, 2])
+        >>> acts.shape, bool(acts[0].isnan().all()), bool(acts[1:].isfinite().all())
+        (torch.Size([3, 4, 16]), True, True)
     """
     layers = candidate_layers(model, layers)
     cfg = model.cfg
@@ -99,6 +108,14 @@ def deranged_prompts(
     The demonstrations are ``shots`` pairs of ``pool`` other than the query; in the corrupted
     twin no demonstration keeps its own output (Function Vectors' shuffled-label prompts), so
     both have the same words and, usually, the same token length.
+
+    Example:
+        >>> pool = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow")]
+        >>> clean, corrupt, targets = deranged_prompts([("old", "new")], pool, 2, rng=0)
+        >>> clean[0].split("\\n\\n"), corrupt[0].split("\\n\\n")[:2]  # the corrupt demos swap their outputs
+        (['Q: fast\\nA: slow', 'Q: up\\nA: down', 'Q: old\\nA:'], ['Q: fast\\nA: down', 'Q: up\\nA: slow'])
+        >>> targets
+        [' new']
     """
     rng = random.Random(rng) if isinstance(rng, int) else rng
     clean, corrupt, targets = [], [], []
@@ -127,7 +144,15 @@ def shuffled_label_batch(
     seed: int,
     template: PromptTemplate = PromptTemplate(),
 ) -> Batch:
-    """``n_prompts`` k-shot prompts from ``task`` whose demo outputs are deranged among the demos."""
+    """``n_prompts`` k-shot prompts from ``task`` whose demo outputs are deranged among the demos.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train = tiny_model(), tiny_task().split(0, 8).train
+        >>> batch = shuffled_label_batch(model, train, n_prompts=5, shots=3, seed=0)
+        >>> len(batch), batch.input_ids.shape[0] == batch.target_ids.shape[0]
+        (5, True)
+    """
     if shots < 2 or shots > len(task) - 1:
         raise TaskError(f"Shuffled-label prompts need 2 ≤ shots ≤ {len(task) - 1} (train pairs - 1), got {shots}.")
     rng = random.Random(seed)
@@ -156,10 +181,20 @@ def causal_indirect_effect(
 
     The prompts are ``n_prompts`` shuffled-label prompts of the training split
     (:func:`shuffled_label_batch`); see :func:`indirect_effects` for the rest.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> batches = model_batches(model, *k_shot_prompts(splits.train, 3, splits.train, 0))
+        >>> acts = mean_head_activations(model, batches, layers=[1, 2])
+        >>> cie = causal_indirect_effect(model, splits, acts, n_prompts=4, shots=3, layers=[1, 2], progress=False)
+        >>> list(cie.columns), len(cie), cie.attrs["forward_equivalents"] > 0
+        (['layer', 'head', 'cie'], 8, True)
     """
     layers = candidate_layers(model, layers)
     if n_prompts < 1:
-        raise ValueError(f"n_prompts must be ≥ 1, got {n_prompts}.")
+        raise FitError(f"n_prompts must be ≥ 1, got {n_prompts}; pass how many shuffled-label prompts to average.")
     own = unit_meter(model, splits.train, template)
     batch = shuffled_label_batch(model, splits.train, n_prompts, shots, seed, template)
     table = indirect_effects(model, batch, mean_acts, layers, meter=own, progress=progress)
@@ -184,11 +219,23 @@ def indirect_effects(
     Per head: replace its ``z`` at the last token by ``mean_acts[layer, head]`` and take the mean
     gain in P(target's first token). All prompts go through one last-token forward per head.
     ``df.attrs`` holds ``forward_passes`` and ``fast_path``; the compute is charged to ``meter``.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train = tiny_model(), tiny_task().split(0, 8).train
+        >>> batch = shuffled_label_batch(model, train, n_prompts=4, shots=3, seed=0)
+        >>> zero = torch.zeros(3, 4, 16)  # patch each head's last-token z to zero
+        >>> table = indirect_effects(model, batch, zero, [2], progress=False)
+        >>> table.shape, table.attrs["forward_passes"], bool(table.cie.abs().max() > 0)
+        ((4, 3), 6, True)
     """
     layers = candidate_layers(model, layers)
     missing = [l for l in layers if not torch.isfinite(mean_acts[l]).all()]
     if missing:
-        raise ValueError(f"mean_acts has no values for layers {missing}; compute it with layers including them.")
+        raise FitError(
+            f"mean_acts has no values for layers {missing}; compute it with mean_head_activations(..., layers=...) "
+            "including them, or score only the layers it covers."
+        )
     runner = runner_for(model, [batch], layers[0])
     base = target_probs(runner.logits(0, []), batch.target_ids)
     rows = []
@@ -211,14 +258,28 @@ def head_outputs(
     Runs the block's own attention-output path (:func:`lens_laai.models.head_write.head_writes`):
     ``z_h @ W_O[h]`` where that path is linear, the exact difference where a post-attention norm
     (Gemma 2 and 3) normalises the attention output before the residual add.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> z = torch.randn(5, 4, 16)
+        >>> writes = head_outputs(model, 1, z)
+        >>> writes.shape, torch.allclose(writes[:, 2], z[:, 2] @ model.blocks[1].attn.W_O[2], atol=1e-5)
+        (torch.Size([5, 4, 64]), True)
     """
     return head_writes(model, layer, z.float())
 
 
 def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
-    """The ``top_k`` (layer, head) pairs with the largest CIE (ties: lower layer, then head)."""
-    if not 1 <= top_k <= len(cie):
-        raise ValueError(f"top_k must be within 1..{len(cie)} (the heads scored), got {top_k}.")
+    """The ``top_k`` (layer, head) pairs with the largest CIE (ties: lower layer, then head).
+
+    Example:
+        >>> cie = pd.DataFrame({"layer": [1, 1, 2, 2], "head": [0, 1, 0, 1], "cie": [0.1, 0.3, 0.3, -0.2]})
+        >>> top_heads(cie, 2)  # ties go to the lower layer
+        [(1, 1), (2, 0)]
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(cie):
+        raise FitError(f"top_k must be an integer within 1..{len(cie)} (the heads scored), got {top_k!r}; pick one.")
     ranked = cie.sort_values(["cie", "layer", "head"], ascending=[False, True, True], kind="mergesort")
     return [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top_k).itertuples(index=False)]
 
@@ -227,7 +288,17 @@ def top_heads(cie: pd.DataFrame, top_k: int) -> list[tuple[int, int]]:
 def function_vector(
     model: TransformerBridge, mean_acts: Float[Tensor, "layer head d_head"], cie: pd.DataFrame, top_k: int = 10
 ) -> Float[Tensor, " d_model"]:
-    """Sum over the ``top_k`` heads by CIE of each head's mean output in the residual stream."""
+    """Sum over the ``top_k`` heads by CIE of each head's mean output in the residual stream.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> acts = torch.randn(3, 4, 16)
+        >>> cie = pd.DataFrame({"layer": [2, 2, 2, 2], "head": [0, 1, 2, 3], "cie": [0.1, 0.5, 0.0, 0.4]})
+        >>> vector = function_vector(model, acts, cie, top_k=2)  # heads 2.1 and 2.3
+        >>> torch.allclose(vector, head_outputs(model, 2, acts[2])[[1, 3]].sum(0), atol=1e-5), vector.shape
+        (True, torch.Size([64]))
+    """
     vector = torch.zeros(model.cfg.d_model)
     for layer, head in top_heads(cie, top_k):
         vector += head_outputs(model, layer, mean_acts[layer])[head].float().cpu()
@@ -236,7 +307,15 @@ def function_vector(
 
 @dataclass
 class FunctionVectorResult:
-    """The best function-vector intervention, its add-layer sweep and what it cost."""
+    """The best function-vector intervention, its add-layer sweep and what it cost.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_function_vector(model, splits, top_k=2, shots=3, n_prompts=4, progress=False)
+        >>> len(result.heads), result.intervention.layer == result.layer, list(result.cie.columns)
+        (2, True, ['layer', 'head', 'cie'])
+    """
 
     intervention: ResidualIntervention
     layer: int
@@ -275,11 +354,21 @@ def fit_function_vector(
     ``cie_layers`` restricts the heads scored (default all layers). The sweep scores zero-shot
     validation prompts with ``scale × vector`` at their last token for every layer and scale
     (default ``(1.0,)``, the paper's unscaled vector); ties go to the lower cross-entropy.
+
+    Example:
+        >>> from lens_laai import evaluate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_function_vector(model, splits, top_k=2, shots=3, n_prompts=4, scales=(1, 2), progress=False)
+        >>> result.scale in (1, 2), len(result.sweep) == 3 * 2  # every layer and scale tried on validation
+        (True, True)
+        >>> 0 <= evaluate(model, splits, result.intervention).accuracy <= 1
+        True
     """
     start = time.perf_counter()
     check_shots(splits, shots)
     if not scales or any(not isinstance(a, (int, float)) or a <= 0 for a in scales):
-        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales!r}.")
+        raise FitError(f"scales must be a non-empty list of positive numbers, got {scales!r}; the paper's is (1.0,).")
     add_layers, cie_layers = candidate_layers(model, layers), candidate_layers(model, cie_layers)
     meter = unit_meter(model, splits.train, template)
     clean = model_batches(
@@ -348,5 +437,11 @@ def _patcher(head: int, value: Tensor) -> Callable:
 
 
 def target_probs(logits: Float[Tensor, "batch vocab"], target_ids: Tensor) -> Float[Tensor, " batch"]:
-    """P(target's first token) per row of last-position ``logits``."""
+    """P(target's first token) per row of last-position ``logits``.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 0.0], [0.0, 100.0]])
+        >>> target_probs(logits, torch.tensor([1, 1]))
+        tensor([0.5000, 1.0000])
+    """
     return torch.softmax(logits.float(), dim=-1).gather(1, target_ids[:, None].to(logits.device))[:, 0]

@@ -45,6 +45,7 @@ from lens_laai.baselines.common import (
     unit_meter,
 )
 from lens_laai.baselines.function_vectors import candidate_layers
+from lens_laai.errors import FitError
 from lens_laai.fastpath.recording import last_token_z
 from lens_laai.interventions.head import HeadIntervention
 from lens_laai.models.bridge import model_fingerprint, model_name
@@ -59,7 +60,17 @@ DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 def head_scores(
     z_shot: Float[Tensor, "prompt head d_head"], z_zero: Float[Tensor, "prompt head d_head"]
 ) -> tuple[Float[Tensor, "head d_head"], Float[Tensor, " head"], Float[Tensor, " head"]]:
-    """Per head: mean difference (k-shot − zero-shot), its norm, and the separation score."""
+    """Per head: mean difference (k-shot − zero-shot), its norm, and the separation score.
+
+    Example:
+        >>> import torch
+        >>> z_zero = torch.zeros(4, 2, 3)
+        >>> z_shot = torch.zeros(4, 2, 3)
+        >>> z_shot[:, 1] = torch.tensor([3.0, 4.0, 0.0])  # only head 1 moves with the demonstrations
+        >>> diff, norm, separation = head_scores(z_shot, z_zero)
+        >>> diff.shape, norm.tolist()
+        (torch.Size([2, 3]), [0.0, 5.0])
+    """
     diff = (z_shot - z_zero).float().mean(0)
     norm = diff.norm(dim=-1)
     if z_shot.shape[0] < 2:
@@ -69,7 +80,13 @@ def head_scores(
 
 
 def top_k_mask(scores: Float[Tensor, " head"], top_k: int) -> Float[Tensor, " head"]:
-    """1.0 for the ``top_k`` highest scores (ties: lower head index), 0.0 elsewhere."""
+    """1.0 for the ``top_k`` highest scores (ties: lower head index), 0.0 elsewhere.
+
+    Example:
+        >>> import torch
+        >>> top_k_mask(torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)  # ties: the lower head
+        tensor([0., 1., 0., 1.])
+    """
     order = sorted(range(len(scores)), key=lambda h: (-float(scores[h]), h))
     mask = torch.zeros(len(scores))
     mask[order[:top_k]] = 1.0
@@ -78,7 +95,15 @@ def top_k_mask(scores: Float[Tensor, " head"], top_k: int) -> Float[Tensor, " he
 
 @dataclass
 class MeanDifferenceResult:
-    """The best mean-difference intervention, its (layer, α) sweep, head scores and cost."""
+    """The best mean-difference intervention, its (layer, α) sweep, head scores and cost.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_mean_difference(model, splits, 1, top_k=2, alphas=(1.0, 4.0), shots=3, progress=False)
+        >>> len(result.selected_heads), result.alpha in (1.0, 4.0), list(result.sweep.columns[:2])
+        (2, True, ['layer', 'alpha'])
+    """
 
     intervention: HeadIntervention
     layer: int
@@ -117,24 +142,44 @@ def fit_mean_difference(
         top_k: heads kept per layer; ``select_by`` ranks them (``"norm"`` or ``"separation"``).
         alphas: the scale grid tried on zero-shot validation prompts.
         shots: demonstrations (from the train split) in the k-shot prompts.
+
+    Example:
+        >>> from lens_laai import evaluate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> result = fit_mean_difference(model, splits, "auto", top_k=2, alphas=(1.0, 4.0), shots=3, progress=False)
+        >>> result.layer in (0, 1, 2), sorted(result.intervention.deltas) == [result.layer]
+        (True, True)
+        >>> [h for _, h in result.intervention.selected_heads()] == [h for _, h in result.selected_heads]
+        True
+        >>> 0 <= evaluate(model, splits, result.intervention).accuracy <= 1
+        True
     """
     start = time.perf_counter()
     check_shots(splits, shots)
     n_heads = model.cfg.n_heads
-    if not isinstance(top_k, int) or not 1 <= top_k <= n_heads:
-        raise ValueError(f"top_k must be an integer within 1..{n_heads} (heads per layer), got {top_k!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_heads:
+        raise FitError(
+            f"top_k must be an integer within 1..{n_heads} (heads per layer), got {top_k!r}; "
+            "pass how many heads of the layer to keep."
+        )
     if select_by not in ("norm", "separation"):
-        raise ValueError(f"select_by must be 'norm' or 'separation', got {select_by!r}.")
+        raise FitError(f"select_by must be 'norm' or 'separation', got {select_by!r}; pass one of the two.")
     if select_by == "separation" and len(splits.train) < 2:
         raise TaskError("select_by='separation' needs a spread estimate: use n_train ≥ 2 or select_by='norm'.")
     if not alphas or any(not isinstance(a, (int, float)) or a <= 0 for a in alphas):
-        raise ValueError(f"alphas must be a non-empty list of positive numbers, got {alphas!r}.")
+        raise FitError(
+            f"alphas must be a non-empty list of positive numbers, got {alphas!r}; "
+            f"leave it out for the default grid {DEFAULT_ALPHAS}."
+        )
     if layer == "auto":
         todo = candidate_layers(model, layers)
     elif isinstance(layer, int) and not isinstance(layer, bool):
         todo = candidate_layers(model, [layer])
     else:
-        raise ValueError(f"layer must be an int or 'auto', got {layer!r}.")
+        raise FitError(
+            f"layer must be an int or 'auto', got {layer!r}; pass a layer index, or 'auto' to try each layer."
+        )
 
     meter = unit_meter(model, splits.train, template)
     per_shots = {}

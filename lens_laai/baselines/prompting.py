@@ -62,6 +62,14 @@ def prompting_cost(
     """Forward-pass equivalents per query of k-shot prompting on ``split`` (1.0 for zero-shot).
 
     Multiply by the split size for the total; no fitting cost is involved.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8, 4)
+        >>> prompting_cost(model, splits, shots=0)
+        1.0
+        >>> 2.0 < prompting_cost(model, splits, shots=3) < 6.0  # three demonstrations: a prompt several times as long
+        True
     """
     check_shots(splits, shots, split)
     part, demos = select_split(splits, split)

@@ -11,7 +11,7 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
     """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
     cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
     table = path[list(cols)].rename(columns=cols)
-    folds = path["cv_n_selected"] if "cv_n_selected" in path else path.n_selected
+    folds = path.get("cv_n_selected", path.n_selected)
     unfitted = path.n_selected.isna()
     table["heads"] = [f"{c:.1f}*" if u else str(int(h)) for h, c, u in zip(path.n_selected, folds, unfitted)]
     table["train acc (penalised)"] = ["-" if u else f"{a:.3f}" for a, u in zip(path.train_accuracy, unfitted)]

@@ -45,7 +45,18 @@ _EMBEDDING_HOOKS = ("embed", "hook_embed", "pos_embed", "hook_pos_embed")
 
 
 class ReplayUnsupported(Exception):
-    """A block argument that cannot be recorded for replay (the message says which and why)."""
+    """A block argument that cannot be recorded for replay (the message says which and why).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> with record_block_calls(model, [1, 2]) as recorded:
+        ...     _ = model(torch.tensor([[1, 5, 7]]))
+        ...     _ = model(torch.tensor([[1, 5, 7]]))  # a second forward: block calls that cannot be told apart
+        >>> isinstance(recorded[1], ReplayUnsupported), str(recorded[1])
+        (True, 'block 1 ran twice in one forward')
+    """
 
 
 PREFIX = object()  # stands for "the KV cache" in a cut recorded call; replaced by the frozen prefix on replay
@@ -59,6 +70,15 @@ class BlockCall:
     attention mask's last query row, the rotary tables' and position ids' last position, flags as
     given and the cache as :data:`PREFIX`; recorded without, every argument as given and the cache
     as ``None``. ``device`` is where the block ran.
+
+    Example:
+        >>> import torch
+        >>> kwargs = {"attention_mask": torch.zeros(1, 1, 1, 3), "past_key_values": PREFIX}
+        >>> call = BlockCall(kwargs, torch.device("cpu"))
+        >>> call.replay(prefix="my cache")["past_key_values"]  # the cache is replaced on replay
+        'my cache'
+        >>> call.replay()["attention_mask"].shape  # the last query row of the mask
+        torch.Size([1, 1, 1, 3])
     """
 
     kwargs: dict[str, Any]
@@ -85,7 +105,13 @@ def block_index(hook_name: str) -> float:
 
 
 def is_cache(value: Any) -> bool:
-    """Whether ``value`` is a Hugging Face KV cache."""
+    """Whether ``value`` is a Hugging Face KV cache.
+
+    Example:
+        >>> from transformers.cache_utils import DynamicCache
+        >>> is_cache(DynamicCache()), is_cache(None)
+        (True, False)
+    """
     from transformers.cache_utils import Cache
 
     return isinstance(value, Cache)
@@ -162,6 +188,17 @@ def record_block_calls(
     With ``width`` (the prompt length) every argument is cut to the last position; without, all
     positions are kept. The hooks are removed on exit, also after an exception. Check the result
     with :func:`recording_problems`.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> tokens = torch.tensor([[1, 5, 7, 9]])
+        >>> with record_block_calls(model, [1, 2], width=4) as recorded:  # cut to the last position
+        ...     _ = model(tokens)
+        >>> hidden, call = recorded[1]
+        >>> hidden.shape, recording_problems(recorded, [1, 2]), all(not b._forward_pre_hooks for b in model.blocks)
+        (torch.Size([1, 1, 64]), [], True)
     """
     calls: dict[int, RecordedCall | ReplayUnsupported] = {}
 
@@ -188,24 +225,50 @@ def record_block_calls(
 
 
 def recording_problems(recorded: Mapping[int, RecordedCall | ReplayUnsupported], layers: Sequence[int]) -> list[str]:
-    """Why ``recorded`` cannot be replayed over ``layers`` (empty when it can)."""
+    """Why ``recorded`` cannot be replayed over ``layers`` (empty when it can).
+
+    Example:
+        >>> recording_problems({0: ReplayUnsupported("argument 'x' of type Foo")}, [0, 1])
+        ["argument 'x' of type Foo", 'block 1 was not called']
+    """
     problems = [str(v) for v in recorded.values() if isinstance(v, ReplayUnsupported)]
     return problems + [f"block {l} was not called" for l in layers if l not in recorded]
 
 
 def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
-    """Gemma's final logit soft-capping, ``cap · tanh(logits / cap)`` (identity without a cap)."""
+    """Gemma's final logit soft-capping, ``cap · tanh(logits / cap)`` (identity without a cap).
+
+    Example:
+        >>> import torch
+        >>> soft_cap(torch.tensor([0.0, 10.0, 1000.0]), 30.0)
+        tensor([ 0.0000,  9.6454, 30.0000])
+        >>> soft_cap(torch.tensor([1000.0]), None)
+        tensor([1000.])
+    """
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def final_softcap(model: TransformerBridge) -> float | None:
-    """The model's final logit soft-cap, if its config has one."""
+    """The model's final logit soft-cap, if its config has one.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_model_for
+        >>> final_softcap(tiny_model()), final_softcap(tiny_model_for("gemma2"))
+        (None, 2.0)
+    """
     cap = getattr(getattr(getattr(model, "original_model", None), "config", None), "final_logit_softcapping", None)
     return float(cap) if cap else None
 
 
 def device_of(module: Any, default: Tensor) -> torch.device:
-    """Where ``module``'s weights live (``default``'s device if it has none off the meta device)."""
+    """Where ``module``'s weights live (``default``'s device if it has none off the meta device).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> device_of(tiny_model().ln_final, torch.zeros(1))
+        device(type='cpu')
+    """
     for param in module.parameters():
         if param.device.type != "meta":
             return param.device
@@ -224,6 +287,19 @@ def replay_logits(
 
     Hooks the caller has set fire as usual; ``softcap`` is :func:`final_softcap`'s; ``prefix`` stands
     in for the cache of a cut call.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> tokens = torch.tensor([[1, 5, 7, 9]])
+        >>> with torch.no_grad(), record_block_calls(model, [1, 2]) as recorded:
+        ...     full = model(tokens)[:, -1]
+        >>> calls = {l: call for l, (_, call) in recorded.items()}
+        >>> with torch.no_grad():
+        ...     again = replay_logits(model, recorded[1][0], calls, start=1)
+        >>> again.shape, torch.allclose(again[:, -1], full, atol=1e-5)
+        (torch.Size([1, 1, 396]), True)
     """
     h = hidden
     for layer in range(start, model.cfg.n_layers):
@@ -244,6 +320,22 @@ class BlockReplayModel:
     position, the one the metric reads. A patch at layer L cannot change anything below L, so
     this is exact (tests compare it with a hand-made full-forward patch); it costs (n − L)/n of a
     forward. Architectures whose blocks cannot be replayed use the full forward, with a warning.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fastpath.cost import CostMeter
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> tokens = torch.tensor([[1, 5, 7, 9]])
+        >>> meter = CostMeter()
+        >>> replay = BlockReplayModel(model, tokens, torch.ones_like(tokens), meter)
+        >>> def zero_head_0(z, hook):
+        ...     z[:, :, 0] = 0.0
+        ...     return z
+        >>> patched = replay.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_0)])
+        >>> full = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.attn.hook_z", zero_head_0)])
+        >>> torch.allclose(patched[:, -1], full[:, -1], atol=1e-5), torch.allclose(full, model(tokens), atol=1e-3)
+        (True, False)
     """
 
     def __init__(self, model: TransformerBridge, tokens: Tensor, mask: Tensor, meter: CostMeter) -> None:

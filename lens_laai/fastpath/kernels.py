@@ -56,7 +56,13 @@ ZHook = Callable[[Tensor], Tensor]
 
 
 def unwrap(module: Any) -> Any:
-    """The Hugging Face module under any TransformerBridge wrappers."""
+    """The Hugging Face module under any TransformerBridge wrappers.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> type(tiny_model().blocks[0].attn).__name__, type(unwrap(tiny_model().blocks[0].attn)).__name__
+        ('PositionEmbeddingsAttentionBridge', 'LlamaAttention')
+    """
     for _ in range(8):
         inner = getattr(module, "original_component", None) or getattr(module, "_original_component", None)
         if inner is None or inner is module:
@@ -77,7 +83,14 @@ def _norm(module: Any) -> tuple[Tensor, float]:
 
 
 def rms_norm(x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], eps: float) -> Float[Tensor, "... d"]:
-    """Llama's RMSNorm (float32 statistics, like the Hugging Face module)."""
+    """Llama's RMSNorm (float32 statistics, like the Hugging Face module).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[3.0, 4.0]])
+        >>> rms_norm(x, torch.ones(2), eps=0.0)  # x / sqrt(mean(x²)), sqrt(12.5) = 3.54
+        tensor([[0.8485, 1.1314]])
+    """
     if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
@@ -85,7 +98,15 @@ def rms_norm(x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], eps: float)
 
 
 def rotary_tables(cos: Float[Tensor, "batch 1 d_head"], sin: Float[Tensor, "batch 1 d_head"]) -> tuple[Tensor, Tensor]:
-    """``(cos, signed sin)`` shaped ``[batch, 1, 1, d_head]`` for :func:`_rotate`."""
+    """``(cos, signed sin)`` shaped ``[batch, 1, 1, d_head]`` for :func:`_rotate`.
+
+    Example:
+        >>> import torch
+        >>> cos, sin = torch.ones(2, 1, 4), torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]).expand(2, 1, 4)
+        >>> cos4, signed = rotary_tables(cos, sin)
+        >>> cos4.shape, signed[0, 0, 0].tolist()  # the first half of sin negated: rotate_half as roll and sign
+        (torch.Size([2, 1, 1, 4]), [-1.0, -2.0, 3.0, 4.0])
+    """
     half = sin.shape[-1] // 2
     signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     return cos[:, None], signed[:, None]
@@ -117,6 +138,16 @@ class BlockInputs:
 
     ``rotary`` is ``(cos, signed sin)`` shaped ``[batch, 1, 1, d_head]`` (:func:`rotary_tables`);
     ``mask`` is ``[batch, 1, 1, pos]`` added to the scores (0 where visible), or ``None``.
+
+    Example:
+        >>> from lens_laai.fastpath.prefix import LastTokenCache
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model = tiny_model()
+        >>> batch = model_batches(model, *k_shot_prompts(tiny_task(), 1))[0]
+        >>> inputs = LastTokenCache.build(model, batch, layer=1).kernel_inputs[1]  # what block 1 was handed
+        >>> inputs.rotary[0].shape, inputs.mask.shape == (len(batch), 1, 1, batch.input_ids.shape[1])  # cos; a mask row
+        (torch.Size([1, 1, 1, 16]), True)
     """
 
     rotary: tuple[Tensor, Tensor]
@@ -124,11 +155,36 @@ class BlockInputs:
 
 
 class KernelUnsupported(Exception):
-    """Raised while building a kernel for a model it was not verified against (the reason is the message)."""
+    """Raised while building a kernel for a model it was not verified against (the reason is the message).
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> kernel = LlamaLastToken.for_model(tiny_model().original_model, 1)
+        >>> try:
+        ...     kernel.inputs(None, None)
+        ... except KernelUnsupported as err:
+        ...     print(err)
+        the block was not given (cos, sin) rotary tables
+    """
 
 
 class LlamaLastToken:
-    """One token per row through Llama-family blocks ``first..n-1``, keys/values of earlier positions given."""
+    """One token per row through Llama-family blocks ``first..n-1``, keys/values of earlier positions given.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fastpath.prefix import LastTokenCache
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_model_for, tiny_task
+        >>> model = tiny_model()
+        >>> kernel = LlamaLastToken.for_model(model.original_model, 1)
+        >>> sorted(kernel.blocks), LlamaLastToken.check_model(tiny_model_for("gpt2").original_model, 1)[1][:24]
+        ([1, 2], "model_type 'gpt2' is not")
+        >>> batch = model_batches(model, *k_shot_prompts(tiny_task(), 1))[0]
+        >>> cache = LastTokenCache.build(model, batch, layer=1)  # uses the kernel, checked against the bridge
+        >>> cache.path, torch.allclose(cache.logits(), cache.full_logits, atol=1e-4)
+        ('kernel', True)
+    """
 
     def __init__(self, hf_model: nn.Module, first: int) -> None:
         cfg: Any = hf_model.config  # a Hugging Face config: its attributes depend on the architecture
@@ -254,7 +310,14 @@ class LlamaLastToken:
 def unembed(
     h: Float[Tensor, "batch d_model"], weight: Float[Tensor, "vocab d_model"], bias: Tensor | None
 ) -> Float[Tensor, "batch vocab"]:
-    """``h @ weight.T + bias``, computed as ``(weight @ h.T).T`` (faster on CPU for few rows)."""
+    """``h @ weight.T + bias``, computed as ``(weight @ h.T).T`` (faster on CPU for few rows).
+
+    Example:
+        >>> import torch
+        >>> h, w, b = torch.randn(3, 8), torch.randn(50, 8), torch.randn(50)
+        >>> torch.allclose(unembed(h, w, b), h @ w.T + b, atol=1e-5), unembed(h, w, None).shape
+        (True, torch.Size([3, 50]))
+    """
     logits = torch.mm(weight, h.t().contiguous()).t()
     return logits if bias is None else logits + bias
 
@@ -274,6 +337,17 @@ def last_token_cross_entropy(
     the model's dtype, the cross-entropy in float32, as the full forward's loss is computed. At a
     fast step's batch (tens of rows) the plain logits are small even for a 128k vocabulary
     (20 × 128,256 float32 = 10 MB), so no chunking is needed there.
+
+    Example:
+        >>> import torch
+        >>> h = torch.randn(3, 8, requires_grad=True)
+        >>> w, targets = torch.randn(50, 8), torch.tensor([1, 7, 49])
+        >>> loss = last_token_cross_entropy(h, w, None, targets, chunk=16)  # fused: one pass over w, chunk by chunk
+        >>> reference = torch.nn.functional.cross_entropy(h @ w.T, targets, reduction="none")
+        >>> (grad,) = torch.autograd.grad(loss.sum(), h)
+        >>> (ref_grad,) = torch.autograd.grad(reference.sum(), h)
+        >>> torch.allclose(loss, reference, atol=1e-5), torch.allclose(grad, ref_grad, atol=1e-5)
+        (True, True)
     """
     fused = torch.is_grad_enabled() and h.requires_grad and weight.dtype == torch.float32 and h.device.type == "cpu"
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)

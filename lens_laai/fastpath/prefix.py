@@ -83,10 +83,21 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 3e-2,
 }
 PATHS = ("kernel", "blocks", "full forward")
+# What a fast path's self-check may raise on a model it does not fit; it then steps aside with a
+# warning. Our own errors (LensLaaiError, from a user's hook) and anything else propagate.
+CHECK_FAILURES: tuple[type[Exception], ...] = (TypeError, AttributeError, RuntimeError, KeyError)
 
 
 class FrozenPrefix:
-    """A read-only stand-in for an HF cache: appends the new token's K/V without storing them."""
+    """A read-only stand-in for an HF cache: appends the new token's K/V without storing them.
+
+    Example:
+        >>> import torch
+        >>> prefix = FrozenPrefix({0: torch.zeros(1, 2, 5, 4)}, {0: torch.ones(1, 2, 5, 4)})
+        >>> k, v = prefix.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), layer_idx=0)
+        >>> k.shape, prefix.get_seq_length(), prefix.keys[0].shape  # the cached keys are never extended
+        (torch.Size([1, 2, 6, 4]), 5, torch.Size([1, 2, 5, 4]))
+    """
 
     def __init__(self, keys: dict[int, Tensor], values: dict[int, Tensor]) -> None:
         self.keys, self.values = keys, values
@@ -100,7 +111,24 @@ class FrozenPrefix:
 
 @dataclass
 class LastTokenCache:
-    """What Δ at (layer, last token) cannot change, for one batch; see the module docstring."""
+    """What Δ at (layer, last token) cannot change, for one batch; see the module docstring.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.head import delta_hook
+        >>> from lens_laai.models.bridge import hook_name
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model = tiny_model()
+        >>> batch = model_batches(model, *k_shot_prompts(tiny_task(), 2))[0]
+        >>> cache = LastTokenCache.build(model, batch, layer=1)  # one full forward
+        >>> delta = torch.randn(4, 16)
+        >>> fast = cache.logits([(hook_name(1), delta_hook(delta))])  # then one token per row through blocks 1..2
+        >>> full = model.run_with_hooks(batch.input_ids, attention_mask=batch.attention_mask,
+        ...                             fwd_hooks=[(hook_name(1), delta_hook(delta))])[:, -1]
+        >>> cache.path, fast.shape, torch.allclose(fast, full, atol=1e-4)
+        ('kernel', torch.Size([24, 396]), True)
+    """
 
     layer: int
     resid: Float[Tensor, "batch 1 d_model"]
@@ -170,7 +198,7 @@ class LastTokenCache:
         if check:
             try:
                 ok = built._reproduces_full_forward()
-            except (TypeError, AttributeError, RuntimeError, KeyError) as err:
+            except CHECK_FAILURES as err:
                 warn_once(
                     f"check:{arch}",
                     f"Fast last-token path failed on {arch} ({type(err).__name__}: {err}); using the full forward.",
@@ -273,15 +301,20 @@ class LastTokenCache:
                 f"this {type(hf).__name__} ({err}); using the bridge's blocks (same results, slower).",
             )
             return
-        with torch.no_grad():
-            self.kernel, self.kernel_inputs = kernel, inputs
-            if check and not self._kernel_matches_bridge():
-                self.kernel, self.kernel_inputs = None, {}
-                warn_once(
-                    f"kernel:{type(hf).__name__}",
-                    "The plain-tensor last-token kernel disagrees with the "
-                    "full forward on this model; using the bridge's blocks (same results, slower).",
-                )
+        self.kernel, self.kernel_inputs = kernel, inputs
+        if not check:
+            return
+        try:
+            with torch.no_grad():
+                ok, why = self._kernel_matches_bridge(), "disagrees with the full forward on this model"
+        except CHECK_FAILURES as err:  # our own errors pass through, as in the blocks' check
+            ok, why = False, f"failed on this {type(hf).__name__} ({type(err).__name__}: {err})"
+        if not ok:
+            self.kernel, self.kernel_inputs = None, {}
+            warn_once(
+                f"kernel:{type(hf).__name__}",
+                f"The plain-tensor last-token kernel {why}; using the bridge's blocks (same results, slower).",
+            )
 
     def _kernel_matches_bridge(self) -> bool:
         """Kernel vs full forward at Δ = 0, and kernel vs the bridge's blocks under a random ``hook_z`` edit."""
@@ -302,7 +335,13 @@ class LastTokenCache:
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """The relative agreement :data:`TOLERANCE` asks of a fast path in ``dtype`` (float32's if unlisted)."""
+    """The relative agreement :data:`TOLERANCE` asks of a fast path in ``dtype`` (float32's if unlisted).
+
+    Example:
+        >>> import torch
+        >>> tolerance(torch.float32), tolerance(torch.bfloat16), tolerance(torch.int8)  # unlisted: float32's
+        (0.0001, 0.03, 0.0001)
+    """
     return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
 
 
@@ -323,7 +362,19 @@ def _bound_hook(fn: Callable, point: Any) -> ZHook:
 
 
 def prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:
-    """Keys/values of all positions but the last, for layers ``layer..n_layers-1``."""
+    """Keys/values of all positions but the last, for layers ``layer..n_layers-1``.
+
+    Example:
+        >>> import torch
+        >>> from transformers.cache_utils import DynamicCache
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> _, cache = model(torch.tensor([[1, 5, 7, 9]]), past_key_values=DynamicCache(),
+        ...                  return_type="logits_and_cache", use_cache=True)
+        >>> keys, values = prefix_kv(cache, 1, model.cfg.n_layers)
+        >>> sorted(keys), keys[1].shape  # [batch, kv heads, all positions but the last, d_head]
+        ([1, 2], torch.Size([1, 2, 3, 16]))
+    """
     if cache is None:
         return None, None
     keys, values = {}, {}

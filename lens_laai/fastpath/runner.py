@@ -26,7 +26,13 @@ from lens_laai.tasks.prompts import Batch
 
 
 def block_device(model: TransformerBridge, layer: int) -> torch.device:
-    """The device block ``layer``'s weights live on (where Δ for that layer is kept while fitting)."""
+    """The device block ``layer``'s weights live on (where Δ for that layer is kept while fitting).
+
+    Example:
+        >>> from lens_laai.testing import tiny_model
+        >>> block_device(tiny_model(), 2)
+        device(type='cpu')
+    """
     for param in model.blocks[layer].parameters():
         if param.device.type != "meta":  # weights offloaded by accelerate sit on "meta" until used
             return param.device
@@ -34,7 +40,24 @@ def block_device(model: TransformerBridge, layer: int) -> torch.device:
 
 
 class LayerRunner:
-    """Last-token logits of fixed batches under a Δ at one layer; fast path where possible."""
+    """Last-token logits of fixed batches under a Δ at one layer; fast path where possible.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.head import delta_hook
+        >>> from lens_laai.models.bridge import hook_name
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model = tiny_model()
+        >>> runner = LayerRunner(model, model_batches(model, *k_shot_prompts(tiny_task(), 0), batch_size=8), layer=1)
+        >>> runner.path, len(runner.batches), runner.logits(0, []).shape
+        ('kernel', 3, torch.Size([8, 396]))
+        >>> accuracy, ce = runner.scores([(hook_name(1), delta_hook(torch.zeros(4, 16)))])
+        >>> fast = runner.cross_entropy(0, [])
+        >>> slow = LayerRunner(model, runner.batches, 1, fast=False).cross_entropy(0, [])  # the full forward
+        >>> 0 <= accuracy <= 1, ce > 0, torch.allclose(fast, slow, rtol=1e-4)
+        (True, True, True)
+    """
 
     def __init__(
         self,
@@ -120,6 +143,17 @@ def cached_runner(
     The key is ``(layer, fast, model, prompts and targets)``, layer first so a caller can drop a
     layer's runners. A reused runner charges its steps to ``meter`` from now on; building its
     prefix caches was charged to the meter of the fit that built it.
+
+    Example:
+        >>> from lens_laai.fastpath.cost import CostMeter
+        >>> from lens_laai.tasks.prompts import k_shot_prompts, model_batches
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, runners = tiny_model(), {}
+        >>> batches = model_batches(model, *k_shot_prompts(tiny_task(), 0))
+        >>> first = cached_runner(model, batches, 1, True, CostMeter(), runners)
+        >>> again = cached_runner(model, list(batches), 1, True, CostMeter(), runners)  # the same prompts: reused
+        >>> again is first, len(runners)
+        (True, 1)
     """
     key = (layer, fast, id(model), tuple((tuple(b.prompts), tuple(b.targets)) for b in batches))
     if runners is not None and key in runners:

@@ -23,7 +23,16 @@ from torch import Tensor
 
 @dataclass
 class Scores:
-    """Per-row scores of one batch."""
+    """Per-row scores of one batch.
+
+    Example:
+        >>> import torch
+        >>> scores = score_logits(torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]), torch.tensor([2, 2]))
+        >>> scores.prediction.tolist(), scores.correct.tolist(), scores.rank.tolist()
+        ([1, 2], [False, True], [1, 0])
+        >>> scores.cross_entropy  # -log softmax at the target
+        tensor([1.4076, 0.0134])
+    """
 
     prediction: Int[Tensor, " batch"]
     correct: Bool[Tensor, " batch"]

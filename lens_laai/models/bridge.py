@@ -155,6 +155,15 @@ def last_position_hooks(model: TransformerBridge) -> list[tuple[str, Any]]:
     135M model's forward on k-shot prompts, and the logits of all positions take batch × pos ×
     vocab floats. Slicing the final-norm output before the unembedding is exact (both act per
     position). Models whose bridge has no ``unembed.hook_in`` get no hook (full logits).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> ids = torch.tensor([[1, 20, 21, 22]])
+        >>> last = model.run_with_hooks(ids, fwd_hooks=last_position_hooks(model))
+        >>> last.shape, torch.allclose(last[:, -1], model(ids)[:, -1], atol=1e-5)
+        (torch.Size([1, 1, 396]), True)
     """
     if "unembed.hook_in" not in model.hook_dict:
         return []

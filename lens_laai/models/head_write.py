@@ -38,13 +38,25 @@ def _real(module: Any) -> Any:
 
 
 def post_attention_norm(model: TransformerBridge, layer: int) -> Any | None:
-    """The norm a block applies to its attention output before the residual add (Gemma 2/3), or ``None``."""
+    """The norm a block applies to its attention output before the residual add (Gemma 2/3), or ``None``.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_model_for
+        >>> post_attention_norm(tiny_model(), 1) is None, type(post_attention_norm(tiny_model_for("gemma2"), 1)).__name__
+        (True, 'Gemma2RMSNorm')
+    """
     post = getattr(model.blocks[layer], "ln1_post", None)
     return None if post is None else _real(post)
 
 
 def is_linear_write(model: TransformerBridge, layer: int) -> bool:
-    """Whether block ``layer`` adds ``z @ W_O`` (+ bias) to the residual stream, so ``Δ_h · W_O`` is exact."""
+    """Whether block ``layer`` adds ``z @ W_O`` (+ bias) to the residual stream, so ``Δ_h · W_O`` is exact.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_model_for
+        >>> is_linear_write(tiny_model(), 1), is_linear_write(tiny_model_for("gemma2"), 1)
+        (True, False)
+    """
     return post_attention_norm(model, layer) is None
 
 
@@ -55,6 +67,15 @@ def attention_write(
 
     Runs the block's own output projection (bias included) and post-attention norm, if any, on
     ``z`` (any leading shape); float32 in, the model's dtype inside, float32 out.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> z = torch.randn(2, 4, 16)
+        >>> by_hand = torch.einsum("bhd,hdm->bm", z, model.blocks[1].attn.W_O)  # Llama: no bias, no norm after
+        >>> attention_write(model, 1, z).shape, torch.allclose(attention_write(model, 1, z), by_hand, atol=1e-5)
+        (torch.Size([2, 64]), True)
     """
     out_proj = _real(model.blocks[layer].attn.o)
     weight = next(out_proj.parameters())
@@ -77,6 +98,15 @@ def head_writes(
     ``share`` defaults to ``z`` itself (each head's whole output, as Function Vectors reads it);
     pass ``Δ`` with ``z`` the intervened activation for what each Δ_h adds on top of the rest.
     On a linear path this is exactly ``share_h @ W_O[layer, h]``.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model_for
+        >>> model = tiny_model_for("gemma2")  # a post-attention norm: the heads' writes do not simply add up
+        >>> z = torch.randn(3, 4, 16)
+        >>> writes = head_writes(model, 1, z)
+        >>> writes.shape, torch.allclose(writes.sum(-2), attention_write(model, 1, z), atol=1e-4)
+        (torch.Size([3, 4, 64]), False)
     """
     share = z if share is None else share.to(z)
     n_heads = z.shape[-2]
@@ -96,6 +126,15 @@ def write_of_delta(
 
     On a linear path ``z`` is not needed (the answer is ``Σ_h Δ_h · W_O[layer, h]``); with a
     post-attention norm it is (the model's own ``hook_z`` at the rows to read, without Δ).
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> delta = torch.zeros(4, 16)
+        >>> delta[2] = 1.0  # head 2 only
+        >>> torch.allclose(write_of_delta(model, 1, delta), delta[2] @ model.blocks[1].attn.W_O[2], atol=1e-5)
+        True
     """
     if z is None:
         if not is_linear_write(model, layer):

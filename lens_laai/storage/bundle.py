@@ -38,7 +38,14 @@ READ_ATTEMPTS = 50
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step (temp file, fsync, rename, directory fsync)."""
+    """Replace ``path`` with ``data`` in one step (temp file, fsync, rename, directory fsync).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "new" / "blob.bin"  # missing folders are created
+        >>> atomic_write_bytes(path, b"abc"), path.read_bytes(), os.listdir(path.parent)  # and no temporary file left
+        (None, b'abc', ['blob.bin'])
+    """
     path = Path(path)
     with _save_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +58,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
     Example:
         >>> import pathlib, tempfile
-        >>> from lens_laai.storage.bundle import atomic_write_text
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
         >>> atomic_write_text(path, "written in one step")
         >>> path.read_text()
@@ -65,7 +71,6 @@ def sha256_file(path: Path) -> str:
 
     Example:
         >>> import pathlib, tempfile
-        >>> from lens_laai.storage.bundle import sha256_file
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
         >>> _ = path.write_text("abc")
         >>> sha256_file(path)[:16]
@@ -80,7 +85,6 @@ def is_save(path: str | os.PathLike) -> bool:
     Example:
         >>> import tempfile
         >>> from lens_laai import HeadIntervention
-        >>> from lens_laai.storage.bundle import is_save
         >>> from lens_laai.testing import tiny_model
         >>> folder = tempfile.mkdtemp()
         >>> path = HeadIntervention.zeros(tiny_model(), 1).save(folder + "/iv")
@@ -96,6 +100,12 @@ def check_save_path(path: str | os.PathLike, *, force: bool = False) -> Path:
     Allowed: a missing path, an empty directory, one of our saves and (with ``force``) a foreign
     directory without a manifest.json. Files and other foreign directories are refused, so that a
     wrong path cannot destroy someone's data.
+
+    Example:
+        >>> import tempfile
+        >>> check_save_path(tempfile.NamedTemporaryFile(delete=False).name)  # someone's file
+        Traceback (most recent call last):
+        lens_laai.errors.SaveError: ... is not a lens_laai save; refusing to overwrite it. Choose a new path.
     """
     with _save_errors(Path(path)):
         target = Path(path).expanduser().resolve()
@@ -147,6 +157,12 @@ def save_bundle(
     its manifest switched last, so a crash at any point leaves the old or the new save loadable.
     Concurrent saves to one path take turns (:func:`lens_laai.storage.lock.save_lock`), so the
     last one to finish is the save, whole.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.ones(2)}, {"format": "lens_laai.x"}, "w")
+        >>> sorted(os.listdir(path))  # the manifest and one tensor file, named by its checksum
+        ['manifest.json', 'w...safetensors']
     """
     from safetensors.torch import save
 
@@ -171,10 +187,7 @@ def save_bundle(
 
 
 def load_bundle(
-    path: str | os.PathLike,
-    fmt: str,
-    tensor_stem: str,
-    check: Callable[[dict[str, Any], str], Any] | None = None,
+    path: str | os.PathLike, fmt: str, tensor_stem: str, check: Callable[[dict[str, Any], str], Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a save of format ``fmt`` (layout v1 or v2): its tensors (safetensors, never pickle) and manifest.
 
@@ -184,6 +197,13 @@ def load_bundle(
     The tensors are those of the manifest read: when a concurrent save replaces the manifest
     meanwhile, the read starts again. Anything unreadable raises :class:`InterventionError` naming
     the file and the problem.
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = save_bundle(tempfile.mkdtemp() + "/b", {"w": torch.arange(3.0)}, {"format": "lens_laai.x"}, "w")
+        >>> tensors, manifest = load_bundle(path, "lens_laai.x", "w")
+        >>> tensors["w"], manifest["format_version"]
+        (tensor([0., 1., 2.]), 2)
     """
     root = Path(path)
     for attempt in range(READ_ATTEMPTS):

@@ -50,6 +50,21 @@ def read_regular_file(
     (the size a manifest records) must match exactly; ``max_bytes`` caps it otherwise. A file the
     user names directly (a task file) may be a link to a regular file (``follow_symlinks``); a file
     inside a save may not.
+
+    Example:
+        >>> import os, pathlib, tempfile
+        >>> from lens_laai.errors import TaskError
+        >>> from lens_laai.storage.safe_read import read_regular_file
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "task.json").write_text("[]")
+        >>> read_regular_file(folder / "task.json", TaskError)
+        b'[]'
+        >>> os.symlink(folder / "task.json", folder / "link.json")
+        >>> try:
+        ...     read_regular_file(folder / "link.json", TaskError)
+        ... except TaskError as err:
+        ...     print(str(err).split(";")[0].endswith("is a symbolic link"))
+        True
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     if not follow_symlinks:
@@ -92,7 +107,19 @@ def read_regular_file(
 
 
 def loads_json(data: bytes | str, where: str, error: type[LensLaaiError], *, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse UTF-8 JSON with limits: nesting ≤ ``max_depth``, numbers ≤ 400 characters, finite, no lone surrogates."""
+    """Parse UTF-8 JSON with limits: nesting ≤ ``max_depth``, numbers ≤ 400 characters, finite, no lone surrogates.
+
+    Example:
+        >>> from lens_laai.errors import TaskError
+        >>> from lens_laai.storage.safe_read import loads_json
+        >>> loads_json('{"pairs": [["hot", "cold"]]}', "task.json", TaskError)
+        {'pairs': [['hot', 'cold']]}
+        >>> try:
+        ...     loads_json("[NaN]", "task.json", TaskError)
+        ... except TaskError as err:
+        ...     print(err)
+        task.json: not valid JSON (NaN is not a JSON number).
+    """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     if len(raw) > MAX_JSON_BYTES:
         raise error(f"{where}: {len(raw)} bytes of JSON is more than lens_laai reads ({MAX_JSON_BYTES}).")
@@ -114,7 +141,13 @@ def loads_json(data: bytes | str, where: str, error: type[LensLaaiError], *, max
 
 
 def json_depth(raw: bytes) -> int:
-    """The deepest nesting of ``[`` / ``{`` in JSON text (brackets inside strings do not count)."""
+    """The deepest nesting of ``[`` / ``{`` in JSON text (brackets inside strings do not count).
+
+    Example:
+        >>> from lens_laai.storage.safe_read import json_depth
+        >>> json_depth(b'{"a": [[1], "[[[not counted]]]"]}')
+        3
+    """
     depth = best = 0
     for match in _BRACKETS.finditer(_STRING.sub(b"", raw)):
         depth += 1 if match[0] in b"[{" else -1

@@ -43,7 +43,14 @@ class _Open(BaseModel):
 
 
 class Fingerprint(_Open):
-    """Shapes of the model an intervention was made for, plus a weights digest (compared, not read)."""
+    """Shapes of the model an intervention was made for, plus a weights digest (compared, not read).
+
+    Example:
+        >>> from lens_laai.models.bridge import model_fingerprint
+        >>> from lens_laai.testing import tiny_model
+        >>> print(Fingerprint.model_validate(model_fingerprint(tiny_model())).n_layers)
+        3
+    """
 
     n_layers: Size
     n_heads: Size
@@ -54,7 +61,17 @@ class Fingerprint(_Open):
 
 
 class DataRecordJSON(_Strict):
-    """:class:`lens_laai.tasks.provenance.DataRecord` as saved: what one task fit saw."""
+    """:class:`lens_laai.tasks.provenance.DataRecord` as saved: what one task fit saw.
+
+    Example:
+        >>> from lens_laai.tasks.provenance import DataRecord
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tiny_task()
+        >>> record = DataRecord.of(task.split(0, 8, 4), task).to_json()
+        >>> saved = DataRecordJSON.model_validate(record)
+        >>> saved.n_train, saved.n_valid, len(saved.seen)
+        (8, 4, 12)
+    """
 
     task: str
     task_hash: Hash | None
@@ -70,7 +87,14 @@ class DataRecordJSON(_Strict):
 
 
 class SurveyRecordJSON(_Open):
-    """The survey, group and question split of an opinion fit (:func:`lens_laai.opinions.fit.opinion_metadata`)."""
+    """The survey, group and question split of an opinion fit (:func:`lens_laai.opinions.fit.opinion_metadata`).
+
+    Example:
+        >>> record = SurveyRecordJSON.model_validate({"name": "gss", "hash": "ab12", "group": "age 18-29", "seed": 0,
+        ...                                           "train": ["q1", "q2"], "valid": ["q3"], "test": ["q4"]})
+        >>> record.group, record.train
+        ('age 18-29', ['q1', 'q2'])
+    """
 
     name: str
     hash: Hash
@@ -90,7 +114,18 @@ def _fields(text: str) -> set[str]:
 
 
 class TemplateJSON(_Strict):
-    """:class:`lens_laai.tasks.prompts.PromptTemplate` as saved."""
+    """:class:`lens_laai.tasks.prompts.PromptTemplate` as saved.
+
+    Example:
+        >>> TemplateJSON().query
+        'Q: {input}\\nA:'
+        >>> from pydantic import ValidationError
+        >>> try:
+        ...     TemplateJSON(query="Q: {question}\\nA:")
+        ... except ValidationError as err:
+        ...     print(err.errors()[0]["msg"])
+        Value error, must contain {input} and no placeholders but ['input'], got ['question']
+    """
 
     query: str = "Q: {input}\nA:"
     demo: str = "Q: {input}\nA: {output}"
@@ -116,7 +151,12 @@ class TemplateJSON(_Strict):
 
 
 class OpinionPromptJSON(_Strict):
-    """:class:`lens_laai.opinions.prompts.OpinionPrompt` as saved."""
+    """:class:`lens_laai.opinions.prompts.OpinionPrompt` as saved.
+
+    Example:
+        >>> OpinionPromptJSON.model_validate({"persona": "Answer as a person aged 18-29."}).persona
+        'Answer as a person aged 18-29.'
+    """
 
     query: str | None = None
     option: str | None = None
@@ -143,7 +183,13 @@ class ModeJSON(_Strict):
 
 
 class Metadata(_Open):
-    """The keys of ``metadata`` that lens_laai reads; anything else is the user's and kept as is."""
+    """The keys of ``metadata`` that lens_laai reads; anything else is the user's and kept as is.
+
+    Example:
+        >>> meta = Metadata.model_validate({"name": "antonym", "my_note": "kept as is"})
+        >>> meta.name, meta.model_extra
+        ('antonym', {'my_note': 'kept as is'})
+    """
 
     name: str | None = None
     data: list[DataRecordJSON] | None = None
@@ -155,7 +201,16 @@ class Metadata(_Open):
 
 
 class ManifestBase(_Open):
-    """What every save holds."""
+    """What every save holds.
+
+    Example:
+        >>> from pydantic import ValidationError
+        >>> try:  # strict: a string is not a version number
+        ...     ManifestBase.model_validate({"format": "x", "format_version": "2"})
+        ... except ValidationError as err:
+        ...     print(err.errors()[0]["loc"], err.error_count())
+        ('format_version',) 5
+    """
 
     format: str
     format_version: Literal[1, 2]
@@ -171,18 +226,56 @@ class ManifestBase(_Open):
 
 
 class HeadManifest(ManifestBase):
+    """The manifest of a :class:`lens_laai.HeadIntervention` save.
+
+    Example:
+        >>> import json, tempfile
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.testing import tiny_model
+        >>> path = HeadIntervention.zeros(tiny_model(), 1).save(tempfile.mkdtemp() + "/iv")
+        >>> manifest = HeadManifest.model_validate(json.loads((path / "manifest.json").read_text()))
+        >>> manifest.format, manifest.fingerprint.n_heads, manifest.positions
+        ('lens_laai.HeadIntervention', 4, 'last')
+    """
+
     format: Literal["lens_laai.HeadIntervention"]
     hook_names: dict[str, str] | None = None
     selected_heads: list[list[int]] | None = None
 
 
 class ResidualManifest(ManifestBase):
+    """The manifest of a :class:`lens_laai.baselines.ResidualIntervention` save (a function vector).
+
+    Example:
+        >>> import json, tempfile, torch
+        >>> from lens_laai.baselines import ResidualIntervention
+        >>> from lens_laai.models.bridge import model_fingerprint, model_name
+        >>> from lens_laai.testing import tiny_model
+        >>> model = tiny_model()
+        >>> iv = ResidualIntervention(torch.ones(model.cfg.d_model), 2, model_name(model), model_fingerprint(model))
+        >>> path = iv.save(tempfile.mkdtemp() + "/fv")
+        >>> ResidualManifest.model_validate(json.loads((path / "manifest.json").read_text())).layer
+        2
+    """
+
     format: Literal["lens_laai.ResidualIntervention"]
     layer: Count
     hook_name: str | None = None
 
 
 class AblationManifest(ManifestBase):
+    """The manifest of a :class:`lens_laai.HeadAblation` save: which heads, how they are ablated.
+
+    Example:
+        >>> import json, tempfile
+        >>> from lens_laai import HeadAblation
+        >>> from lens_laai.testing import tiny_model
+        >>> path = HeadAblation.zero(tiny_model(), [(1, 2), (2, 0)]).save(tempfile.mkdtemp() + "/abl")
+        >>> manifest = AblationManifest.model_validate(json.loads((path / "manifest.json").read_text()))
+        >>> manifest.heads, manifest.kind
+        ([[1, 2], [2, 0]], 'zero')
+    """
+
     format: Literal["lens_laai.HeadAblation"]
     heads: Annotated[list[Annotated[list[Count], Field(min_length=2, max_length=2)]], Field(min_length=1)]
     kind: Literal["zero", "mean", "resample"]
@@ -196,7 +289,20 @@ MANIFESTS: dict[str, type[ManifestBase]] = {
 
 
 def validate_manifest(manifest: Any, where: str) -> ManifestBase:
-    """Check a parsed manifest against its format's schema; :class:`InterventionError` lists what is wrong."""
+    """Check a parsed manifest against its format's schema; :class:`InterventionError` lists what is wrong.
+
+    Example:
+        >>> import json, tempfile
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.testing import tiny_model
+        >>> path = HeadIntervention.zeros(tiny_model(), 1).save(tempfile.mkdtemp() + "/iv")
+        >>> type(validate_manifest(json.loads((path / "manifest.json").read_text()), "iv")).__name__
+        'HeadManifest'
+        >>> validate_manifest({"format": "pickle"}, "iv/manifest.json")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.InterventionError: iv/manifest.json does not name a save format lens_laai knows (lens_laai.HeadIntervention, lens_laai.ResidualIntervention, lens_laai.HeadAblation).
+    """
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     model = MANIFESTS.get(fmt) if isinstance(fmt, str) else None
     if model is None:
@@ -212,7 +318,16 @@ def validate_manifest(manifest: Any, where: str) -> ManifestBase:
 
 
 def describe(err: ValidationError, limit: int = 3) -> str:
-    """A short, readable list of a pydantic error's problems: ``location: message (got value)``."""
+    """A short, readable list of a pydantic error's problems: ``location: message (got value)``.
+
+    Example:
+        >>> from pydantic import ValidationError
+        >>> try:
+        ...     Fingerprint.model_validate({"n_layers": 0, "n_heads": 4, "d_head": 16, "d_model": 64, "d_vocab": 100})
+        ... except ValidationError as err:
+        ...     print(describe(err))
+        n_layers: Input should be greater than or equal to 1 (got 0)
+    """
     parts = []
     for item in err.errors(include_url=False)[:limit]:
         where = ".".join(str(p) for p in item["loc"]) or "the manifest"
@@ -224,8 +339,26 @@ def describe(err: ValidationError, limit: int = 3) -> str:
 
 
 def manifest_json_schema() -> dict[str, Any]:
-    """The published JSON Schema of all three manifest formats (``lens_laai/data/manifest.schema.json``)."""
+    """The published JSON Schema of all three manifest formats (``lens_laai/data/manifest.schema.json``).
+
+    Example:
+        >>> schema = manifest_json_schema()
+        >>> sorted(schema["$defs"])[:3], len(schema["anyOf"])
+        (['AblationManifest', 'DataRecordJSON', 'Fingerprint'], 3)
+    """
     from pydantic import TypeAdapter
 
     union = TypeAdapter(HeadManifest | ResidualManifest | AblationManifest)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **union.json_schema()}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_without_examples(union.json_schema())}
+
+
+def _without_examples(node: Any) -> Any:
+    """The schema with each docstring-derived ``description`` cut before its ``Example:`` section."""
+    if isinstance(node, dict):
+        return {
+            k: v.split("\n\nExample:")[0].strip() if k == "description" and isinstance(v, str) else _without_examples(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_without_examples(v) for v in node]
+    return node

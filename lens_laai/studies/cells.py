@@ -38,7 +38,14 @@ SPLIT_KEYS = {"model", "task", "seed", "n", "n_valid", "n_test"}
 
 
 class CellContext:
-    """What a worker keeps between cells: one loaded model, and a cache a kind may use for itself."""
+    """What a worker keeps between cells: one loaded model, and a cache a kind may use for itself.
+
+    Example:
+        >>> ctx = CellContext()
+        >>> model = ctx.model("lens-laai-tiny")
+        >>> ctx.model("lens-laai-tiny") is model, ctx.loaded  # loaded once, kept for the next cell
+        (True, 'lens-laai-tiny')
+    """
 
     def __init__(self, device: str | None = None, dtype: str | None = None) -> None:
         self.device, self.dtype = device, dtype
@@ -62,7 +69,17 @@ class CellContext:
 
 
 def resolve_kind(name: str) -> CellKind:
-    """A built-in kind by name, or ``"module:function"`` imported."""
+    """A built-in kind by name, or ``"module:function"`` imported.
+
+    Example:
+        >>> resolve_kind("fit") is fit_cell, resolve_kind("json:dumps").__name__
+        (True, 'dumps')
+        >>> try:
+        ...     resolve_kind("fitt")
+        ... except StudyError as err:
+        ...     print(str(err).split(":")[0])
+        Unknown cell kind 'fitt'
+    """
     if name in KINDS:
         return KINDS[name]
     if ":" not in name:
@@ -80,7 +97,16 @@ def resolve_kind(name: str) -> CellKind:
 
 
 def check_settings(kind: str, config: dict[str, Any]) -> None:
-    """Refuse settings a built-in kind would not use (a typo would otherwise change nothing, silently)."""
+    """Refuse settings a built-in kind would not use (a typo would otherwise change nothing, silently).
+
+    Example:
+        >>> check_settings("fit", {"model": "lens-laai-tiny", "layer": 1, "steps": 3})
+        >>> try:  # a typo would otherwise change nothing, silently
+        ...     check_settings("fit", {"model": "lens-laai-tiny", "stpes": 3})
+        ... except StudyError as err:
+        ...     print(str(err).split(";")[0])
+        Cell kind 'fit' has no settings ['stpes']
+    """
     allowed = ALLOWED.get(kind)
     if allowed is None:
         return
@@ -117,7 +143,17 @@ FIT_SKIP = {"model", "task", "n_train", "n_valid", "n_test", "seed", "progress"}
 
 
 def fit_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
-    """``fit`` on the cell's split, scored on its test pairs."""
+    """``fit`` on the cell's split, scored on its test pairs.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> row = fit_cell(CellContext(), {"model": "lens-laai-tiny", "task": task, "n": 8, "layer": 1, "steps": 3})
+        >>> row["fitted_layer"], row["labelled_pairs"], 0 <= row["accuracy"] <= 1, 1 <= row["n_heads"] <= 4
+        (1, 8, True, True)
+    """
     from lens_laai.evaluation.evaluate import evaluate
     from lens_laai.fitting.fit import fit
 
@@ -148,7 +184,20 @@ ANALYSIS_KEYS = {"analysis_layers", "methods", "n_prompts", "analysis_shots", "p
 
 
 def analyse_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
-    """A fit, then the head table over ``analysis_layers`` (default: the fitted layer)."""
+    """A fit, then the head table over ``analysis_layers`` (default: the fitted layer).
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> config = {"model": "lens-laai-tiny", "task": task, "n": 8, "layer": 1, "steps": 3, "methods": ["ablation"]}
+        >>> row = analyse_cell(CellContext(), config)
+        >>> sorted(k for k in row if k.endswith("_rho_selected"))
+        ['mean_logprob_drop_rho_selected', 'zero_logprob_drop_rho_selected']
+        >>> row["forward_equivalents"] == row["fit_forward_equivalents"] + 16 + row["analysis_forward_equivalents"]
+        True
+    """
     from lens_laai.analysis.head_table import head_table
 
     fitted = fit_cell(ctx, {k: v for k, v in config.items() if k not in ANALYSIS_KEYS})
@@ -180,7 +229,17 @@ def analyse_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
-    """``shots``-shot prompting, demonstrations drawn from the cell's ``n`` training pairs."""
+    """``shots``-shot prompting, demonstrations drawn from the cell's ``n`` training pairs.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> row = evaluate_cell(CellContext(), {"model": "lens-laai-tiny", "task": task, "n": 8, "shots": 2})
+        >>> sorted(row), row["labelled_pairs"]
+        (['accuracy', 'forward_equivalents', 'labelled_pairs'], 8)
+    """
     from lens_laai.baselines.prompting import prompting_cost
     from lens_laai.evaluation.evaluate import evaluate
 
@@ -194,7 +253,18 @@ def evaluate_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def baseline_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
-    """Function Vectors or mean difference, their choices made on the cell's split, scored on test."""
+    """Function Vectors or mean difference, their choices made on the cell's split, scored on test.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> config = {"model": "lens-laai-tiny", "task": task, "n": 8, "layer": 1, "shots": 3}
+        >>> row = baseline_cell(CellContext(), {**config, "method": "mean-difference"})
+        >>> row["fitted_layer"], row["alpha"] > 0, row["forward_equivalents"] > row["fit_forward_equivalents"]
+        (1, True, True)
+    """
     from lens_laai.baselines import fit_function_vector, fit_mean_difference
     from lens_laai.evaluation.evaluate import evaluate
 
@@ -220,7 +290,14 @@ OPINION_SPLIT = {"model", "survey", "group", "seed", "n_train", "n_valid", "n_te
 
 
 def opinion_cell(ctx: CellContext, config: dict[str, Any]) -> dict[str, Any]:
-    """``fit_opinion`` for one group on one question split, scored on the held-out questions."""
+    """``fit_opinion`` for one group on one question split, scored on the held-out questions.
+
+    Example:
+        >>> config = {"model": "lens-laai-tiny", "group": "SEX=Female", "layer": 1, "steps": 2}
+        >>> row = opinion_cell(CellContext(), {**config, "n_train": 4, "n_valid": 1, "n_test": 4})
+        >>> row["n_questions"], row["fitted_layer"], 0 <= row["tv"] <= 1, row["labelled_pairs"]
+        (4.0, 1, True, 5)
+    """
     from lens_laai.opinions.evaluate import evaluate_opinion
     from lens_laai.opinions.fit import fit_opinion
     from lens_laai.opinions.loading import load_survey

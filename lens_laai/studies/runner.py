@@ -34,7 +34,21 @@ LOCAL_RAY_CONFIG = {"worker_niceness": 0}
 
 
 class CellRunner:
-    """Runs cells one after another in one process (a Ray actor wraps one of these per device)."""
+    """Runs cells one after another in one process (a Ray actor wraps one of these per device).
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
+        >>> runner = CellRunner(study)
+        >>> row = runner.run(study.cells()[1])
+        >>> row["status"], row["shots"], 0 <= row["accuracy"] <= 1, row["attempt"]
+        ('ok', 2, True, 1)
+    """
 
     def __init__(
         self,
@@ -92,7 +106,24 @@ class CellRunner:
 
 
 def pending(study: Study, out: str | os.PathLike) -> tuple[list[Cell], int]:
-    """The cells still to run (grouped by model, so a worker rarely reloads) and how many are done."""
+    """The cells still to run (grouped by model, so a worker rarely reloads) and how many are done.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
+        >>> out = tempfile.mkdtemp()
+        >>> todo, done = pending(study, out)
+        >>> len(todo), done
+        (2, 0)
+        >>> _ = run_study(study, out, progress=False)
+        >>> pending(study, out)
+        ([], 2)
+    """
     cells = study.cells()
     for cell in cells:
         check_settings(cell.kind, cell.config)
@@ -131,6 +162,20 @@ def run_study(
         on_worker_start: called with the list of actor handles once they are up (tests use it).
         context: for ``workers=0``: a :class:`CellContext` to run in, e.g. one holding a model you
             have loaded (``ctx = CellContext(); ctx.model("smollm2-135m")``), so it is not loaded again.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Study
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tempfile.mkdtemp() + "/tiny.json"
+        >>> tiny_task().to_json(task)
+        >>> fixed = {"model": "lens-laai-tiny", "task": task, "n": 8}
+        >>> study = Study("demo", "evaluate", axes={"shots": [0, 2]}, fixed=fixed)
+        >>> table = run_study(study, tempfile.mkdtemp(), progress=False)
+        >>> table[["shots", "status", "labelled_pairs"]].sort_values("shots").values.tolist()
+        [[0, 'ok', 0], [2, 'ok', 8]]
+        >>> bool(table.accuracy.between(0, 1).all()), bool((table.forward_equivalents > 0).all())
+        (True, True)
     """
     todo, done = pending(study, out)  # checks every cell's settings before anything is written
     store = ResultStore(out)
@@ -233,11 +278,28 @@ def _record_study(study: Study, root: Path) -> None:
 
     path = root / "study.json"
     record = study.to_dict()
-    if path.exists():
-        old = json.loads(path.read_text())
+    if os.path.lexists(path):
+        old = _read_record(path)
         if old.get("kind") != record["kind"]:
             raise StudyError(
                 f"{root} holds results of a study of kind {old.get('kind')!r}; this one is {record['kind']!r}. "
                 "Use another --out folder."
             )
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The study record a run left in its output folder, or a :class:`StudyError` naming the file and the fix."""
+    from lens_laai.storage.safe_read import loads_json, read_regular_file
+
+    fix = (
+        f"If the results in {path.parent} are this study's, delete {path.name} there and run again "
+        "(finished cells are kept); otherwise use another --out folder."
+    )
+    try:
+        old = loads_json(read_regular_file(path, StudyError), f"Study record {path}", StudyError)
+    except StudyError as err:
+        raise StudyError(f"{err} {fix}") from None
+    if not isinstance(old, dict):
+        raise StudyError(f"Study record {path}: expected a JSON object, found {type(old).__name__}. {fix}")
+    return old

@@ -46,12 +46,26 @@ else:  # Python 3.10
 
 
 class StudyError(LensLaaiError):
-    """A study that cannot run as declared (bad file, unknown kind, empty axis...)."""
+    """A study that cannot run as declared (bad file, unknown kind, empty axis...).
+
+    Example:
+        >>> try:
+        ...     Study("bad", "fit", axes={"seed": []})
+        ... except StudyError as err:
+        ...     print(err)
+        Study 'bad': axis 'seed' must be a non-empty list of values, got [].
+    """
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of the grid: the cell kind to run and its full config."""
+    """One point of the grid: the cell kind to run and its full config.
+
+    Example:
+        >>> cell = Cell("fit", {"model": "lens-laai-tiny", "layer": 1}, ("layer",))
+        >>> cell.model, len(cell.key), cell.key == Cell("fit", {"layer": 1, "model": "lens-laai-tiny"}).key
+        ('lens-laai-tiny', 16, True)
+    """
 
     kind: str
     config: dict[str, Any]
@@ -73,6 +87,13 @@ class Study:
 
     ``paths``: folders put on ``sys.path`` in every worker before the kind is imported (for a
     ``"module:function"`` kind that lives outside an installed package, e.g. ``benchmarks/``).
+
+    Example:
+        >>> study = Study("layers", "fit", axes={"layer": [0, 1, 2]}, fixed={"model": "lens-laai-tiny", "steps": 3})
+        >>> [cell.config for cell in study.cells()][-1]
+        {'model': 'lens-laai-tiny', 'steps': 3, 'layer': 2}
+        >>> study.to_dict()["axes"]
+        {'layer': [0, 1, 2]}
     """
 
     name: str
@@ -124,6 +145,16 @@ def load_study(path: str | os.PathLike) -> Study:
     """Read a study from a TOML file (keys ``name``, ``kind``, ``[axes]``, ``[fixed]``, ``paths``).
 
     Relative ``paths`` are taken from the file's folder.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grid.toml"
+        >>> _ = path.write_text('kind = "fit"\\n[fixed]\\nmodel = "lens-laai-tiny"\\n[axes]\\nseed = [0, 1]\\n')
+        >>> with path.open("a") as f:
+        ...     _ = f.write("layer = [1, 2]\\n")
+        >>> study = load_study(path)
+        >>> study.name, len(study.cells()), study.cells()[1].config
+        ('grid', 4, {'model': 'lens-laai-tiny', 'seed': 0, 'layer': 2})
     """
     path = Path(path)
     if not path.is_file():
@@ -150,7 +181,12 @@ def load_study(path: str | os.PathLike) -> Study:
 
 
 def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no spaces: the same config always gives the same text."""
+    """JSON with sorted keys and no spaces: the same config always gives the same text.
+
+    Example:
+        >>> canonical_json({"b": [1, 2.5], "a": "x"})
+        '{"a":"x","b":[1,2.5]}'
+    """
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
     except TypeError as err:
@@ -158,4 +194,12 @@ def canonical_json(value: Any) -> str:
 
 
 def config_hash(kind: str, config: Mapping[str, Any]) -> str:
+    """16 hex digits of SHA-256 over ``kind`` and the canonical JSON of ``config``: a cell's name in the results.
+
+    Example:
+        >>> config_hash("fit", {"a": 1, "b": 2}) == config_hash("fit", {"b": 2, "a": 1}), config_hash("fit", {"a": 1})
+        (True, '...')
+        >>> config_hash("fit", {"a": 1}) != config_hash("evaluate", {"a": 1})  # the kind is part of the hash
+        True
+    """
     return hashlib.sha256(canonical_json({"kind": kind, "config": dict(config)}).encode()).hexdigest()[:16]

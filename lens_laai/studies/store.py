@@ -30,7 +30,17 @@ RUN_COLUMNS = ("worker", "attempt", "seconds", "finished_at")  # how a row was m
 
 
 class ResultStore:
-    """The ``cells/`` folder of a study's output directory."""
+    """The ``cells/`` folder of a study's output directory.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Cell
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> cell = Cell("evaluate", {"model": "lens-laai-tiny", "shots": 2}, ("shots",))
+        >>> path = store.write(make_row("demo", cell, "ok", {"accuracy": 0.5}, None))
+        >>> path.name == f"{cell.key}.parquet", store.finished() == {cell.key: "ok"}
+        (True, True)
+    """
 
     def __init__(self, out: str | os.PathLike) -> None:
         self.root = Path(out)
@@ -59,8 +69,18 @@ class ResultStore:
 def make_row(
     study: str, cell: Cell, status: str, result: Mapping[str, Any] | None, error: str | None, **run: Any
 ) -> dict[str, Any]:
-    """A row: identity, axis values, metrics, cost, config. Axis values that are lists or tables become JSON text;
-    a metric whose name is also a setting or a column of its own (``seconds``...) gets the prefix ``result_``."""
+    """A row: identity, axis values, metrics, cost, config.
+
+    Axis values that are lists or tables become JSON text; a metric whose name is also a setting or
+    a column of its own (``seconds``...) gets the prefix ``result_``.
+
+    Example:
+        >>> from lens_laai.studies.spec import Cell
+        >>> cell = Cell("evaluate", {"model": "lens-laai-tiny", "shots": 2}, ("shots",))
+        >>> row = make_row("demo", cell, "ok", {"accuracy": 0.5, "shots": 9, "labelled_pairs": 2}, None, seconds=1.5)
+        >>> {k: row[k] for k in ("status", "shots", "accuracy", "result_shots", "labelled_pairs", "seconds")}
+        {'status': 'ok', 'shots': 2, 'accuracy': 0.5, 'result_shots': 9, 'labelled_pairs': 2, 'seconds': 1.5}
+    """
     row: dict[str, Any] = {"cell": cell.key, "study": study, "kind": cell.kind, "status": status, "error": error}
     for axis in cell.axes:
         value = cell.config[axis]
@@ -80,6 +100,17 @@ def read_results(out: str | os.PathLike) -> pd.DataFrame:
 
     Files are read with their schemas unified by name, so rows of failed cells (no metric columns)
     and of different kinds sit in one table; sorted by cell key.
+
+    Example:
+        >>> import tempfile
+        >>> from lens_laai.studies.spec import Cell
+        >>> out = tempfile.mkdtemp()
+        >>> for shots in (0, 2):
+        ...     cell = Cell("evaluate", {"model": "lens-laai-tiny", "shots": shots}, ("shots",))
+        ...     _ = ResultStore(out).write(make_row("demo", cell, "ok", {"accuracy": shots / 4}, None))
+        >>> table = read_results(out)
+        >>> sorted(zip(table.shots, table.accuracy)), list(table.columns[:4])
+        ([(0, 0.0), (2, 0.5)], ['cell', 'study', 'kind', 'status'])
     """
     root = Path(out)
     folder = root / "cells" if (root / "cells").is_dir() else root
