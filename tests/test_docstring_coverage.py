@@ -36,8 +36,6 @@ lens_laai.baselines.mean_difference.fit_mean_difference
 lens_laai.baselines.mean_difference.head_scores
 lens_laai.baselines.mean_difference.top_k_mask
 lens_laai.baselines.prompting.prompting_cost
-lens_laai.evaluation.evaluate.resolve_template
-lens_laai.evaluation.evaluate.select_split
 lens_laai.fastpath.blocks.BlockCall
 lens_laai.fastpath.blocks.BlockReplayModel
 lens_laai.fastpath.blocks.ReplayUnsupported
@@ -48,7 +46,6 @@ lens_laai.fastpath.blocks.record_block_calls
 lens_laai.fastpath.blocks.recording_problems
 lens_laai.fastpath.blocks.replay_logits
 lens_laai.fastpath.blocks.soft_cap
-lens_laai.fastpath.cost.CostMeter
 lens_laai.fastpath.kernels.BlockInputs
 lens_laai.fastpath.kernels.KernelUnsupported
 lens_laai.fastpath.kernels.LlamaLastToken
@@ -105,7 +102,6 @@ lens_laai.fitting.solver.prox_sparse_group_lasso
 lens_laai.fitting.stability.Stability
 lens_laai.fitting.stability.complementary_pairs
 lens_laai.fitting.stability.stability
-lens_laai.interventions.head.delta_hook
 lens_laai.models.bridge.last_position_hooks
 lens_laai.models.head_write.attention_write
 lens_laai.models.head_write.head_writes
@@ -158,9 +154,6 @@ lens_laai.studies.spec.load_study
 lens_laai.studies.store.ResultStore
 lens_laai.studies.store.make_row
 lens_laai.studies.store.read_results
-lens_laai.tasks.prompts.iter_batches
-lens_laai.tasks.prompts.make_batch
-lens_laai.tasks.prompts.pad_id
 """
 WITHOUT_EXAMPLE = set(LISTED.split())
 
