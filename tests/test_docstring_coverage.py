@@ -63,14 +63,6 @@ lens_laai.fastpath.runner.LayerRunner
 lens_laai.fastpath.runner.block_device
 lens_laai.fastpath.runner.cached_runner
 lens_laai.fastpath.scoring.Scores
-lens_laai.fitting.config.FitConfig
-lens_laai.fitting.config.FitResult
-lens_laai.fitting.config.auto_layer
-lens_laai.fitting.config.default_layers
-lens_laai.fitting.config.parse_layers
-lens_laai.fitting.config.prepare_data
-lens_laai.fitting.fit.fit
-lens_laai.fitting.fit.fit_path
 lens_laai.fitting.frontier.PathChoice
 lens_laai.fitting.frontier.choose_on_path
 lens_laai.fitting.frontier.frontier
@@ -84,7 +76,6 @@ lens_laai.fitting.layer_fit.objective
 lens_laai.fitting.layer_fit.sites_of
 lens_laai.fitting.layer_fit.solve_layer
 lens_laai.fitting.layer_fit.training_batches
-lens_laai.fitting.penalties.lambda_values
 lens_laai.fitting.relaxed.PathPoint
 lens_laai.fitting.relaxed.pair_scores
 lens_laai.fitting.relaxed.relaxed_path
