@@ -68,12 +68,10 @@ lens_laai.fitting.frontier.choose_on_path
 lens_laai.fitting.frontier.frontier
 lens_laai.fitting.frontier.plot_frontier
 lens_laai.fitting.layer_fit.LayerFit
-lens_laai.fitting.layer_fit.delta_hooks
 lens_laai.fitting.layer_fit.initial_delta
 lens_laai.fitting.layer_fit.lambda_max
 lens_laai.fitting.layer_fit.layer_path
 lens_laai.fitting.layer_fit.objective
-lens_laai.fitting.layer_fit.sites_of
 lens_laai.fitting.layer_fit.solve_layer
 lens_laai.fitting.layer_fit.training_batches
 lens_laai.fitting.relaxed.PathPoint
@@ -87,9 +85,6 @@ lens_laai.fitting.selection.cross_validate
 lens_laai.fitting.selection.cross_validated_path
 lens_laai.fitting.selection.pooled_cv_scores
 lens_laai.fitting.selection.score_table
-lens_laai.fitting.solver.StepRecord
-lens_laai.fitting.solver.penalty
-lens_laai.fitting.solver.prox_sparse_group_lasso
 lens_laai.fitting.stability.Stability
 lens_laai.fitting.stability.complementary_pairs
 lens_laai.fitting.stability.stability

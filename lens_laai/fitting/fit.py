@@ -162,22 +162,11 @@ def fit(
         FitError: a bad setting (before any work), or a loss that is not finite.
 
     Example (a two-point λ₂ path at layer 1 of the tiny model, chosen by 2-fold cross-validation on 8 pairs):
-        >>> from lens_laai import fit
         >>> from lens_laai.testing import tiny_model, tiny_task
-        >>> result = fit(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=2,
-        ...              relaxed_steps=1, mode="zero-shot", progress=False)
-        >>> result.layer, result.selection, result.selection_rule, result.mode.name
-        (1, 'cv', 'cv-1se-ce', 'zero-shot Δ')
-        >>> len(result.splits.train), len(result.splits.test), result.config.folds, result.intervention.layers
-        (8, 16, 2, [1])
-        >>> result.candidates.group_l1_rel.tolist(), int(result.candidates.chosen.sum())
-        ([0.5, 0.1], 1)
-        >>> result.selected_heads == result.intervention.selected_heads(), 0 <= result.cv_accuracy <= 1
-        (True, True)
-        >>> fit(tiny_model(), tiny_task(), layer=7, progress=False)
-        Traceback (most recent call last):
-        ...
-        lens_laai.errors.FitError: Layer 7 is out of range: this model has layers 0..2.
+        >>> r = fit(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=2, relaxed_steps=1,
+        ...         mode="zero-shot", progress=False)
+        >>> r.layer, r.selection, r.selection_rule, len(r.splits.train), r.candidates.group_l1_rel.tolist()
+        (1, 'cv', 'cv-1se-ce', 8, [0.5, 0.1])
     """
     lambdas, relative = lambda_spec(group_l1, group_l1_rel)
     if steps is None:
@@ -397,19 +386,11 @@ def fit_path(
     (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
 
-    Example (three relative λ₂ on 8 training pairs, scored on 4 validation pairs):
-        >>> from lens_laai.fitting.fit import fit_path
+    Example:
         >>> from lens_laai.testing import tiny_model, tiny_task
-        >>> table, ivs = fit_path(tiny_model(), tiny_task().split(0, 8, 4), 1, [0.1, 0.9, 0.5], relative=True,
-        ...                       steps=2, progress=False)
-        >>> list(table.columns)
-        ['group_l1', 'group_l1_rel', 'lambda_max', 'n_selected', 'train_accuracy', 'valid_accuracy', 'valid_ce', 'train_loss']
-        >>> table.group_l1_rel.tolist(), table.lambda_max.nunique(), len(ivs)
-        ([0.9, 0.5, 0.1], 1, 3)
-        >>> table.n_selected.tolist() == [len(iv.selected_heads()) for iv in ivs]
-        True
-        >>> bool((table.group_l1 == table.group_l1_rel * table.lambda_max).all())
-        True
+        >>> table, ivs = fit_path(tiny_model(), tiny_task().split(0, 8, 4), 1, [0.1, 0.5], relative=True, steps=2, progress=False)
+        >>> table.group_l1_rel.tolist(), table.n_selected.tolist() == [len(iv.selected_heads()) for iv in ivs]
+        ([0.5, 0.1], True)
     """
     template = template or PromptTemplate()
     lambdas = tuple(sorted(lambda_values(group_l1s), reverse=True))
