@@ -74,17 +74,6 @@ lens_laai.fitting.layer_fit.layer_path
 lens_laai.fitting.layer_fit.objective
 lens_laai.fitting.layer_fit.solve_layer
 lens_laai.fitting.layer_fit.training_batches
-lens_laai.fitting.relaxed.PathPoint
-lens_laai.fitting.relaxed.pair_scores
-lens_laai.fitting.relaxed.relaxed_path
-lens_laai.fitting.relaxed.relaxed_refit
-lens_laai.fitting.relaxed.support
-lens_laai.fitting.selection.choose
-lens_laai.fitting.selection.choose_point
-lens_laai.fitting.selection.cross_validate
-lens_laai.fitting.selection.cross_validated_path
-lens_laai.fitting.selection.pooled_cv_scores
-lens_laai.fitting.selection.score_table
 lens_laai.fitting.stability.Stability
 lens_laai.fitting.stability.complementary_pairs
 lens_laai.fitting.stability.stability
