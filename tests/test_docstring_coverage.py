@@ -63,10 +63,6 @@ lens_laai.fastpath.runner.LayerRunner
 lens_laai.fastpath.runner.block_device
 lens_laai.fastpath.runner.cached_runner
 lens_laai.fastpath.scoring.Scores
-lens_laai.fitting.frontier.PathChoice
-lens_laai.fitting.frontier.choose_on_path
-lens_laai.fitting.frontier.frontier
-lens_laai.fitting.frontier.plot_frontier
 lens_laai.fitting.layer_fit.LayerFit
 lens_laai.fitting.layer_fit.initial_delta
 lens_laai.fitting.layer_fit.lambda_max
@@ -74,9 +70,6 @@ lens_laai.fitting.layer_fit.layer_path
 lens_laai.fitting.layer_fit.objective
 lens_laai.fitting.layer_fit.solve_layer
 lens_laai.fitting.layer_fit.training_batches
-lens_laai.fitting.stability.Stability
-lens_laai.fitting.stability.complementary_pairs
-lens_laai.fitting.stability.stability
 lens_laai.models.bridge.last_position_hooks
 lens_laai.models.head_write.attention_write
 lens_laai.models.head_write.head_writes
