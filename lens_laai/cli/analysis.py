@@ -137,7 +137,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     selected heads rank. Returns the exit code.
 
     Example (a one-step fit of the tiny model, its heads scored by direct logit attribution only):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -157,6 +157,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         >>> import pandas as pd
         >>> len(pd.read_csv(table)), {"layer", "head", "selected"} <= set(pd.read_csv(table).columns)
         (12, True)
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.storage.bundle import atomic_write_text
 
@@ -179,7 +180,7 @@ def run_report(args: argparse.Namespace) -> int:
     """``lens-laai report``: the head analysis as one offline HTML page (tables, heatmaps, λ path, circuitsvis views).
 
     Example (the tiny model's one-step fit, direct logit attribution only, without the λ path):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -196,6 +197,7 @@ def run_report(args: argparse.Namespace) -> int:
         >>> s = json.loads(out.getvalue().splitlines()[-1])
         >>> code, s["out"] == page, open(page, encoding="utf-8").read().lstrip().lower().startswith("<!doctype html>")
         (0, True, True)
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.analysis.report import (
         analysis_sections,

@@ -33,7 +33,7 @@ def run_fit(args: argparse.Namespace) -> int:
     ends with one JSON line; returns the exit code.
 
     Example (one proximal step at layer 1 of the tiny model, on 8 labelled pairs):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -48,6 +48,7 @@ def run_fit(args: argparse.Namespace) -> int:
         (0, 1, 4, 8, 16, 'zero-shot Δ', 'none')
         >>> sorted(os.listdir(s["out"]))
         ['deltas...safetensors', 'manifest.json']
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.baselines.common import check_shots
     from lens_laai.evaluation.evaluate import evaluate

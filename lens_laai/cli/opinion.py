@@ -128,7 +128,7 @@ def fit_survey(args: argparse.Namespace) -> int:
     """``lens-laai fit --survey ...``: fit, score against the baselines on held-out questions, save.
 
     Example (the toy survey's group ``PARTY=Red`` on the tiny model: 3 training questions, 1 validation):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.opinions.survey import toy_survey
         >>> folder = tempfile.mkdtemp()
@@ -148,6 +148,7 @@ def fit_survey(args: argparse.Namespace) -> int:
         >>> main(["fit", *toy, "--out", os.path.join(folder, "x"), "--json"])
         {"error": "--group ATTRIBUTE=VALUE is required with a survey, e.g. ...", "command": "fit"}
         2
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.cli.args import model_from_args, parse_floats, parse_int
     from lens_laai.fitting.fit import FitConfig, parse_layers
@@ -289,7 +290,7 @@ def eval_survey(args: argparse.Namespace) -> int:
     """``lens-laai eval --survey ...``: a saved intervention on its held-out questions, or a prompting method.
 
     Example (the held-out questions come from the fit's record; a persona prompt is scored on the same ones):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.opinions.survey import toy_survey
         >>> folder = tempfile.mkdtemp()
@@ -313,6 +314,7 @@ def eval_survey(args: argparse.Namespace) -> int:
         >>> e = json.loads(out.getvalue().splitlines()[-1])
         >>> code, e["method"], e["questions"] == fitted["test_questions"]
         (0, 'persona', True)
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.cli.args import model_from_args
     from lens_laai.interventions.protocol import load_intervention

@@ -26,7 +26,7 @@ def run_eval(args: argparse.Namespace) -> int:
     as test; with ``--json`` the last line is one JSON object. Returns the exit code.
 
     Example (score a one-step fit of the tiny model on its 16 held-out pairs, then 2-shot prompting alone):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -46,6 +46,7 @@ def run_eval(args: argparse.Namespace) -> int:
         >>> e = json.loads(out.getvalue().splitlines()[-1])
         >>> code, e["n"], e["shots"], e["intervention"]
         (0, 16, 2, None)
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.evaluation.evaluate import evaluate
     from lens_laai.interventions.protocol import load_intervention
@@ -121,7 +122,7 @@ def run_compose(args: argparse.Namespace) -> int:
     """``lens-laai compose``: save the weighted sum of saved interventions (task calculus) to ``--out``.
 
     Example (a fit plus half of itself, then a fit minus itself, which leaves no head switched on):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -144,6 +145,7 @@ def run_compose(args: argparse.Namespace) -> int:
         >>> main(["compose", a, a, "--weights", "1", "--out", os.path.join(folder, "c"), "--json"])
         {"error": "--weights has 1 values for 2 interventions; give one each.", "command": "compose"}
         2
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.interventions.protocol import load_intervention
     from lens_laai.storage.bundle import check_save_path

@@ -62,7 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
     """``lens-laai study run``: run every unfinished cell of a study file; exit 1 if any cell failed.
 
     Example (two evaluation cells, 0-shot and 2-shot, run in this process; a rerun has nothing to do):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -79,6 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
         >>> from lens_laai.studies import read_results
         >>> sorted(read_results(out).shots.tolist())
         [0, 2]
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.studies import load_study, run_study
 
@@ -116,7 +117,7 @@ def status_command(args: argparse.Namespace) -> int:
     """``lens-laai study status``: how many of a study's cells are done, failed and still to run.
 
     Example (before and after the study ran):
-        >>> import contextlib, io, json, os, tempfile
+        >>> import contextlib, io, json, os, shutil, tempfile
         >>> from lens_laai.cli.main import main
         >>> from lens_laai.testing import tiny_task
         >>> folder = tempfile.mkdtemp()
@@ -136,6 +137,7 @@ def status_command(args: argparse.Namespace) -> int:
         >>> main(["study", "status", study, "--out", out])
         /.../results: 2 cells, 2 done, 0 failed, 0 to run
         0
+        >>> shutil.rmtree(folder)
     """
     from lens_laai.studies import load_study, pending, read_results
 
