@@ -17,7 +17,18 @@ from lens_laai.errors import SaveError
 
 
 def add_parsers(sub: Any, task_args: Any) -> None:
-    """Register both subcommands on the ``lens-laai`` parser (``task_args`` adds --task, --model, ...)."""
+    """Register both subcommands on the ``lens-laai`` parser (``task_args`` adds --task, --model, ...).
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.analysis import add_parsers
+        >>> from lens_laai.cli.args import add_task_args
+        >>> parser = argparse.ArgumentParser(prog="lens-laai")
+        >>> add_parsers(parser.add_subparsers(dest="command"), add_task_args)
+        >>> args = parser.parse_args(["report", "--task", "antonym", "--intervention", "runs/a", "--out", "r.html"])
+        >>> args.command, args.func.__name__, args.layers, args.n_prompts, args.shots, args.no_path
+        ('report', 'run_report', 'all', 16, 5, False)
+    """
     for name, helptext, func in (
         ("analyze", "score every head against attribution, patching and ablation", run_analyze),
         ("report", "one offline HTML page: tables, heatmaps, λ path, circuitsvis views", run_report),
@@ -119,6 +130,35 @@ def _summary(args: argparse.Namespace, analysis: Any, iv: Any, seconds: float) -
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    """``lens-laai analyze``: score every head of a saved intervention's model and write the table as CSV.
+
+    The table has one row per scored head (attribution, patching, ablation and the intervention's own
+    norms, as :func:`lens_laai.analysis.head_table.head_table` computes them); the summary says how the
+    selected heads rank. Returns the exit code.
+
+    Example (a one-step fit of the tiny model, its heads scored by direct logit attribution only):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> tiny_task().to_json(os.path.join(folder, "tiny.json"))
+        >>> tiny = ["--task-file", os.path.join(folder, "tiny.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *tiny, "--layer", "1", "--n-train", "8", "--steps", "1", "--mode", "zero-shot",
+        ...        "--select", "none", "--no-baselines", "--out", os.path.join(folder, "a"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     main(fit)
+        >>> table = os.path.join(folder, "heads.csv")
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["analyze", *tiny, "--intervention", os.path.join(folder, "a"), "--methods", "dla",
+        ...                  "--n-prompts", "4", "--shots", "2", "--out", table, "--json"])
+        >>> s = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, s["layers"], [row["score"] for row in s["summary"]], s["settings"]["n_prompts"]
+        (0, [0, 1, 2], ['dla'], 4)
+        >>> import pandas as pd
+        >>> len(pd.read_csv(table)), {"layer", "head", "selected"} <= set(pd.read_csv(table).columns)
+        (12, True)
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.storage.bundle import atomic_write_text
 
     start = time.perf_counter()
@@ -137,6 +177,28 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    """``lens-laai report``: the head analysis as one offline HTML page (tables, heatmaps, λ path, circuitsvis views).
+
+    Example (the tiny model's one-step fit, direct logit attribution only, without the λ path):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> tiny_task().to_json(os.path.join(folder, "tiny.json"))
+        >>> tiny = ["--task-file", os.path.join(folder, "tiny.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *tiny, "--layer", "1", "--n-train", "8", "--steps", "1", "--mode", "zero-shot",
+        ...        "--select", "none", "--no-baselines", "--out", os.path.join(folder, "a"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     main(fit)
+        >>> page = os.path.join(folder, "report.html")
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["report", *tiny, "--intervention", os.path.join(folder, "a"), "--methods", "dla",
+        ...                  "--n-prompts", "4", "--shots", "2", "--no-path", "--out", page, "--json"])
+        >>> s = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, s["out"] == page, open(page, encoding="utf-8").read().lstrip().lower().startswith("<!doctype html>")
+        (0, True, True)
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.analysis.report import (
         analysis_sections,
         check_report_path,
@@ -174,7 +236,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def analysis_prompt(iv: Any, analysis: Any) -> str:
-    """The zero-shot prompt of the first held-out query, in the intervention's template."""
+    """The zero-shot prompt of the first held-out query, in the intervention's template.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.cli.analysis import analysis_prompt
+        >>> from lens_laai.testing import tiny_model
+        >>> iv = HeadIntervention.from_deltas(tiny_model(), {1: torch.zeros(4, 16)})
+        >>> analysis_prompt(iv, SimpleNamespace(settings={"first_query": "wet"}))
+        'Q: wet\\nA:'
+    """
     from lens_laai.tasks.prompts import PromptTemplate
 
     template = PromptTemplate.from_json(iv.metadata["template"]) if "template" in iv.metadata else PromptTemplate()

@@ -21,7 +21,17 @@ from lens_laai.errors import FitError, LensLaaiError
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
-    """The options of every command that reads a task and loads a model."""
+    """The options of every command that reads a task and loads a model.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.args import add_task_args
+        >>> p = argparse.ArgumentParser()
+        >>> add_task_args(p)
+        >>> args = p.parse_args(["--task", "antonym", "--json"])
+        >>> args.task, args.task_file, args.model, args.json, args.no_progress
+        ('antonym', None, 'smollm2-135m', True, False)
+    """
     p.add_argument("--task", default=None, help="bundled task name (antonym, synonym, english-french, english-german)")
     p.add_argument("--task-file", default=None, help="a Function Vectors-format JSON file; overrides --task")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a hub name or a local dir")
@@ -40,7 +50,17 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_out_args(p: argparse.ArgumentParser) -> None:
-    """``--out`` and ``--force`` of every command that saves."""
+    """``--out`` and ``--force`` of every command that saves.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.args import add_out_args
+        >>> p = argparse.ArgumentParser()
+        >>> add_out_args(p)
+        >>> args = p.parse_args(["--out", "runs/antonym"])
+        >>> args.out, args.force
+        ('runs/antonym', False)
+    """
     p.add_argument("--out", required=True, help="directory to save the intervention in (new, or one of our saves)")
     p.add_argument(
         "--force",
@@ -50,14 +70,34 @@ def add_out_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
-    """The model ``--model`` names, placed and cast by ``--device`` / ``--dtype`` (every command that loads one)."""
+    """The model ``--model`` names, placed and cast by ``--device`` / ``--dtype`` (every command that loads one).
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.args import model_from_args
+        >>> model = model_from_args(argparse.Namespace(model="lens-laai-tiny", device=None, dtype=None))
+        >>> type(model).__name__, model.cfg.n_layers, model.cfg.n_heads
+        ('TransformerBridge', 3, 4)
+    """
     from lens_laai.models.loading import load_model
 
     return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
 
 
 def task_from_args(args: argparse.Namespace):
-    """The task ``--task`` or ``--task-file`` names."""
+    """The task ``--task`` or ``--task-file`` names.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.args import task_from_args
+        >>> task = task_from_args(argparse.Namespace(task="antonym", task_file=None))
+        >>> task.name, len(task), task.pairs[0]
+        ('antonym', 364, ('hot', 'cold'))
+        >>> task_from_args(argparse.Namespace(task=None, task_file=None))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: Give --task NAME or --task-file PATH (or --survey / --survey-dir for a survey).
+    """
     from lens_laai.tasks.task import Task, TaskError, load_task
 
     if args.task_file:
@@ -85,7 +125,21 @@ def parse_int(text: str, flag: str, words: str = "'auto'") -> int:
 
 
 def parse_penalties(text: str | None, flag: str, at_most: float | None = None) -> float | list[float] | None:
-    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0 (and ≤ ``at_most``)."""
+    """A λ₂ value or path from the command line (``None`` if not given), each ≥ 0 (and ≤ ``at_most``).
+
+    Example:
+        >>> from lens_laai.cli.args import parse_penalties
+        >>> parse_penalties("0.5,0.1", "--group-l1-rel", at_most=1.0), parse_penalties(None, "--group-l1")
+        ([0.5, 0.1], None)
+        >>> parse_penalties("-0.1", "--group-l1")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: --group-l1 values must be ≥ 0, got '-0.1'.
+        >>> parse_penalties("2", "--group-l1-rel", at_most=1.0)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: --group-l1-rel values must be ≤ 1, got '2': at λ₂ ≥ λ_max every head is exactly zero, so the intervention would do nothing.
+    """
     if text is None:
         return None
     values = parse_floats(text, flag)
@@ -112,7 +166,21 @@ def parse_floats(text: str, flag: str) -> float | list[float]:
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
-    """A comma list of distinct integers (``--layers 3,5``); an empty element or a repeat is an error."""
+    """A comma list of distinct integers (``--layers 3,5``); an empty element or a repeat is an error.
+
+    Example:
+        >>> from lens_laai.cli.args import parse_int_list
+        >>> parse_int_list("3, 5", "--layers")
+        [3, 5]
+        >>> parse_int_list("3,5,3", "--layers")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.LensLaaiError: --layers lists [3] more than once, in '3,5,3'; give each once.
+        >>> parse_int_list("3,,5", "--layers")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.LensLaaiError: --layers has an empty element in '3,,5'; write values separated by single commas.
+    """
     values = [parse_int(v, flag, "a comma list of integers") for v in _elements(text, flag, "integer")]
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
@@ -130,12 +198,36 @@ def _elements(text: str, flag: str, kind: str) -> list[str]:
 
 
 def nonnegative_int(text: str) -> int:
-    """An argparse ``type``: an integer ≥ 0 (seeds, counts)."""
+    """An argparse ``type``: an integer ≥ 0 (seeds, counts).
+
+    Example:
+        >>> from lens_laai.cli.args import nonnegative_int
+        >>> nonnegative_int("0")
+        0
+        >>> nonnegative_int("-1")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be an integer from 0 to 2**63 - 1, got '-1'
+    """
     return _bounded_int(text, 0)
 
 
 def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer ≥ 1 (steps, folds, prompts)."""
+    """An argparse ``type``: an integer ≥ 1 (steps, folds, prompts).
+
+    Example:
+        >>> from lens_laai.cli.args import positive_int
+        >>> positive_int("200")
+        200
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be an integer from 1 to 2**63 - 1, got '0'
+        >>> positive_int("2.5")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be an integer ≥ 1, got '2.5'
+    """
     return _bounded_int(text, 1)
 
 
@@ -150,7 +242,17 @@ def _bounded_int(text: str, least: int) -> int:
 
 
 def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite number > 0 (learning rates)."""
+    """An argparse ``type``: a finite number > 0 (learning rates).
+
+    Example:
+        >>> from lens_laai.cli.args import positive_float
+        >>> positive_float("1e-3")
+        0.001
+        >>> positive_float("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a number > 0, got '0'
+    """
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
@@ -158,7 +260,21 @@ def positive_float(text: str) -> float:
 
 
 def finite_float(text: str) -> float:
-    """An argparse ``type``: a finite number (``nan`` and ``inf`` are refused)."""
+    """An argparse ``type``: a finite number (``nan`` and ``inf`` are refused).
+
+    Example:
+        >>> from lens_laai.cli.args import finite_float
+        >>> finite_float("-0.25")
+        -0.25
+        >>> finite_float("nan")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a finite number, got 'nan'
+        >>> finite_float("half")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a number, got 'half'
+    """
     try:
         value = float(text)
     except ValueError:
@@ -169,14 +285,38 @@ def finite_float(text: str) -> float:
 
 
 def nonempty_text(text: str) -> str:
-    """An argparse ``type``: a string with something in it besides whitespace (a prompt)."""
+    """An argparse ``type``: a string with something in it besides whitespace (a prompt).
+
+    Example:
+        >>> from lens_laai.cli.args import nonempty_text
+        >>> nonempty_text("hot:")
+        'hot:'
+        >>> nonempty_text("  ")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must not be empty, got '  '
+    """
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must not be empty, got {text!r}")
     return text
 
 
 def parse_float(text: str, flag: str) -> float:
-    """One finite number."""
+    """One finite number.
+
+    Example:
+        >>> from lens_laai.cli.args import parse_float
+        >>> parse_float("0.05", "--group-l1")
+        0.05
+        >>> parse_float("inf", "--group-l1")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.LensLaaiError: --group-l1 must be finite numbers, got 'inf'.
+        >>> parse_float("small", "--group-l1")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.LensLaaiError: --group-l1 must be numbers, got 'small'.
+    """
     try:
         value = float(text)
     except ValueError:

@@ -27,6 +27,29 @@ from lens_laai.errors import FitError
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    """``lens-laai fit`` on a task: check every option before the model loads, fit, score on the test split, save.
+
+    Prints the fit's table (the frontier, the modes, test accuracy against prompting) and, with ``--json``,
+    ends with one JSON line; returns the exit code.
+
+    Example (one proximal step at layer 1 of the tiny model, on 8 labelled pairs):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> tiny_task().to_json(os.path.join(folder, "tiny.json"))
+        >>> tiny = ["--task-file", os.path.join(folder, "tiny.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *tiny, "--layer", "1", "--n-train", "8", "--steps", "1", "--mode", "zero-shot",
+        ...        "--select", "none", "--no-baselines", "--out", os.path.join(folder, "a"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(fit)
+        >>> s = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, s["layer"], s["n_heads_total"], s["labelled_pairs_used"], s["n_test"], s["mode"], s["selection"]
+        (0, 1, 4, 8, 16, 'zero-shot Δ', 'none')
+        >>> sorted(os.listdir(s["out"]))
+        ['deltas...safetensors', 'manifest.json']
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.baselines.common import check_shots
     from lens_laai.evaluation.evaluate import evaluate
     from lens_laai.fitting.fit import fit, parse_layers

@@ -8,7 +8,29 @@ import pandas as pd
 
 
 def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
-    """The sparsity–accuracy frontier at the fitted layer, the pick marked."""
+    """The sparsity–accuracy frontier at the fitted layer, the pick marked.
+
+    ``s`` is the fit's summary (``layer``, ``labelled_pairs_used``); ``path`` is ``FitResult.candidates``
+    at one layer: a row per λ₂, with the cross-validated accuracy of each estimator that was scored.
+    Points past the pick were not refitted on all pairs (``n_selected`` is missing): their head count is
+    the folds' mean, starred.
+
+    Example:
+        >>> import pandas as pd
+        >>> from lens_laai.cli.fit_report import print_frontier
+        >>> path = pd.DataFrame({"group_l1_rel": [0.5, 0.2, 0.05], "n_selected": [1, 2, None],
+        ...                      "cv_n_selected": [1.0, 2.0, 3.5], "train_accuracy": [0.5, 0.75, None],
+        ...                      "relaxed_cv_accuracy": [0.4, 0.6, 0.62], "relaxed_cv_accuracy_se": [0.1, 0.1, 0.12],
+        ...                      "chosen": [False, True, False]})
+        >>> print_frontier({"layer": 1, "labelled_pairs_used": 8}, path)
+        <BLANKLINE>
+        Sparsity–accuracy frontier at layer 1 (λ₂ path, warm starts; 8 labelled pairs used in all):
+         λ₂/λ_max heads train acc (penalised) CV acc (relaxed) pick
+            0.500     1                 0.500      0.40 ± 0.10
+            0.200     2                 0.750      0.60 ± 0.10   <-
+            0.050  3.5*                     -      0.62 ± 0.12
+        * past the pick: not refitted on all pairs; heads kept, mean over the cross-validation folds
+    """
     cols = {"group_l1_rel": "λ₂/λ_max", "n_selected": "heads", "train_accuracy": "train acc (penalised)"}
     table = path[list(cols)].rename(columns=cols)
     folds = path.get("cv_n_selected", path.n_selected)
@@ -53,6 +75,19 @@ def print_modes(modes: list[dict[str, Any]]) -> None:
 
 
 def print_stability(st: dict[str, Any]) -> None:
+    """Each head's selection probability over the subsamples, the stable set, and the error bound.
+
+    ``st`` is :meth:`lens_laai.fitting.stability.Stability.summary`'s dictionary.
+
+    Example:
+        >>> from lens_laai.cli.fit_report import print_stability
+        >>> print_stability({"n_subsamples": 4, "threshold": 0.6, "stable_heads": ["L1H2"], "error_bound": 0.1234,
+        ...                  "heads": [{"layer": 1, "head": 2, "selection_probability": 1.0},
+        ...                            {"layer": 1, "head": 0, "selection_probability": 0.25}]})
+        <BLANKLINE>
+        Stability over 4 complementary-pair subsamples (selection probability): L1H2 1.00, L1H0 0.25
+        stable set (probability ≥ 0.6): L1H2; expected falsely selected heads ≤ 0.12 (Shah & Samworth 2013)
+    """
     probs = ", ".join(f"L{h['layer']}H{h['head']} {h['selection_probability']:.2f}" for h in st["heads"])
     print(
         f"\nStability over {st['n_subsamples']} complementary-pair subsamples (selection probability): {probs}\n"

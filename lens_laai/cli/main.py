@@ -37,7 +37,23 @@ from lens_laai.fitting.fit import DEFAULT_GROUP_L1_REL, FitConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; bad input prints ``lens-laai CMD: error: ...`` (and ``{"error": ...}`` with --json), exit 2."""
+    """Run one command; bad input prints ``lens-laai CMD: error: ...`` (and ``{"error": ...}`` with --json), exit 2.
+
+    ``argv`` defaults to ``sys.argv[1:]``; the return value is the exit code (0, 2 for bad input, 130 on Ctrl-C).
+
+    Example (prompting alone on a bundled task, then two refusals; the error line itself goes to stderr):
+        >>> from lens_laai.cli.main import main
+        >>> main(["eval", "--task", "antonym", "--model", "lens-laai-tiny", "--no-progress", "--shots", "0",
+        ...       "--n-train", "8", "--json"])
+        {"task": "antonym", "accuracy": ..., "n": 356, "shots": 0, "mode": "0-shot prompting", ...}
+        0
+        >>> main(["eval", "--task", "nope", "--model", "lens-laai-tiny", "--json"])
+        {"error": "Unknown task 'nope'. Bundled tasks: antonym, english-french, english-german, synonym; ...", "command": "eval"}
+        2
+        >>> main(["fit", "--task", "antonym", "--steps", "0", "--out", "x", "--json"])
+        {"error": "argument --steps: must be an integer from 1 to 2**63 - 1, got '0'", "command": "fit"}
+        2
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)

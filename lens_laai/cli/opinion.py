@@ -23,7 +23,21 @@ STEPS, LR = 20, 1.0
 
 
 def add_survey_args(p: argparse.ArgumentParser, fit: bool) -> None:
-    """Add the survey options to the ``fit`` or ``eval`` parser."""
+    """Add the survey options to the ``fit`` or ``eval`` parser.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.opinion import add_survey_args
+        >>> p = argparse.ArgumentParser()
+        >>> add_survey_args(p, fit=True)
+        >>> args = p.parse_args(["--survey", "gss-spending", "--group", "POLVIEWS=Liberal"])
+        >>> args.survey, args.group, args.divergence, args.n_train_questions
+        ('gss-spending', 'POLVIEWS=Liberal', 'kl', None)
+        >>> q = argparse.ArgumentParser()
+        >>> add_survey_args(q, fit=False)
+        >>> q.parse_args(["--survey-dir", "opinionqa/Guns", "--method", "persona"]).method
+        'persona'
+    """
     p.add_argument(
         "--survey", default=None, help="survey to fit on: a bundled name (gss-spending) or our survey JSON file"
     )
@@ -45,12 +59,35 @@ def add_survey_args(p: argparse.ArgumentParser, fit: bool) -> None:
 
 
 def is_survey(args: argparse.Namespace) -> bool:
-    """Whether the command is about a survey rather than a task."""
+    """Whether the command is about a survey rather than a task.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.opinion import is_survey
+        >>> is_survey(argparse.Namespace(survey="gss-spending")), is_survey(argparse.Namespace(task="antonym"))
+        (True, False)
+        >>> is_survey(argparse.Namespace(survey=None, survey_dir="opinionqa/Guns"))
+        True
+    """
     return bool(getattr(args, "survey", None) or getattr(args, "survey_dir", None))
 
 
 def fill_task_defaults(args: argparse.Namespace) -> None:
-    """The task defaults of options whose survey defaults differ (left ``None`` by the parser)."""
+    """The task defaults of options whose survey defaults differ (left ``None`` by the parser).
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.opinion import fill_task_defaults
+        >>> from lens_laai.fitting.fit import FitConfig
+        >>> args = argparse.Namespace(l1=None, lr=0.5, n_train_questions=None, n_valid_questions=None)
+        >>> fill_task_defaults(args)
+        >>> args.l1 == FitConfig.l1, args.lr
+        (True, 0.5)
+        >>> fill_task_defaults(argparse.Namespace(l1=None, lr=None, n_train_questions=8))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.LensLaaiError: --n-train-questions / --n-valid-questions are for surveys; tasks use --n-train / --n-valid.
+    """
     from lens_laai.fitting.fit import FitConfig
 
     for name, value in (("l1", FitConfig.l1), ("lr", FitConfig.lr)):
@@ -88,7 +125,31 @@ def _split_sizes(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def fit_survey(args: argparse.Namespace) -> int:
-    """``lens-laai fit --survey ...``: fit, score against the baselines on held-out questions, save."""
+    """``lens-laai fit --survey ...``: fit, score against the baselines on held-out questions, save.
+
+    Example (the toy survey's group ``PARTY=Red`` on the tiny model: 3 training questions, 1 validation):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> folder = tempfile.mkdtemp()
+        >>> with open(os.path.join(folder, "toy.json"), "w") as f:
+        ...     json.dump(toy_survey().to_json(), f)
+        >>> toy = ["--survey", os.path.join(folder, "toy.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *toy, "--group", "PARTY=Red", "--n-train-questions", "3", "--n-valid-questions", "1",
+        ...        "--layer", "1", "--steps", "2", "--group-l1", "0.05", "--no-baselines",
+        ...        "--out", os.path.join(folder, "red"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(fit)
+        >>> s = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, s["survey"], s["group"], s["layer"], s["n_train_questions"], s["n_valid_questions"], s["n_test_questions"]
+        (0, 'toy', 'PARTY=Red', 1, 3, 1, 4)
+        >>> s["test_kl"] >= 0 and 0 <= s["test_representativeness"] <= 1, s["baselines"]
+        (True, None)
+        >>> main(["fit", *toy, "--out", os.path.join(folder, "x"), "--json"])
+        {"error": "--group ATTRIBUTE=VALUE is required with a survey, e.g. ...", "command": "fit"}
+        2
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.cli.args import model_from_args, parse_floats, parse_int
     from lens_laai.fitting.fit import FitConfig, parse_layers
     from lens_laai.opinions.evaluate import (
@@ -226,7 +287,35 @@ def _print_fit(s: dict[str, Any], sweep: Any, scores: Any) -> None:
 
 
 def eval_survey(args: argparse.Namespace) -> int:
-    """``lens-laai eval --survey ...``: a saved intervention on its held-out questions, or a prompting method."""
+    """``lens-laai eval --survey ...``: a saved intervention on its held-out questions, or a prompting method.
+
+    Example (the held-out questions come from the fit's record; a persona prompt is scored on the same ones):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.opinions.survey import toy_survey
+        >>> folder = tempfile.mkdtemp()
+        >>> with open(os.path.join(folder, "toy.json"), "w") as f:
+        ...     json.dump(toy_survey().to_json(), f)
+        >>> toy = ["--survey", os.path.join(folder, "toy.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *toy, "--group", "PARTY=Red", "--n-train-questions", "3", "--n-valid-questions", "1",
+        ...        "--layer", "1", "--steps", "2", "--group-l1", "0.05", "--no-baselines",
+        ...        "--out", os.path.join(folder, "red"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(fit)
+        >>> fitted = json.loads(out.getvalue().splitlines()[-1])
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["eval", *toy, "--intervention", os.path.join(folder, "red"), "--json"])
+        >>> e = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, e["group"], e["method"], e["questions"] == fitted["test_questions"], e["kl"] == fitted["test_kl"]
+        (0, 'PARTY=Red', 'intervention', True, True)
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["eval", *toy, "--group", "PARTY=Red", "--n-train-questions", "3",
+        ...                  "--n-valid-questions", "1", "--method", "persona", "--json"])
+        >>> e = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, e["method"], e["questions"] == fitted["test_questions"]
+        (0, 'persona', True)
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.cli.args import model_from_args
     from lens_laai.interventions.protocol import load_intervention
     from lens_laai.opinions.evaluate import evaluate_opinion

@@ -20,6 +20,34 @@ from lens_laai.errors import LensLaaiError
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """``lens-laai eval``: accuracy on a task split, with a saved intervention or without one (prompting).
+
+    With ``--intervention`` the split is the one the fit recorded, so its training pairs are never scored
+    as test; with ``--json`` the last line is one JSON object. Returns the exit code.
+
+    Example (score a one-step fit of the tiny model on its 16 held-out pairs, then 2-shot prompting alone):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> tiny_task().to_json(os.path.join(folder, "tiny.json"))
+        >>> tiny = ["--task-file", os.path.join(folder, "tiny.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *tiny, "--layer", "1", "--n-train", "8", "--steps", "1", "--mode", "zero-shot",
+        ...        "--select", "none", "--no-baselines", "--out", os.path.join(folder, "a"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     main(fit)
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["eval", *tiny, "--intervention", os.path.join(folder, "a"), "--json"])
+        >>> e = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, e["n"], e["split"], e["mode"], 0.0 <= e["accuracy"] <= 1.0
+        (0, 16, 'test', 'zero-shot Δ', True)
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["eval", *tiny, "--shots", "2", "--n-train", "8", "--json"])
+        >>> e = json.loads(out.getvalue().splitlines()[-1])
+        >>> code, e["n"], e["shots"], e["intervention"]
+        (0, 16, 2, None)
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.evaluation.evaluate import evaluate
     from lens_laai.interventions.protocol import load_intervention
 
@@ -91,6 +119,34 @@ def _check_provenance(iv: Any, args: argparse.Namespace) -> None:
 
 
 def run_compose(args: argparse.Namespace) -> int:
+    """``lens-laai compose``: save the weighted sum of saved interventions (task calculus) to ``--out``.
+
+    Example (a fit plus half of itself, then a fit minus itself, which leaves no head switched on):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> tiny_task().to_json(os.path.join(folder, "tiny.json"))
+        >>> tiny = ["--task-file", os.path.join(folder, "tiny.json"), "--model", "lens-laai-tiny", "--no-progress"]
+        >>> fit = ["fit", *tiny, "--layer", "1", "--n-train", "8", "--steps", "1", "--mode", "zero-shot",
+        ...        "--select", "none", "--no-baselines", "--out", os.path.join(folder, "a"), "--json"]
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     main(fit)
+        >>> a = os.path.join(folder, "a")
+        >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+        ...     code = main(["compose", a, a, "--weights", "1,0.5", "--out", os.path.join(folder, "ab"), "--json"])
+        >>> s = json.loads(out.getvalue().splitlines()[-1])
+        >>> from lens_laai.interventions.protocol import load_intervention
+        >>> code, s["layers"], s["selected_heads"] == [list(h) for h in load_intervention(a).selected_heads()]
+        (0, [1], True)
+        >>> main(["compose", a, a, "--weights", "1,-1", "--out", os.path.join(folder, "zero")])
+        saved .../zero: layers [1], 0 heads
+        0
+        >>> main(["compose", a, a, "--weights", "1", "--out", os.path.join(folder, "c"), "--json"])
+        {"error": "--weights has 1 values for 2 interventions; give one each.", "command": "compose"}
+        2
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.interventions.protocol import load_intervention
     from lens_laai.storage.bundle import check_save_path
 

@@ -21,7 +21,19 @@ from lens_laai.errors import LensLaaiError
 
 
 def add_parser(sub: Any) -> None:
-    """Register ``study run`` and ``study status`` on the top-level subparsers."""
+    """Register ``study run`` and ``study status`` on the top-level subparsers.
+
+    Example:
+        >>> import argparse
+        >>> from lens_laai.cli.study import add_parser
+        >>> parser = argparse.ArgumentParser(prog="lens-laai")
+        >>> add_parser(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["study", "run", "grid.toml", "--out", "runs/grid", "--workers", "0"])
+        >>> args.study_command, args.study, args.out, args.workers, args.func.__name__
+        ('run', 'grid.toml', 'runs/grid', 0, 'run_command')
+        >>> parser.parse_args(["study", "status", "grid.toml", "--out", "runs/grid"]).func.__name__
+        'status_command'
+    """
     p = sub.add_parser("study", help="run a grid of fits / evaluations / analyses (locally or on Ray)")
     inner = p.add_subparsers(dest="study_command", required=True)
     run = inner.add_parser("run", help="run every unfinished cell of a study file")
@@ -47,6 +59,28 @@ def add_parser(sub: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``lens-laai study run``: run every unfinished cell of a study file; exit 1 if any cell failed.
+
+    Example (two evaluation cells, 0-shot and 2-shot, run in this process; a rerun has nothing to do):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> task, study = os.path.join(folder, "tiny.json"), os.path.join(folder, "shots.toml")
+        >>> tiny_task().to_json(task)
+        >>> lines = ['name = "shots"', 'kind = "evaluate"', "[fixed]", 'model = "lens-laai-tiny"', f'task = "{task}"',
+        ...          "n = 6", "n_test = 8", "[axes]", "shots = [0, 2]"]
+        >>> with open(study, "w") as f:
+        ...     _ = f.write("\\n".join(lines))
+        >>> out = os.path.join(folder, "results")
+        >>> main(["study", "run", study, "--out", out, "--workers", "0", "--no-progress"])
+        /.../results: 2 cells, 2 done, 0 failed, 0 to run
+        0
+        >>> from lens_laai.studies import read_results
+        >>> sorted(read_results(out).shots.tolist())
+        [0, 2]
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.studies import load_study, run_study
 
     study = load_study(args.study)
@@ -80,6 +114,31 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
+    """``lens-laai study status``: how many of a study's cells are done, failed and still to run.
+
+    Example (before and after the study ran):
+        >>> import contextlib, io, json, os, shutil, tempfile
+        >>> from lens_laai.cli.main import main
+        >>> from lens_laai.testing import tiny_task
+        >>> folder = tempfile.mkdtemp()
+        >>> task, study = os.path.join(folder, "tiny.json"), os.path.join(folder, "shots.toml")
+        >>> tiny_task().to_json(task)
+        >>> lines = ['name = "shots"', 'kind = "evaluate"', "[fixed]", 'model = "lens-laai-tiny"', f'task = "{task}"',
+        ...          "n = 6", "n_test = 8", "[axes]", "shots = [0, 2]"]
+        >>> with open(study, "w") as f:
+        ...     _ = f.write("\\n".join(lines))
+        >>> out = os.path.join(folder, "results")
+        >>> main(["study", "status", study, "--out", out, "--json"])
+        /.../results: 2 cells, 0 done, 0 failed, 2 to run
+        {"out": "/.../results", "cells": 2, "ok": 0, "failed": 0, "to_run": 2}
+        0
+        >>> with contextlib.redirect_stdout(io.StringIO()):
+        ...     main(["study", "run", study, "--out", out, "--workers", "0", "--no-progress"])
+        >>> main(["study", "status", study, "--out", out])
+        /.../results: 2 cells, 2 done, 0 failed, 0 to run
+        0
+        >>> shutil.rmtree(folder)
+    """
     from lens_laai.studies import load_study, pending, read_results
 
     study = load_study(args.study)

@@ -81,6 +81,22 @@ def select_split(
     A :class:`Task` is split the way the interventions' fits split it (explicit ``seed`` /
     ``n_train`` / ``n_valid`` must agree with that); without interventions, by those settings
     (default 0 / 20 / 0). The ``"test"`` part is refused if it holds a pair any fit saw.
+
+    Example:
+        >>> from lens_laai.evaluation.evaluate import select_split
+        >>> from lens_laai.testing import tiny_task
+        >>> task = tiny_task()
+        >>> scored, demos = select_split(task, "test", n_train=8)
+        >>> len(scored), len(demos), set(scored.pairs) & set(demos.pairs)
+        (16, 8, set())
+        >>> [len(part) for part in select_split(task.split(0, 8, 4), "valid")]  # already split: its valid part
+        [4, 8]
+        >>> len(select_split(task, "all")[0])
+        24
+        >>> select_split(task, "dev")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: split must be one of ('train', 'valid', 'test', 'all'), got 'dev'.
     """
     if split not in SPLITS:
         raise TaskError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -124,7 +140,27 @@ def _legacy_split(interventions: Sequence[Intervention]) -> dict[str, Any] | Non
 
 
 def resolve_template(template: PromptTemplate | None, interventions: Sequence[Intervention]) -> PromptTemplate:
-    """``template`` if given, else the one the interventions were fitted with, else the default."""
+    """``template`` if given, else the one the interventions were fitted with, else the default.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai import HeadIntervention
+        >>> from lens_laai.evaluation.evaluate import resolve_template
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model
+        >>> resolve_template(None, []).render("hot")
+        'Q: hot\\nA:'
+        >>> iv = HeadIntervention.from_deltas(tiny_model(), {1: torch.zeros(4, 16)})
+        >>> iv.metadata["template"] = PromptTemplate.verbatim().to_json()  # as a fit with verbatim prompts records
+        >>> resolve_template(None, [iv]).render("hot"), resolve_template(PromptTemplate(), [iv]).render("hot")
+        ('hot', 'Q: hot\\nA:')
+        >>> other = HeadIntervention.from_deltas(tiny_model(), {1: torch.zeros(4, 16)})
+        >>> other.metadata["template"] = PromptTemplate().to_json()
+        >>> resolve_template(None, [iv, other])
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: These interventions were fitted with different prompt templates; pass template= explicitly.
+    """
     if template is not None:
         return template
     recorded = [iv.metadata["template"] for iv in interventions if "template" in iv.metadata]

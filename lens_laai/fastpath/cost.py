@@ -19,6 +19,25 @@ class CostMeter:
     One forward-pass equivalent is one full forward of one prompt: ``prompt tokens × n_layers``
     token-layers. Attention's length-dependent cost is ignored, which flatters long prompts
     slightly on the full path and never the fast path.
+
+    Example (two 7-token prompts on the 3-layer tiny model set the unit; then each row's last token
+    goes through one block, forward and backward):
+        >>> from lens_laai.fastpath.cost import CostMeter
+        >>> from lens_laai.tasks.prompts import make_batch
+        >>> from lens_laai.testing import tiny_tokenizer
+        >>> batch = make_batch(tiny_tokenizer(), ["Q: hot\\nA:", "Q: up\\nA:"], [" cold", " down"])
+        >>> meter = CostMeter()
+        >>> meter.register_prompts(batch, n_layers=3)
+        >>> meter.prompts, meter.prompt_token_layers
+        (2, 42.0)
+        >>> meter.add(tokens=len(batch), layers=1, backward=True)
+        >>> round(meter.forward_equivalents(), 4)  # 2 × 1 × 3 token-layers over 21 per prompt
+        0.2857
+        >>> other = CostMeter()
+        >>> other.add(tokens=7, layers=3, backward=False)  # one full forward, charged here
+        >>> meter.merge(other)
+        >>> round(meter.forward_equivalents(), 4), other.token_layers
+        (1.2857, 0.0)
     """
 
     def __init__(self) -> None:

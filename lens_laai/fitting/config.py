@@ -34,13 +34,32 @@ def default_layers(n_layers: int) -> list[int]:
     development study of ``docs/results.md`` no task was best beyond 70%). That is 4, 8, 12, 16,
     20 on a 30-layer model and 5, 9, 13, 17, 21 on a 32-layer one; models with fewer than 12
     layers try every layer of that range.
+
+    Example:
+        >>> from lens_laai.fitting.config import default_layers
+        >>> default_layers(30), default_layers(32), default_layers(3)
+        ([4, 8, 12, 16, 20], [5, 9, 13, 17, 21], [0, 1])
     """
     lo, hi = round(0.15 * n_layers), round(0.70 * n_layers)
     return list(range(lo, max(hi, lo + 1), 4 if n_layers >= 12 else 1))
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints."""
+    """Candidate layers from ``None``/``"default"`` (:func:`default_layers`), ``"all"``, a comma list or ints.
+
+    Example:
+        >>> from lens_laai.fitting.config import parse_layers
+        >>> parse_layers("2,0", 3), parse_layers([1, 1], 3), parse_layers("all", 3), parse_layers(None, 30)
+        ([0, 2], [1], [0, 1, 2], [4, 8, 12, 16, 20])
+        >>> parse_layers([5], 3)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: Layer 5 is out of range: this model has layers 0..2.
+        >>> parse_layers("1,two", 3)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: layers must be 'all', 'default' or a comma list of integers, got '1,two'.
+    """
     if spec is None or spec == "default":
         return default_layers(n_layers)
     if spec == "all":
@@ -74,6 +93,11 @@ def auto_layer(n_layers: int) -> int:
 
     A rule fixed in advance on the development study of ``docs/results.md``: over twelve tasks it
     did as well as choosing the layer by cross-validation on the n pairs, at a sixth of the cost.
+
+    Example:
+        >>> from lens_laai.fitting.config import auto_layer
+        >>> auto_layer(30), auto_layer(32), auto_layer(3), auto_layer(1)
+        (16, 17, 2, 0)
     """
     return min(n_layers - 1, max(0, round(AUTO_DEPTH * n_layers)))
 
@@ -87,6 +111,19 @@ class FitConfig:
     layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
     ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
     pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+
+    Example:
+        >>> import dataclasses
+        >>> from lens_laai.fitting.config import FitConfig
+        >>> cfg = FitConfig(layer=1, group_l1=0.5)
+        >>> cfg.relative, cfg.steps, cfg.select, cfg.rule, cfg.cv_metric, cfg.candidate_layers(n_layers=3)
+        (True, 4, 'cv', '1se', 'ce', [1])
+        >>> FitConfig(layer="sweep", layers=(0, 2)).candidate_layers(3), dataclasses.replace(cfg, steps=8).steps
+        ([0, 2], 8)
+        >>> FitConfig(rule="max").validate(n_layers=3)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: rule must be '1se' (the sparsest point within one standard error) or 'min', got 'max'.
     """
 
     layer: int | str = "auto"
@@ -196,6 +233,21 @@ class FitResult:
     intervention is meant to be used (zero-shot Δ, k-shot prompting alone, or k-shot prompting + Δ;
     :mod:`lens_laai.fitting.modes`), recorded in it and used by :func:`~lens_laai.evaluate`;
     ``modes``: each candidate mode's cross-validated scores (``None`` when nothing chose).
+
+    Example (one λ₂, so nothing is chosen; the relaxed refit is returned and the penalised fit kept):
+        >>> import math
+        >>> from lens_laai import fit
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> result = fit(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=0.5, steps=2, mode="zero-shot",
+        ...              progress=False)
+        >>> result.layer, result.selection, result.selection_rule, result.cv_accuracy, math.isnan(result.valid_accuracy)
+        (1, 'none', 'last', None, True)
+        >>> result.relaxed, result.penalised is result.intervention, result.n_selected == len(result.selected_heads)
+        (True, False, True)
+        >>> result.config.group_l1, result.config.n_train, len(result.history), result.mode.name
+        (0.5, 8, 2, 'zero-shot Δ')
+        >>> list(result.candidates.columns)
+        ['group_l1_rel', 'group_l1', 'lambda_max', 'n_selected', 'train_accuracy', 'chosen']
     """
 
     intervention: HeadIntervention
@@ -239,7 +291,22 @@ def prepare_data(
     n_test: int | None,
     seed: int | None,
 ) -> tuple[TaskSplits, Task | None, PromptTemplate]:
-    """Splits, the task they were cut from (if known), and the template (what :func:`~lens_laai.fit` does with ``task``)."""
+    """Splits, the task they were cut from (if known), and the template (what :func:`~lens_laai.fit` does with ``task``).
+
+    Example:
+        >>> from lens_laai.fitting.config import prepare_data
+        >>> from lens_laai.testing import tiny_task
+        >>> splits, source, template = prepare_data(tiny_task(), None, 8, 4, None, None)
+        >>> len(splits.train), len(splits.valid), len(splits.test), source.name, template.render("hot")
+        (8, 4, 12, 'tiny-antonym', 'Q: hot\\nA:')
+        >>> splits, source, template = prepare_data([("Hot ->", " cold"), ("Up ->", " down")], None, 1, None, None, None)
+        >>> len(splits.train), len(splits.test), template.render("Hot ->")  # your own prompts: used verbatim
+        (1, 1, 'Hot ->')
+        >>> prepare_data(tiny_task().split(0, 8), None, 8, None, None, None)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: n_train split a Task, but these TaskSplits are already split; drop them.
+    """
     if isinstance(task, TaskSplits):
         given = [
             k

@@ -160,6 +160,13 @@ def fit(
 
     Raises:
         FitError: a bad setting (before any work), or a loss that is not finite.
+
+    Example (a two-point λ₂ path at layer 1 of the tiny model, chosen by 2-fold cross-validation on 8 pairs):
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> r = fit(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=2, relaxed_steps=1,
+        ...         mode="zero-shot", progress=False)
+        >>> r.layer, r.selection, r.selection_rule, len(r.splits.train), r.candidates.group_l1_rel.tolist()
+        (1, 'cv', 'cv-1se-ce', 8, [0.5, 0.1])
     """
     lambdas, relative = lambda_spec(group_l1, group_l1_rel)
     if steps is None:
@@ -378,6 +385,12 @@ def fit_path(
     ``group_l1s`` are absolute, or fractions of λ_max with ``relative=True``. Returns a DataFrame
     (``group_l1, group_l1_rel, lambda_max, n_selected, train_accuracy, valid_accuracy, valid_ce``)
     and the interventions in the same order: accuracy against head budget.
+
+    Example:
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> table, ivs = fit_path(tiny_model(), tiny_task().split(0, 8, 4), 1, [0.1, 0.5], relative=True, steps=2, progress=False)
+        >>> table.group_l1_rel.tolist(), table.n_selected.tolist() == [len(iv.selected_heads()) for iv in ivs]
+        ([0.5, 0.1], True)
     """
     template = template or PromptTemplate()
     lambdas = tuple(sorted(lambda_values(group_l1s), reverse=True))

@@ -48,6 +48,18 @@ class PathChoice:
     ``table`` has one row per λ₂ (path order) with ``chosen`` marking the pick; ``rule`` says how
     (``"cv-1se-ce"``, ``"cv-min-accuracy"``, ``"valid-1se-ce"``, ``"max_heads=3"``, ``"last"``);
     ``modes``: how the fit is to be used, when held-out scores chose it (:mod:`lens_laai.fitting.modes`).
+
+    Example (no scores: the path's last point, refitted without the group penalty):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.frontier import choose_on_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> cfg = FitConfig(steps=1, relaxed_steps=1, mode="zero-shot")
+        >>> choice = choose_on_path(tiny_model(), tiny_task().split(0, 8), 1, [0.5, 0.1], cfg, PromptTemplate(), CostMeter(),
+        ...                         how="none", progress=False)
+        >>> choice.index, choice.rule, choice.table.chosen.tolist(), choice.modes, choice.relaxed.shape
+        (1, 'last', [False, True], None, torch.Size([4, 16]))
     """
 
     penalised: LayerFit
@@ -79,6 +91,24 @@ def choose_on_path(
     ``cfg.max_heads`` the pick is the densest point keeping at most that many heads (no scoring; if
     every point keeps more, the sparsest one's ``max_heads`` largest-norm heads).
     ``cfg.relaxed`` refits the pick's support without the group penalty.
+
+    Example (2-fold cross-validation with the one-standard-error rule on 8 pairs, then a head budget):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.frontier import choose_on_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8)
+        >>> cfg = FitConfig(steps=1, relaxed_steps=1, mode="zero-shot")
+        >>> choice = choose_on_path(model, splits, 1, [0.5, 0.1], cfg, PromptTemplate(), CostMeter(), how="cv",
+        ...                         progress=False)
+        >>> choice.rule, int(choice.table.chosen.sum()), "relaxed_cv_accuracy_se" in choice.table
+        ('cv-1se-ce', 1, True)
+        >>> budget = FitConfig(steps=1, relaxed_steps=1, mode="zero-shot", max_heads=2)
+        >>> choice = choose_on_path(model, splits, 1, [0.9, 0.5], budget, PromptTemplate(), CostMeter(), how="none",
+        ...                         progress=False)
+        >>> choice.rule.startswith("max_heads=2"), choice.penalised.n_selected <= 2
+        (True, True)
     """
     path = sorted(lambdas, reverse=True)
     relaxed_steps = cfg.relaxed_steps if cfg.relaxed else None
@@ -225,6 +255,20 @@ def frontier(
 
     Arguments are those of :func:`lens_laai.fit` (a Task is split by ``seed`` into ``n_train`` and
     the rest; ``layer="auto"`` is the default layer).
+
+    Example (two λ₂ on 8 pairs, scored by 2-fold cross-validation and on the 16 test pairs):
+        >>> from lens_laai.fitting.frontier import frontier
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> table = frontier(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=1,
+        ...                  relaxed_steps=1, test=True, progress=False)
+        >>> table.group_l1_rel.tolist(), int(table.chosen_1se.sum()), int(table.chosen_min.sum())
+        ([0.5, 0.1], 1, 1)
+        >>> [c for c in table.columns if "test" in c]
+        ['test_accuracy', 'test_ce', 'relaxed_test_accuracy', 'relaxed_test_ce']
+        >>> frontier(tiny_model(), tiny_task(), layer="sweep", progress=False)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: frontier() fits one layer: give a layer index in 0..2 or 'auto'.
     """
 
     splits, _, template = prepare_data(
@@ -269,7 +313,20 @@ def frontier(
 
 def plot_frontier(table: pd.DataFrame, ax: Any = None, title: str | None = None) -> Any:
     """Accuracy against heads kept along the path: CV score ± 1 SE (relaxed and penalised), and test
-    accuracy when the table has it; the 1-SE pick is ringed. Returns the matplotlib Figure."""
+    accuracy when the table has it; the 1-SE pick is ringed. Returns the matplotlib Figure.
+
+    Example:
+        >>> from lens_laai.fitting.frontier import frontier, plot_frontier
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> table = frontier(tiny_model(), tiny_task(), layer=1, n_train=8, group_l1_rel=[0.5, 0.1], steps=1,
+        ...                  relaxed_steps=1, progress=False)
+        >>> fig = plot_frontier(table, title="tiny-antonym, layer 1")
+        >>> ax = fig.axes[0]
+        >>> ax.get_title(), ax.get_xlabel(), sorted(t.get_text() for t in ax.get_legend().get_texts())
+        ('tiny-antonym, layer 1', 'heads kept', ['1-SE pick', 'penalised, cross-validated', 'relaxed, cross-validated'])
+        >>> import matplotlib.pyplot as plt
+        >>> plt.close(fig)
+    """
     import matplotlib.pyplot as plt
 
     if ax is None:

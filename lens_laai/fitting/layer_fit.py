@@ -113,7 +113,12 @@ class LayerFit:
 
 
 def sites_of(layer: int | Sequence[int]) -> tuple[int, ...]:
-    """``(layer,)`` for one layer; the sorted layers of a joint fit."""
+    """``(layer,)`` for one layer; the sorted layers of a joint fit.
+
+    Example:
+        >>> sites_of(1), sites_of([2, 0])
+        ((1,), (0, 2))
+    """
     return (layer,) if isinstance(layer, int) else tuple(sorted(layer))
 
 
@@ -382,7 +387,12 @@ def solve_layer(
 
 def delta_hooks(layer: int | Sequence[int], delta: Tensor) -> list[tuple[str, Callable]]:
     """``fwd_hooks`` adding Δ at ``hook_z`` at each row's last position: one layer, or (joint) one
-    ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``."""
+    ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``.
+
+    Example:
+        >>> [name for name, _ in delta_hooks((2, 0), torch.zeros(8, 16))]  # rows 0-3 → layer 0, rows 4-7 → layer 2
+        ['blocks.0.attn.hook_z', 'blocks.2.attn.hook_z']
+    """
     sites = sites_of(layer)
     return [(hook_name(L), delta_hook(part)) for L, part in zip(sites, delta.chunk(len(sites)))]
 

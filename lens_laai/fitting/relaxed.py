@@ -36,7 +36,14 @@ RELAXED_STEPS = 8  # proximal steps of a relaxed refit unless told otherwise (de
 
 
 def support(delta: Tensor) -> Tensor:
-    """Which rows (heads) of Δ are non-zero: a boolean ``[head]`` tensor."""
+    """Which rows (heads) of Δ are non-zero: a boolean ``[head]`` tensor.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.fitting.relaxed import support
+        >>> support(torch.tensor([[0.0, 0.0], [0.0, -1e-8], [3.0, 4.0]])).tolist()
+        [False, True, True]
+    """
     return delta.norm(dim=-1) > 0
 
 
@@ -51,6 +58,25 @@ def relaxed_refit(
 
     Starts from ``delta`` (the penalised fit); returns the refitted Δ and the solver's record.
     A Δ with no head selected comes back unchanged, with an empty record.
+
+    Example (the refit moves only the heads the penalised fit kept, here heads 0 and 2):
+        >>> import torch
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import training_batches
+        >>> from lens_laai.fitting.relaxed import relaxed_refit, support
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train, cfg = tiny_model(), tiny_task().split(0, 8).train, FitConfig(layer=1)
+        >>> runner = LayerRunner(model, training_batches(model, train, train, cfg, PromptTemplate()), 1, True, CostMeter())
+        >>> penalised = torch.zeros(4, 16)
+        >>> penalised[[0, 2]] = 0.1
+        >>> refit, history = relaxed_refit(runner, cfg, penalised, steps=3)
+        >>> support(refit).tolist(), len(history), history[-1].smooth < runner.scores([])[1]
+        ([True, False, True, False], 3, True)
+        >>> refit, history = relaxed_refit(runner, cfg, torch.zeros(4, 16))  # no head: nothing to refit
+        >>> bool((refit == 0).all()), history
+        (True, [])
     """
     keep = support(delta)
     if not bool(keep.any()) or steps == 0:
@@ -68,7 +94,24 @@ def relaxed_refit(
 
 @torch.no_grad()
 def pair_scores(runner: LayerRunner, fwd_hooks: list) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pair top-1 correctness (0/1) and cross-entropy of the first target token under ``fwd_hooks``."""
+    """Per-pair top-1 correctness (0/1) and cross-entropy of the first target token under ``fwd_hooks``.
+
+    Example (the model alone, no hooks; the means are what the runner's ``scores`` reports):
+        >>> from lens_laai.fastpath import CostMeter, LayerRunner
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import training_batches
+        >>> from lens_laai.fitting.relaxed import pair_scores
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train = tiny_model(), tiny_task().split(0, 8).train
+        >>> runner = LayerRunner(model, training_batches(model, train, train, FitConfig(), PromptTemplate()), 1, True, CostMeter())
+        >>> correct, ce = pair_scores(runner, [])
+        >>> correct.shape, ce.shape, set(correct.tolist()) <= {0.0, 1.0}, bool((ce > 0).all())
+        ((8,), (8,), True, True)
+        >>> accuracy, mean_ce = runner.scores([])
+        >>> float(correct.mean()) == accuracy, abs(float(ce.mean()) - mean_ce) < 1e-5
+        (True, True)
+    """
     correct, ce = [], []
     for i, batch in enumerate(runner.batches):
         s = score_logits(runner.logits(i, fwd_hooks), batch.target_ids)
@@ -83,6 +126,19 @@ class PathPoint:
 
     ``held`` maps ``"penalised"`` / ``"relaxed"`` to ``(correct, cross_entropy)`` arrays, one entry per
     held-out pair (empty without held-out pairs); ``relaxed`` is ``None`` when no refit was asked for.
+
+    Example (the one point of a one-λ₂ :func:`relaxed_path`, no held-out pairs):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.relaxed import relaxed_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> train = tiny_task().split(0, 8).train
+        >>> (point,) = relaxed_path(tiny_model(), train, None, 1, [0.5], FitConfig(steps=2), PromptTemplate(), CostMeter(), 1)
+        >>> point.lam, point.n_selected == point.fit.n_selected, point.held, len(point.relaxed_history)
+        (0.5, True, {}, 1)
+        >>> point.delta(relaxed=True) is point.relaxed, point.delta(relaxed=False) is point.fit.delta
+        (True, True)
     """
 
     lam: float
@@ -114,6 +170,20 @@ def relaxed_path(
 ) -> Iterator[PathPoint]:
     """:func:`~lens_laai.fitting.layer_fit.layer_path` with a relaxed refit at every λ₂ (``relaxed_steps=None``:
     none) and per-pair scores on ``held``. Each refit starts from its own point's penalised Δ.
+
+    Example (8 training pairs, 16 held-out ones scored penalised and relaxed at each λ₂):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.relaxed import relaxed_path, support
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> splits = tiny_task().split(0, 8)
+        >>> points = list(relaxed_path(tiny_model(), splits.train, splits.test, 1, [0.2, 0.9], FitConfig(steps=2),
+        ...                            PromptTemplate(), CostMeter(), relaxed_steps=1))
+        >>> [p.lam for p in points], [sorted(p.held) for p in points][0], points[0].held["relaxed"][0].shape
+        ([0.9, 0.2], ['penalised', 'relaxed'], (16,))
+        >>> all(bool((support(p.relaxed) == support(p.fit.delta)).all()) for p in points)  # same heads, refitted
+        True
     """
     path = sorted(lambdas, reverse=True)
     for lam, f in zip(path, layer_path(model, train, held, layer, path, cfg, template, meter, runners=runners)):

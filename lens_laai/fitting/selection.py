@@ -76,6 +76,20 @@ def cross_validate(
 
     Columns: ``layer, lam`` (as given: relative or absolute), ``group_l1`` (absolute), ``fold,
     n_held, held_accuracy, held_ce, n_selected``.
+
+    Example (three layers race over two λ₂ on 8 pairs in 2 folds; only the better two go on to the second):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.selection import cross_validate
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> train = tiny_task().split(0, 8).train
+        >>> table = cross_validate(tiny_model(), train, [0, 1, 2], [0.1, 0.5], FitConfig(steps=1), PromptTemplate(),
+        ...                        CostMeter(), progress=False)
+        >>> list(table.columns)
+        ['layer', 'lam', 'group_l1', 'fold', 'n_held', 'held_accuracy', 'held_ce', 'n_selected']
+        >>> table.groupby("lam", sort=False).layer.nunique().to_dict(), table.n_held.unique().tolist()
+        ({0.5: 3, 0.1: 2}, [4])
     """
     parts = fold_splits(train, cfg.folds, cfg.seed)
     path = sorted(lambdas, reverse=True)
@@ -124,7 +138,19 @@ def cross_validate(
 
 
 def pooled_cv_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (layer, lam): pooled held-out accuracy and cross-entropy, mean heads kept."""
+    """One row per (layer, lam): pooled held-out accuracy and cross-entropy, mean heads kept.
+
+    Example (two folds of 4 held-out pairs at each of two layers):
+        >>> from lens_laai.fitting.selection import pooled_cv_scores
+        >>> import pandas as pd
+        >>> folds = pd.DataFrame({"layer": [0, 0, 1, 1], "lam": 0.5, "fold": [0, 1, 0, 1], "n_held": 4,
+        ...                       "held_accuracy": [0.5, 0.25, 0.75, 0.75], "held_ce": [2.0, 3.0, 1.0, 1.5],
+        ...                       "n_selected": [2, 3, 1, 2]})
+        >>> pooled_cv_scores(folds)
+           layer  lam  cv_accuracy  cv_ce  n_selected
+        0      0  0.5        0.375   2.50         2.5
+        1      1  0.5        0.750   1.25         1.5
+    """
     t = table.assign(correct=table.held_accuracy * table.n_held, ce_sum=table.held_ce * table.n_held)
     g = t.groupby(["layer", "lam"], sort=False)
     out = g.agg(
@@ -136,7 +162,17 @@ def pooled_cv_scores(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose(table: pd.DataFrame) -> dict[str, Any]:
-    """The (layer, lam) row of :func:`pooled_cv_scores` with the best held-out accuracy, ties by lower cross-entropy."""
+    """The (layer, lam) row of :func:`pooled_cv_scores` with the best held-out accuracy, ties by lower cross-entropy.
+
+    Example:
+        >>> from lens_laai.fitting.selection import choose
+        >>> import pandas as pd
+        >>> folds = pd.DataFrame({"layer": [0, 0, 1, 1], "lam": 0.5, "fold": [0, 1, 0, 1], "n_held": 4,
+        ...                       "held_accuracy": [0.5, 0.25, 0.75, 0.75], "held_ce": [2.0, 3.0, 1.0, 1.5],
+        ...                       "n_selected": [2, 3, 1, 2]})
+        >>> choose(folds)
+        {'layer': 1, 'lam': 0.5, 'cv_accuracy': 0.75, 'cv_ce': 1.25}
+    """
     summary = pooled_cv_scores(table)
     best = summary.sort_values(["cv_accuracy", "cv_ce"], ascending=[False, True], kind="stable").iloc[0]
     layer = best.layer if isinstance(best.layer, tuple) else int(best.layer)
@@ -256,13 +292,44 @@ def cross_validated_path(
 
     One row per λ₂, path order: ``lam, cv_n_selected`` (mean over folds) and, for ``est`` in
     ``penalised``/``relaxed``, ``{est}_cv_accuracy, {est}_cv_accuracy_se, {est}_cv_ce, {est}_cv_ce_se``.
+
+    Example:
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.selection import cross_validated_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> train = tiny_task().split(0, 8).train
+        >>> table = cross_validated_path(tiny_model(), train, 1, [0.1, 0.5], FitConfig(steps=1), PromptTemplate(),
+        ...                              CostMeter(), relaxed_steps=1, progress=False)
+        >>> table.lam.tolist(), list(table.columns[:2]), list(table.columns[-4:])
+        ([0.5, 0.1], ['lam', 'cv_n_selected'], ['relaxed_cv_accuracy', 'relaxed_cv_accuracy_se', 'relaxed_cv_ce', 'relaxed_cv_ce_se'])
+        >>> bool(table.relaxed_cv_accuracy.between(0, 1).all()), bool((table.relaxed_cv_ce_se > 0).all())
+        (True, True)
     """
     return held_scores(model, train, layer, lambdas, cfg, template, meter, relaxed_steps, progress).table()
 
 
 def score_table(points: Sequence[Any], score: str = "valid") -> pd.DataFrame:
     """:func:`cross_validated_path`'s table from the held-out scores of :class:`~lens_laai.fitting.relaxed.PathPoint` s
-    (e.g. a validation split), columns named ``{est}_{score}_…``."""
+    (e.g. a validation split), columns named ``{est}_{score}_…``.
+
+    Example (a path scored on 4 validation pairs):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.relaxed import relaxed_path
+        >>> from lens_laai.fitting.selection import score_table
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> splits = tiny_task().split(0, 8, 4)
+        >>> points = list(relaxed_path(tiny_model(), splits.train, splits.valid, 1, [0.5, 0.1], FitConfig(steps=1),
+        ...                            PromptTemplate(), CostMeter(), relaxed_steps=1))
+        >>> table = score_table(points)
+        >>> table.lam.tolist(), table.valid_n_selected.tolist() == [p.n_selected for p in points]
+        ([0.5, 0.1], True)
+        >>> [c for c in table.columns if c.startswith("relaxed")]
+        ['relaxed_valid_accuracy', 'relaxed_valid_accuracy_se', 'relaxed_valid_ce', 'relaxed_valid_ce_se']
+    """
     held = {(p.lam, est): [np.stack(v)] for p in points for est, v in p.held.items()}
     return _table([p.lam for p in points], {p.lam: [p.n_selected] for p in points}, held, score)
 
@@ -302,6 +369,17 @@ def choose_point(
     by the fit on all n pairs, one per point) rules out points that keep no head, and with
     ``max_heads`` points that keep more than that; ``score`` names the columns used (``"cv"``, ``"valid"``); if nothing is left, the sparsest point that keeps a
     head (or the first point) is returned.
+
+    Example (three path points; the best is point 2, and point 1 is within one standard error of it):
+        >>> import pandas as pd
+        >>> from lens_laai.fitting.selection import choose_point
+        >>> table = pd.DataFrame({"relaxed_cv_accuracy": [0.5, 0.7, 0.75], "relaxed_cv_accuracy_se": [0.1, 0.1, 0.1]})
+        >>> choose_point(table, "min"), choose_point(table, "1se"), choose_point(table, "min", n_selected=[1, 2, 4], max_heads=2)
+        (2, 1, 1)
+        >>> choose_point(table, "1se", metric="ce")
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: no cv scores of the relaxed fits in this table (no column 'relaxed_cv_ce').
     """
     if rule not in ("1se", "min"):
         raise FitError(f"rule must be '1se' or 'min', got {rule!r}.")

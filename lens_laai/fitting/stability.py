@@ -60,6 +60,20 @@ class Stability:
     ``transformer_lens.patching`` lays out scores). ``path``: one row per λ₂ of Λ and head with the
     probability at that λ₂. ``q``: mean heads selected per subsample over Λ; ``error_bound``:
     ``q² / ((2·threshold − 1)·n_heads)``, the bound on the expected number of falsely stable heads.
+
+    Example (4 half-samples of 8 pairs at layer 1 of the tiny model):
+        >>> from lens_laai.fitting.stability import stability
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> st = stability(tiny_model(), tiny_task(), layer=1, n_train=8, n_subsamples=4, steps=2, progress=False)
+        >>> st.layer, st.n_subsamples, st.threshold, tuple(st.scores.shape), list(st.path.columns)
+        (1, 4, 0.75, (3, 4), ['group_l1_rel', 'head', 'selection_probability'])
+        >>> probs = st.table.selection_probability
+        >>> probs.is_monotonic_decreasing, set((probs * 4).tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0}  # k of 4 fits
+        (True, True)
+        >>> st.stable_heads() == [(1, int(r.head)) for r in st.table.itertuples() if r.selection_probability >= 0.75]
+        True
+        >>> st.error_bound == st.q**2 / ((2 * st.threshold - 1) * 4), sorted(st.summary())[:4]
+        (True, ['error_bound', 'group_l1_rel', 'heads', 'n_subsamples'])
     """
 
     layer: int
@@ -117,7 +131,18 @@ class Stability:
 
 
 def complementary_pairs(n: int, n_subsamples: int, seed: int) -> list[list[int]]:
-    """``n_subsamples`` index sets of size ``n // 2``: random halves and their complements, pair by pair."""
+    """``n_subsamples`` index sets of size ``n // 2``: random halves and their complements, pair by pair.
+
+    Example:
+        >>> from lens_laai.fitting.stability import complementary_pairs
+        >>> halves = complementary_pairs(6, 4, seed=0)
+        >>> [len(h) for h in halves], sorted(halves[0] + halves[1]), sorted(halves[2] + halves[3])
+        ([3, 3, 3, 3], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])
+        >>> complementary_pairs(6, 3, seed=0)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: n_subsamples must be an even number ≥ 2 (complementary pairs), got 3.
+    """
     if n_subsamples < 2 or n_subsamples % 2:
         raise FitError(f"n_subsamples must be an even number ≥ 2 (complementary pairs), got {n_subsamples!r}.")
     if n < 2:
@@ -154,6 +179,18 @@ def stability(
     :func:`lens_laai.fit` chose: ``result.config.group_l1``); without ``lam``, down to the smallest
     λ₂ at which the error bound at ``threshold`` is at most ``max_false`` heads. Task arguments are
     those of :func:`lens_laai.fit`.
+
+    Example (Λ from 0.9 down to 0.5 of λ_max: two points of the path, 4 half-samples):
+        >>> from lens_laai.fitting.stability import stability
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> st = stability(tiny_model(), tiny_task(), layer=1, n_train=8, n_subsamples=4, group_l1_rel=[0.9, 0.5, 0.1],
+        ...                lam=0.5, steps=2, progress=False)
+        >>> st.lam, st.path.group_l1_rel.unique().tolist(), len(st.table), bool(st.table.selection_probability.between(0, 1).all())
+        (0.5, [0.9, 0.5], 4, True)
+        >>> stability(tiny_model(), tiny_task(), layer=1, threshold=0.5, progress=False)
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.FitError: threshold must be in (0.5, 1], got 0.5: the bound needs π > 1/2.
     """
 
     if not 0.5 < threshold <= 1:

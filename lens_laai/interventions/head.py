@@ -56,7 +56,23 @@ from lens_laai.models.head_write import write_of_delta
 
 
 def delta_hook(delta: Tensor, positions: Where = "last"):
-    """A ``hook_z`` hook function adding ``delta`` at ``positions``."""
+    """A ``hook_z`` hook function adding ``delta`` at ``positions``.
+
+    Example:
+        >>> import torch
+        >>> from lens_laai.interventions.head import delta_hook
+        >>> from lens_laai.models.bridge import hook_name
+        >>> from lens_laai.testing import tiny_model
+        >>> hook = delta_hook(torch.ones(2, 3))  # [n_heads, d_head], added at each row's last position
+        >>> hook(torch.zeros(1, 4, 2, 3), None)[0, :, 0, 0].tolist()
+        [0.0, 0.0, 0.0, 1.0]
+        >>> model, tokens = tiny_model(), torch.tensor([[1, 5, 6]])
+        >>> delta = torch.zeros(model.cfg.n_heads, model.cfg.d_head)
+        >>> delta[2] = 1.0
+        >>> steered = model.run_with_hooks(tokens, fwd_hooks=[(hook_name(1), delta_hook(delta))])
+        >>> bool((steered[0, -1] != model(tokens)[0, -1]).any()), torch.equal(steered[0, :-1], model(tokens)[0, :-1])
+        (True, True)
+    """
     return adder_hook(delta, positions)
 
 

@@ -179,7 +179,17 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
 
 
 def pad_id(tokenizer: Any) -> int:
-    """The id used for padding: the tokenizer's pad token, else its EOS, else 0."""
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from lens_laai.tasks.prompts import pad_id
+        >>> from lens_laai.testing import tiny_tokenizer
+        >>> pad_id(tiny_tokenizer())
+        0
+        >>> pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)), pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+        (2, 0)
+    """
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
@@ -237,7 +247,22 @@ def make_batch(
     prepend_bos: bool = True,
     max_tokens: int | None = None,
 ) -> Batch:
-    """A left-padded batch plus the token ids of every target (prompt + target must fit ``max_tokens``)."""
+    """A left-padded batch plus the token ids of every target (prompt + target must fit ``max_tokens``).
+
+    Example:
+        >>> from lens_laai.tasks.prompts import make_batch
+        >>> from lens_laai.testing import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> batch = make_batch(tok, ["Q: hot\\nA:", "up:"], [" cold", " down"])
+        >>> batch.input_ids.shape, batch.attention_mask.tolist()
+        (torch.Size([2, 7]), [[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]])
+        >>> tok.convert_ids_to_tokens(batch.target_ids.tolist()), batch.target_tokens == [[365], [391]]
+        (['Ġcold', 'Ġdown'], True)
+        >>> make_batch(tok, ["Q: hot\\nA:"], [" cold", " down"])
+        Traceback (most recent call last):
+        ...
+        ValueError: 1 prompts but 2 targets.
+    """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
     tokens = [target_token_ids(tokenizer, t) for t in targets]
@@ -254,7 +279,19 @@ def iter_batches(
     prepend_bos: bool = True,
     max_tokens: int | None = None,
 ) -> Iterator[Batch]:
-    """Consecutive batches of at most ``batch_size`` rows."""
+    """Consecutive batches of at most ``batch_size`` rows.
+
+    Example:
+        >>> from lens_laai.tasks.prompts import iter_batches
+        >>> from lens_laai.testing import tiny_tokenizer
+        >>> prompts, targets = ["Q: hot\\nA:", "Q: up\\nA:", "Q: wet\\nA:"], [" cold", " down", " dry"]
+        >>> [b.prompts for b in iter_batches(tiny_tokenizer(), prompts, targets, batch_size=2)]
+        [['Q: hot\\nA:', 'Q: up\\nA:'], ['Q: wet\\nA:']]
+        >>> next(iter_batches(tiny_tokenizer(), prompts, targets, batch_size=0))
+        Traceback (most recent call last):
+        ...
+        lens_laai.errors.TaskError: batch_size must be an integer ≥ 1, got 0.
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise TaskError(f"batch_size must be an integer ≥ 1, got {batch_size!r}.")
     for start in range(0, len(prompts), batch_size):
