@@ -15,13 +15,6 @@ from pathlib import Path
 import lens_laai
 
 LISTED = """
-lens_laai.fitting.layer_fit.LayerFit
-lens_laai.fitting.layer_fit.initial_delta
-lens_laai.fitting.layer_fit.lambda_max
-lens_laai.fitting.layer_fit.layer_path
-lens_laai.fitting.layer_fit.objective
-lens_laai.fitting.layer_fit.solve_layer
-lens_laai.fitting.layer_fit.training_batches
 """
 WITHOUT_EXAMPLE = set(LISTED.split())
 

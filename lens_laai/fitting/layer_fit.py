@@ -10,28 +10,33 @@ varies by orders of magnitude between layers.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from lens_laai.errors import FitError
-from lens_laai.fastpath import CostMeter, LayerRunner, block_device, cached_runner, warn_once
-from lens_laai.fitting.solver import StepRecord, fista
-from lens_laai.interventions.head import HeadIntervention, delta_hook
-from lens_laai.models.bridge import hook_name, model_fingerprint, model_name
+from lens_laai.fastpath import CostMeter, LayerRunner, cached_runner, warn_once
+from lens_laai.fitting.objective import (  # noqa: F401  (re-exported: they were defined here)
+    delta_hooks,
+    initial_delta,
+    lambda_max,
+    objective,
+    sites_of,
+    solve_layer,
+)
+from lens_laai.fitting.solver import StepRecord
+from lens_laai.interventions.head import HeadIntervention
+from lens_laai.models.bridge import model_fingerprint, model_name
 from lens_laai.tasks.prompts import (
     Batch,
     PromptTemplate,
     k_shot_prompts,
-    left_pad,
     model_batches,
-    pad_id,
 )
 from lens_laai.tasks.provenance import fit_metadata
 from lens_laai.tasks.task import Task, TaskSplits
@@ -41,7 +46,27 @@ Init = Literal["zero", "mean-difference"]
 
 @dataclass
 class LayerFit:
-    """One fitted (layer, λ₂) candidate with its scores (``valid_*`` on whatever split was scored)."""
+    """One fitted (layer, λ₂) candidate with its scores (``valid_*`` on whatever split was scored).
+
+    Example (the points of a two-λ₂ path at layer 1 of the tiny model, no validation split):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import layer_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, splits = tiny_model(), tiny_task().split(0, 8)
+        >>> cfg = FitConfig(layer=1, steps=2)
+        >>> first, last = layer_path(model, splits.train, None, 1, [0.9, 0.2], cfg, PromptTemplate(), CostMeter())
+        >>> last.layer, last.group_l1_rel, last.sites, last.main_layer, tuple(last.delta.shape), len(last.history)
+        (1, 0.2, (1,), 1, (4, 16), 2)
+        >>> first.n_selected <= last.n_selected, last.valid_accuracy == last.train_accuracy  # no split: train scores
+        (True, True)
+        >>> list(last.row())
+        ['layer', 'group_l1', 'group_l1_rel', 'lambda_max', 'n_selected', 'train_accuracy', 'valid_accuracy', 'valid_ce', 'train_loss']
+        >>> iv = last.intervention(model, splits, None, cfg, PromptTemplate())
+        >>> iv.layers, len(iv.selected_heads()) == last.n_selected, iv.metadata["fit_config"]["steps"]
+        ([1], True, 2)
+    """
 
     layer: int | tuple[int, ...]
     group_l1: float
@@ -112,16 +137,6 @@ class LayerFit:
         return HeadIntervention(kept, model_name(model), model_fingerprint(model), "last", metadata)
 
 
-def sites_of(layer: int | Sequence[int]) -> tuple[int, ...]:
-    """``(layer,)`` for one layer; the sorted layers of a joint fit.
-
-    Example:
-        >>> sites_of(1), sites_of([2, 0])
-        ((1,), (0, 2))
-    """
-    return (layer,) if isinstance(layer, int) else tuple(sorted(layer))
-
-
 def layer_path(
     model: TransformerBridge,
     train: Task,
@@ -143,6 +158,23 @@ def layer_path(
     :func:`lambda_max` at this layer; ``cfg.init`` picks the starting point of the first λ₂.
     ``runners`` (a dict) shares prefix caches between paths whose prompts coincide, e.g. one
     fold's held-out pairs and another fold's training pairs.
+
+    Example (8 training pairs, scored on 16 held-out ones; λ₂ relative to one λ_max):
+        >>> from lens_laai.fastpath import CostMeter
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import layer_path
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> splits = tiny_task().split(0, 8)
+        >>> meter = CostMeter()
+        >>> path = list(layer_path(tiny_model(), splits.train, splits.test, 1, [0.2, 0.9], FitConfig(layer=1, steps=2),
+        ...                        PromptTemplate(), meter))
+        >>> [f.group_l1_rel for f in path], len({f.lambda_max for f in path}), [len(f.history) for f in path]
+        ([0.9, 0.2], 1, [2, 2])
+        >>> [f.group_l1 == f.group_l1_rel * f.lambda_max for f in path], path[0].valid_runner is path[1].valid_runner
+        ([True, True], True)
+        >>> meter.forward_equivalents() > 0
+        True
     """
     fast = cfg.fast and cfg.objective == "first_token"
     if cfg.fast and cfg.objective == "sequence":
@@ -203,6 +235,19 @@ def training_batches(
     ``cfg.shots`` is one count or several: with ``(0, 5)`` half the pairs (a seeded choice) are
     zero-shot and half 5-shot, so one Δ learns to serve both at the cost of one row per pair.
     Each count gets its own batches (rows of one length pad little).
+
+    Example:
+        >>> from lens_laai.fitting import FitConfig
+        >>> from lens_laai.fitting.layer_fit import training_batches
+        >>> from lens_laai.tasks.prompts import PromptTemplate
+        >>> from lens_laai.testing import tiny_model, tiny_task
+        >>> model, train = tiny_model(), tiny_task().split(0, 8).train
+        >>> batches = training_batches(model, train, train, FitConfig(), PromptTemplate())
+        >>> [len(b) for b in batches], batches[0].prompts[0].count("Q:")
+        ([8], 1)
+        >>> batches = training_batches(model, train, train, FitConfig(shots=(0, 2)), PromptTemplate())
+        >>> [len(b) for b in batches], [b.prompts[0].count("Q:") for b in batches]  # half zero-shot, half 2-shot
+        ([4, 4], [1, 3])
     """
     counts = shot_counts(cfg.shots)
     order = list(range(len(task)))
@@ -285,118 +330,6 @@ def shot_counts(shots: int | Sequence[int]) -> tuple[int, ...]:
     return (shots,) if isinstance(shots, int) else tuple(shots)
 
 
-def objective(
-    runner: LayerRunner, cfg: Any, sites: tuple[int, ...] | None = None
-) -> tuple[Callable[[Tensor], tuple[float, Tensor]], Callable[[Tensor], float]]:
-    """``(smooth_and_grad, smooth)``: the mean training cross-entropy as a function of Δ at ``sites``
-    (default: ``runner.layer`` alone)."""
-    train = runner.batches
-    sites = sites or (runner.layer,)
-    n_rows = sum(len(b) for b in train)
-
-    def loss(delta: Tensor, backward: bool) -> Tensor:
-        total = torch.zeros((), device=delta.device)
-        for i, batch in enumerate(train):
-            if cfg.objective == "sequence":
-                part = _sequence_ce(runner, batch, delta, backward) * len(batch)
-            else:
-                part = runner.cross_entropy(i, delta_hooks(sites, delta), backward)
-            total = total + part.to(total.device)  # the loss may come off another device than Δ's
-        return total / n_rows
-
-    def smooth_and_grad(y: Tensor) -> tuple[float, Tensor]:
-        y = y.detach().requires_grad_(True)
-        value = loss(y, backward=True)
-        (grad,) = torch.autograd.grad(value, y)
-        return float(value.detach()), grad
-
-    def smooth(x: Tensor) -> float:
-        with torch.no_grad():
-            return float(loss(x, backward=False))
-
-    return smooth_and_grad, smooth
-
-
-def lambda_max(runner: LayerRunner, cfg: Any, sites: tuple[int, ...] | None = None) -> float:
-    """The smallest λ₂ whose proximal step leaves every head at zero from Δ = 0, given λ₁ = ``cfg.l1``.
-
-    For the sparse group lasso that is ``max_h ‖S(∇_h f(0), λ₁)‖₂`` (S: soft-thresholding); one
-    gradient evaluation. Raises :class:`FitError` when the gradient is not finite or is zero.
-    """
-    sites = sites or (runner.layer,)
-    smooth_and_grad, _ = objective(runner, cfg, sites)
-    zero = torch.zeros(len(sites) * runner.model.cfg.n_heads, runner.model.cfg.d_head, device=runner.delta_device)
-    value, grad = smooth_and_grad(zero)
-    soft = torch.sign(grad) * torch.clamp(grad.abs() - cfg.l1, min=0.0)
-    lam = float(soft.norm(dim=-1).max())
-    if not torch.isfinite(grad).all() or not lam > 0:
-        raise FitError(
-            f"λ_max at layer {runner.layer} is {lam} (loss {value}): the gradient at Δ = 0 is not finite "
-            f"or is zeroed by l1={cfg.l1}; use a smaller l1, or absolute group_l1 values."
-        )
-    return lam
-
-
-def initial_delta(
-    model: TransformerBridge,
-    train: Task,
-    layer: int | Sequence[int],
-    cfg: Any,
-    template: PromptTemplate,
-    meter: CostMeter,
-) -> Tensor:
-    """Where the path starts: zeros, or every head's mean ``hook_z`` shift from zero-shot to k-shot prompts.
-
-    ``"mean-difference"`` uses ``k = min(10, n_train − 1)`` demonstrations from the training pairs
-    (two forwards of them, charged to ``meter``); the fit then shrinks or reshapes that direction.
-    """
-    sites = sites_of(layer)
-    shape = (len(sites) * model.cfg.n_heads, model.cfg.d_head)
-    device = block_device(model, sites[0])
-    if cfg.init == "zero":
-        return torch.zeros(shape, device=device, dtype=torch.float32)
-    from lens_laai.fastpath.recording import last_token_z
-
-    shots = min(10, len(train) - 1)
-    if shots < 1:
-        raise FitError("init='mean-difference' needs k-shot prompts, so n_train ≥ 2; use init='zero'.")
-    means = []
-    for k in (0, shots):
-        batches = model_batches(model, *k_shot_prompts(train, k, train, cfg.seed, template), cfg.batch_size, template)
-        for batch in batches:
-            meter.add(float(batch.attention_mask.sum()), model.cfg.n_layers, backward=False)
-        means.append(last_token_z(model, batches, list(sites)).float().mean(0))
-    return (means[1] - means[0]).reshape(shape).to(device)
-
-
-def solve_layer(
-    runner: LayerRunner,
-    train: list[Batch],
-    cfg: Any,
-    init: Tensor,
-    on_step: Callable[[StepRecord], None] | None,
-    sites: tuple[int, ...] | None = None,
-) -> tuple[Tensor, list[StepRecord]]:
-    """Minimise the penalised objective over Δ at ``runner.layer`` from ``init`` (FISTA); ``train`` must be ``runner.batches``."""
-    if train is not runner.batches:
-        raise FitError("solve_layer: train must be the runner's own batches.")
-    init = init.to(device=runner.delta_device, dtype=torch.float32)
-    smooth_and_grad, smooth = objective(runner, cfg, sites)
-    return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
-
-
-def delta_hooks(layer: int | Sequence[int], delta: Tensor) -> list[tuple[str, Callable]]:
-    """``fwd_hooks`` adding Δ at ``hook_z`` at each row's last position: one layer, or (joint) one
-    ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``.
-
-    Example:
-        >>> [name for name, _ in delta_hooks((2, 0), torch.zeros(8, 16))]  # rows 0-3 → layer 0, rows 4-7 → layer 2
-        ['blocks.0.attn.hook_z', 'blocks.2.attn.hook_z']
-    """
-    sites = sites_of(layer)
-    return [(hook_name(L), delta_hook(part)) for L, part in zip(sites, delta.chunk(len(sites)))]
-
-
 def _solve_with_bar(
     runner: LayerRunner, cfg: Any, init: Tensor, show: bool, sites: tuple[int, ...]
 ) -> tuple[Tensor, list[StepRecord]]:
@@ -409,28 +342,3 @@ def _solve_with_bar(
     delta, history = solve_layer(runner, runner.batches, cfg, init, on_step, sites)
     bar.close()
     return delta, history
-
-
-def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:
-    """Teacher-forced CE of every target token, Δ at each row's last prompt token only."""
-    model = runner.model
-    rows = [
-        ids[ids_mask.bool()].tolist() + tgt[:-1]
-        for ids, ids_mask, tgt in zip(batch.input_ids, batch.attention_mask, batch.target_tokens)
-    ]
-    ids, mask = left_pad(rows, pad_id(model.tokenizer))
-    ids, mask = ids.to(batch.input_ids.device), mask.to(batch.input_ids.device)
-    width = ids.shape[1]
-    target_lens = torch.tensor([len(t) for t in batch.target_tokens])
-    last_prompt = width - target_lens  # index of each row's last prompt token
-    runner.meter.add(float(mask.sum()), model.cfg.n_layers, backward)
-    logits = model.run_with_hooks(
-        ids, attention_mask=mask, fwd_hooks=[(hook_name(runner.layer), delta_hook(delta, last_prompt))]
-    )
-    total = torch.zeros((), device=logits.device)
-    for i, tgt in enumerate(batch.target_tokens):
-        start = int(last_prompt[i])
-        total = total + F.cross_entropy(
-            logits[i, start : start + len(tgt)].float(), torch.tensor(tgt, device=logits.device), reduction="mean"
-        )
-    return total / len(batch.target_tokens)
