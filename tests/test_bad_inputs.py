@@ -442,8 +442,11 @@ def test_generate_honours_an_all_positions_ablation(tiny):
 
 def test_another_task_is_split_normally_but_never_scores_seen_pairs(tiny, saved):
     reversed_task = Task("reverse", [(b, a) for a, b in TINY_PAIRS])
-    result = evaluate(tiny, reversed_task, saved[0].intervention, n_train=4, n_valid=2)
+    result = evaluate(tiny, reversed_task, saved[0].intervention, n_train=4, n_valid=2, shots=0)
     assert result.n == 24 - 6
+    if saved[0].mode.shots > 4:  # the recorded k-shot mode needs more demonstrations than 4 training pairs give
+        with pytest.raises(TaskError, match="recorded mode .*pass shots=0"):
+            evaluate(tiny, reversed_task, saved[0].intervention, n_train=4, n_valid=2)
     leaky = Task("other", list(TINY_PAIRS) + [("above", "below")])
     with pytest.raises(TaskError, match="were used to fit"):
         evaluate(tiny, leaky, saved[0].intervention, n_train=2, n_valid=2)

@@ -218,8 +218,17 @@ def evaluate(
     if not len(part):
         raise TaskError(f"The {split!r} split is empty; choose another split or a larger task.")
     template = resolve_template(template, ivs)
+    given = shots
     shots, acting, mode = resolve_mode(ivs, shots)
-    prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
+    try:
+        prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
+    except TaskError as err:
+        if given is not None:
+            raise
+        raise TaskError(
+            f"{err} The {shots} demonstrations per prompt are this intervention's recorded mode ({mode}); "
+            "pass shots=0 for its zero-shot Δ, or a smaller shots."
+        ) from None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
     batches = model_batches(model, [prompts[i] for i in order], [targets[i] for i in order], batch_size, template)
     hooks = [hook for iv in acting for hook in iv.fwd_hooks()] + last_position_hooks(model)

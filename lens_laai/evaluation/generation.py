@@ -106,10 +106,10 @@ def generate(
     """
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     _check_generate_args(texts, max_new_tokens, delta_at, temperature, top_k, top_p)
-    before, intervention = _generation_mode(intervention, shots)
-    texts = [before + t for t in texts]
     if intervention is not None:
         intervention.check_model(model, strict)
+    before, intervention = _generation_mode(intervention, shots)
+    texts = [before + t for t in texts]
     ids, mask = encode_prompts(model.tokenizer, texts, prepend_bos, model.cfg.n_ctx, max_new_tokens)
     if (
         intervention is not None
