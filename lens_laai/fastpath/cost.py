@@ -20,8 +20,10 @@ class CostMeter:
     token-layers. Attention's length-dependent cost is ignored, which flatters long prompts
     slightly on the full path and never the fast path.
 
-    Example (two 7-token prompts on the 3-layer tiny model set the unit; then each row's last token
-    goes through one block, forward and backward):
+    Two 7-token prompts on the 3-layer tiny model set the unit; then each row's last token goes
+    through one block, forward and backward.
+
+    Example:
         >>> from lens_laai.fastpath.cost import CostMeter
         >>> from lens_laai.tasks.prompts import make_batch
         >>> from lens_laai.testing import tiny_tokenizer
