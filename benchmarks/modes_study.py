@@ -35,24 +35,14 @@ import pandas as pd
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import TINY, add_study_args, get_task, machine, nested_splits, parser, run_grid, to_markdown, write_outputs
+from dev_study import TASKS as DEV_TASKS
 
 from lens_laai import HeadIntervention, Task, TaskSplits, evaluate, evaluate_many, fit
 from lens_laai.baselines import fit_function_vector, fit_mean_difference
 from lens_laai.tasks.provenance import loose_pair_hash
 
 TASKS = [
-    "antonym",
-    "synonym",
-    "english-french",
-    "english-german",
-    "landmark-country",
-    "person-occupation",
-    "product-company",
-    "next_item",
-    "prev_item",
-    "capitalize_first_letter",
-    "person-sport",
-    "park-country",
+    *DEV_TASKS,
     "person-instrument",
     "country-currency",
     "alphabetically_first_3",
