@@ -14,6 +14,7 @@ import pandas as pd
 
 from lens_laai import Task, TaskSplits, load_model, load_task
 from lens_laai.storage.bundle import atomic_write_text
+from lens_laai.tasks.provenance import loose_pair_hash
 from lens_laai.testing import tiny_task
 
 TASKS = ["antonym", "synonym", "english-french", "english-german"]
@@ -81,6 +82,22 @@ def get_task(name: str, data_dir: str | None, model_name: str) -> Task:
     if data_dir:
         return Task.from_json(Path(data_dir) / f"{name}.json", name=name)
     return load_task(name)
+
+
+def loosely_unique(task: Task) -> Task:
+    """``task`` without pairs that repeat an earlier one up to whitespace and letter case.
+
+    ``next_item`` and ``prev_item`` hold both ``("N", "O")`` and ``("n", "o")``; evaluation refuses
+    to score a test pair that matches a training pair that way (it would overstate accuracy), so
+    such repeats are dropped before splitting. Tasks without them are unchanged.
+    """
+    seen, pairs = set(), []
+    for pair in task.pairs:
+        key = loose_pair_hash(pair)
+        if key not in seen:
+            seen.add(key)
+            pairs.append(pair)
+    return task if len(pairs) == len(task.pairs) else Task(task.name, pairs)
 
 
 def nested_splits(task: Task, seed: int, n_train: int, n_valid: int, n_test: int, n_train_max: int) -> TaskSplits:

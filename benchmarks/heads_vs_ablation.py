@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, get_task, load, machine, parser, to_markdown, write_outputs
+from _common import TINY, get_task, load, loosely_unique, machine, parser, to_markdown, write_outputs
 
 from lens_laai import evaluate, fit_path
 from lens_laai.analysis.head_table import head_table
@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=100, help="held-out test pairs (as the development study)")
     p.add_argument("--layer", type=int, default=16)
     p.add_argument("--rel", default="0.9,0.7,0.5,0.35,0.2,0.05", help="λ₂ path, fractions of λ_max")
+    p.add_argument(
+        "--fit",
+        choices=["default", "path"],
+        default="path",
+        help="the sparse set: 'default' (the library's default fit, fit(model, splits, layer=LAYER): its heads "
+        "and mode chosen by cross-validation on the n pairs; dense: the zero-shot path's last point) or "
+        "'path' (the densest point of one λ₂ path keeping 1..--max-heads heads)",
+    )
     p.add_argument("--max-heads", type=int, default=3)
     p.add_argument("--score-layers", default="all", help="layers head_table scores: 'all' (default) or 'first-last'")
     p.add_argument("--steps", type=int, default=None)
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 LINK_COLUMNS = [
     "task",
     "seed",
+    "mode",
     "heads",
     "rel",
     "acc_sparse",
@@ -123,15 +132,18 @@ LINK_COLUMNS = [
 
 
 def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train: int, quick: bool, args):
-    task = get_task(name, args.data_dir, args.model)
+    task = loosely_unique(get_task(name, args.data_dir, args.model))
     splits = task.split(seed, n_train, 0, min(args.n_test, len(task) - n_train))
     t0 = time.perf_counter()
     steps = {"steps": 3} if quick else ({"steps": args.steps} if args.steps else {})
-    path, ivs = fit_path(model, splits, layer, rel, relative=True, progress=not args.no_progress, **steps)
+    if args.fit == "default":
+        sparse, dense, rel_used, kept, mode = _default_fits(model, splits, layer, steps, args)
+    else:
+        path, ivs = fit_path(model, splits, layer, rel, relative=True, progress=not args.no_progress, **steps)
+        kept = [i for i, n in enumerate(path.n_selected) if 1 <= n <= args.max_heads]
+        sparse, dense, mode = ivs[kept[-1]] if kept else ivs[0], ivs[-1], ""
+        rel_used = float(path.group_l1_rel.iloc[kept[-1]]) if kept else float(path.group_l1_rel.iloc[0])
     fit_seconds = time.perf_counter() - t0
-    kept = [i for i, n in enumerate(path.n_selected) if 1 <= n <= args.max_heads]
-    sparse = ivs[kept[-1]] if kept else ivs[0]
-    dense = ivs[-1]
     accuracy = {key: evaluate(model, splits, iv).accuracy for key, iv in (("sparse", sparse), ("dense", dense))}
     accuracy["none"] = evaluate(model, splits).accuracy
     analysis = head_table(
@@ -155,7 +167,9 @@ def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train:
         "task": name,
         "seed": seed,
         "layer": layer,
-        "rel": float(path.group_l1_rel.iloc[kept[-1]]) if kept else float(path.group_l1_rel.iloc[0]),
+        "fit": args.fit,
+        "mode": mode,
+        "rel": rel_used,
         "k": len(sparse.selected_heads()),
         "within_budget": bool(kept),  # False: no path point kept 1..max_heads heads; the sparsest was used
         "heads": " ".join(f"L{l}H{h}" for l, h in sparse.selected_heads()),
@@ -193,6 +207,18 @@ def run_unit(model, name: str, seed: int, layer: int, rel: list[float], n_train:
     if args.out_dir:
         _save(args.out_dir, f"{name}_s{seed}", analysis)
     return link, analysis.summary, analysis.costs
+
+
+def _default_fits(model, splits, layer: int, steps: dict, args):
+    """The default fit (its heads, λ₂ and chosen mode) and the dense zero-shot fit (the path's last point,
+    penalised: the default before the sparse head set); the analysis scores Δ zero-shot."""
+    from lens_laai import fit
+
+    quiet = {"progress": not args.no_progress, **steps}
+    default = fit(model, splits, layer=layer, **quiet)
+    dense = fit(model, splits, layer=layer, mode="zero-shot", select="none", relaxed=False, **quiet)
+    rel = float(default.config.group_l1)
+    return default.intervention, dense.intervention, rel, default.n_selected > 0, default.mode.name
 
 
 def _layers(text: str, n_layers: int, layer: int) -> list[int] | str:

@@ -34,12 +34,22 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import TINY, add_study_args, get_task, machine, nested_splits, parser, run_grid, to_markdown, write_outputs
+from _common import (
+    TINY,
+    add_study_args,
+    get_task,
+    loosely_unique,
+    machine,
+    nested_splits,
+    parser,
+    run_grid,
+    to_markdown,
+    write_outputs,
+)
 from dev_study import TASKS as DEV_TASKS
 
 from lens_laai import HeadIntervention, Task, TaskSplits, evaluate, evaluate_many, fit
 from lens_laai.baselines import fit_function_vector, fit_mean_difference
-from lens_laai.tasks.provenance import loose_pair_hash
 
 TASKS = [
     *DEV_TASKS,
@@ -94,22 +104,6 @@ def cell(ctx, config: dict) -> dict:
     rows = parts[config["part"]](model, splits, config)
     base = {"task": config["task"], "seed": config["seed"], "n_test": len(splits.test)}
     return {"rows": json.dumps([base | r for r in rows])}
-
-
-def loosely_unique(task: Task) -> Task:
-    """``task`` without pairs that repeat an earlier one up to whitespace and letter case.
-
-    ``next_item`` and ``prev_item`` hold both ``("N", "O")`` and ``("n", "o")``; evaluation refuses
-    to score a test pair that matches a training pair that way (it would overstate accuracy), so
-    such repeats are dropped before splitting. Tasks without them are unchanged.
-    """
-    seen, pairs = set(), []
-    for pair in task.pairs:
-        key = loose_pair_hash(pair)
-        if key not in seen:
-            seen.add(key)
-            pairs.append(pair)
-    return task if len(pairs) == len(task.pairs) else Task(task.name, pairs)
 
 
 def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
@@ -222,10 +216,20 @@ def per_task(rows: pd.DataFrame) -> pd.DataFrame:
     chosen = rows[rows.method == "default (chosen mode)"]
     table["default heads"] = chosen.groupby("task").n_selected.mean()
     table["zero-shot fit heads"] = rows[rows.method == "zero-shot fit"].groupby("task").n_selected.mean()
+    table["default heads Jaccard"] = chosen.groupby("task").heads.agg(jaccard)
     table["chosen modes"] = chosen.groupby("task").chosen_mode.agg(lambda m: " / ".join(m))
     table["seeds"] = chosen.groupby("task").seed.nunique()
     order = [t for t in TASKS if t in table.index] + [t for t in table.index if t not in TASKS]
     return table.loc[order]
+
+
+def jaccard(heads: pd.Series) -> float:
+    """Mean pairwise Jaccard index of the head sets (space-separated ``L<l>H<h>``) across seeds; NaN with one seed."""
+    sets = [set(str(h).split()) - {"nan"} for h in heads]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+    if not pairs:
+        return float("nan")
+    return sum(len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs) / len(pairs)
 
 
 def earlier(out: Path) -> pd.DataFrame:
@@ -321,6 +325,11 @@ def summarise(out: Path) -> int:
                 or "none",
             },
             {"what": "median heads kept by the default", "value": f"{table['default heads'].median():.1f}"},
+            {
+                "what": "default head sets across seeds, mean Jaccard (all / the twelve of sparse_study)",
+                "value": f"{table['default heads Jaccard'].mean():.2f} / "
+                f"{table.loc[table.index.isin(TASKS[:12]), 'default heads Jaccard'].mean():.2f}",
+            },
             {
                 "what": "the twelve tasks of sparse_study: default / zero-shot fit / dense / 10-shot (mean accuracy)",
                 "value": " / ".join(

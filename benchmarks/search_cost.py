@@ -6,7 +6,8 @@ Side by side in one run, on the same tasks, seeds and test sets (n labelled pair
   every third layer of the middle 70% (8 layers on SmolLM2), λ₂ = 0.3 (absolute), 50 steps, layer
   chosen on 40 *extra* validation pairs (``select="valid"``);
 * ``new``: ``fit(model, task, n_train=n)`` with today's defaults (cross-validation on the n pairs
-  with successive halving over the λ₂ path relative to λ_max, then a refit on all n);
+  chooses the λ₂ point, relative to λ_max, and the mode; half the training prompts carry 5
+  demonstrations and count what they cost; then a relaxed refit on all n), scored in its mode;
 * ``fv``: Function Vectors (Todd et al.): mean head activations and causal indirect effects over
   every head on 16 corrupted 10-shot prompts, top 10 heads; its add-layer and scale chosen on the n pairs;
 * ``md`` (not run by default): mean difference on ``hook_z``, its layer and α chosen on the n pairs.
@@ -138,7 +139,9 @@ def run(method: str, model, splits: TaskSplits, quick: bool, layers: list[int] |
     elif method == "new":
         res = fit(model, honest, progress=False, **steps)
         iv, fe = res.intervention, res.forward_equivalents
-        detail = f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)}"
+        detail = (
+            f"layer={res.layer} group_l1_rel={res.config.group_l1} heads={len(res.selected_heads)} mode={res.mode.name}"
+        )
     elif method == "md":
         res = fit_mean_difference(
             model,

@@ -147,6 +147,13 @@ def test_heads_vs_ablation_smoke(capsys, tmp_path):
     ).exists()
 
 
+def test_heads_vs_ablation_links_the_default_fit(capsys, tmp_path):
+    args = [*TINY, "--no-progress", "--tasks", "antonym", "--fit", "default", "--score-layers", "1-2"]
+    link = run_script("heads_vs_ablation", args, capsys)["link"][0]
+    assert link["fit"] == "default" and link["mode"].endswith(("Δ", "prompting"))
+    assert link["k"] == len(link["heads"].split()) >= 1 and link["dense_heads"] >= link["k"]
+
+
 def test_opinions_smoke(capsys, tmp_path):
     out = run_script("opinions", [*TINY, "--no-progress", "--out-dir", str(tmp_path)], capsys)
     rows = out["rows"]

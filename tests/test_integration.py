@@ -36,7 +36,8 @@ def test_the_default_fit_of_20_pairs_beats_zero_shot_by_a_margin(smol, antonym_s
     test = evaluate(smol, antonym_splits, result.intervention).accuracy
     assert result.fast_path
     assert test >= zero + MARGIN, (zero, test)
-    # the sparse default (docs/results.md §6–7): 3 of 9 heads before demonstrations joined the fit, 4 since (README)
+    # the sparse default (docs/results.md §6–7): 3 of 9 heads before demonstrations joined the fit, 4 after, 1 with
+    # the one-standard-error mode rule (README)
     assert 0 < len(result.selected_heads) <= 4, result.candidates
 
 

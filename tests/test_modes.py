@@ -92,11 +92,30 @@ def _scores(zero_delta, five_delta, five_prompt):
         ((([1, 1, 0, 0], [2] * 4), ([1, 1, 0, 0], [0.5] * 4), ([1, 1, 0, 0], [1] * 4)), "5-shot prompting + Δ"),
     ],
 )
-def test_the_best_cross_validated_mode_wins_ties_by_cross_entropy(scores, winner):
-    choice = choose_mode(_scores(*scores), FitConfig(shots=(0, 5)), [2], "relaxed")
+def test_under_rule_min_the_best_cross_validated_mode_wins_ties_by_cross_entropy(scores, winner):
+    choice = choose_mode(_scores(*scores), FitConfig(shots=(0, 5), rule="min"), [2], "relaxed")
     assert choice.mode.name == winner
     assert choice.table.chosen.sum() == 1 and choice.table.loc[choice.table.chosen, "mode"].item() == winner
     assert set(choice.table.columns) >= {"cv_accuracy", "cv_accuracy_se", "cv_ce", "cv_ce_se", "n_selected"}
+
+
+@pytest.mark.parametrize(
+    "scores, winner",
+    [
+        # prompting alone is ahead by 0.25, within one SE of the paired difference (0.25): keep prompting + Δ
+        ((([1, 0, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4), ([1, 1, 1, 0], [1] * 4)), "5-shot prompting + Δ"),
+        # zero-shot Δ is ahead by 0.5 with SE 0.29: it has earned its place
+        ((([1, 1, 1, 0], [1] * 4), ([1, 0, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4)), "zero-shot Δ"),
+        # right on every pair, never behind the preferred mode: 0.5 ahead, SE 0.29
+        ((([1, 1, 1, 1], [1] * 4), ([1, 1, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4)), "zero-shot Δ"),
+        # a tie goes to the preferred mode whatever the cross-entropies say
+        ((([1, 1, 0, 0], [0.1] * 4), ([1, 1, 0, 0], [3.0] * 4), ([1, 1, 0, 0], [1] * 4)), "5-shot prompting + Δ"),
+    ],
+)
+def test_under_rule_1se_prompting_plus_delta_is_left_only_for_a_mode_better_by_one_se(scores, winner):
+    choice = choose_mode(_scores(*scores), FitConfig(shots=(0, 5)), [2], "relaxed")
+    assert choice.mode.name == winner
+    assert choice.table.loc[choice.table.chosen, "mode"].item() == winner
 
 
 def test_candidate_modes():

@@ -162,6 +162,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "mode_shots": result.mode.shots,
         "mode_delta": result.mode.delta,
         "modes": json.loads(result.modes.to_json(orient="records")) if result.modes is not None else None,
+        "mode_rule": result.config.rule,
         "test_accuracy": test.accuracy,
         "zero_shot_delta_accuracy": zero_delta.accuracy,
         "n_test": test.n,
@@ -225,7 +226,7 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
             print(f"\nCandidates, scored on the validation split ({used}):")
         print(sweep.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if s["modes"]:
-        print_modes(s["modes"])
+        print_modes(s["modes"], s["mode_rule"])
     rows = [
         ("zero-shot prompt", s["zero_shot_accuracy"]),
         ("5-shot prompt", s["few_shot_accuracy"]),

@@ -49,8 +49,9 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
         print("* past the pick: not refitted on all pairs; heads kept, mean over the cross-validation folds")
 
 
-def print_modes(modes: list[dict[str, Any]]) -> None:
-    """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked.
+def print_modes(modes: list[dict[str, Any]], rule: str = "1se") -> None:
+    """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked,
+    and (with several candidates) the ``rule`` that picked it.
 
     Example:
         >>> from lens_laai.cli.fit_report import print_modes
@@ -72,6 +73,13 @@ def print_modes(modes: list[dict[str, Any]]) -> None:
     )
     print("\nHow to use it, chosen by the same cross-validation (evaluate and generate use the pick by default):")
     print(table.to_string(index=False))
+    if len(modes) > 1:
+        print(
+            "(--rule 1se: prompting + Δ unless another way is more than one standard error better on the same "
+            "held-out pairs)"
+            if rule == "1se"
+            else "(--rule min: the best CV accuracy, ties to the lower cross-entropy)"
+        )
 
 
 def print_stability(st: dict[str, Any]) -> None:

@@ -158,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=["1se", "min"],
         default=FitConfig.rule,
         help="at one layer: '1se' (default: the sparsest head set whose cross-validated --cv-metric is "
-        "within one standard error of the best) or 'min' (the best: denser, more accurate)",
+        "within one standard error of the best, and k-shot prompting + Δ unless another --mode auto "
+        "candidate is more than one standard error better) or 'min' (the best of each: denser heads)",
     )
     f.add_argument(
         "--cv-metric",
