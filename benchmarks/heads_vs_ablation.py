@@ -23,6 +23,9 @@ and per task × seed the head table CSV and heatmaps. ``--resume`` skips units a
     OMP_NUM_THREADS=1 python benchmarks/heads_vs_ablation.py --data-dir ../shared/datasets/function_vectors \\
         --tasks antonym,english-french,country-currency,person-occupation --seeds 0,1 --score-layers 10-22 \\
         --out-dir docs/results --resume
+    # the twelve-task study of docs/analysis.md: the default fit's heads (--fit default) instead of step 1
+    OMP_NUM_THREADS=1 python benchmarks/heads_vs_ablation.py --data-dir ../shared/datasets/function_vectors \\
+        --fit default --tasks antonym,synonym,... --seeds 0 --score-layers 14-18 --out-dir docs/results/link_study --resume
     python benchmarks/heads_vs_ablation.py --model lens-laai-tiny --quick --json
 """
 
