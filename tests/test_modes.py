@@ -232,7 +232,7 @@ def test_cli_fit_reports_the_mode_and_eval_uses_it(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["mode"] in {"zero-shot Δ", "5-shot prompting + Δ", "5-shot prompting"}
     assert [m["mode"] for m in summary["modes"]] == ["zero-shot Δ", "5-shot prompting + Δ", "5-shot prompting"]
-    assert 0 <= summary["zero_shot_delta_accuracy"] <= 1
+    assert summary["mode_rule"] == "1se" and 0 <= summary["zero_shot_delta_accuracy"] <= 1
     assert main(["eval", *tiny, "--intervention", str(tmp_path / "iv"), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["mode"] == summary["mode"] and ev["accuracy"] == pytest.approx(summary["test_accuracy"])
@@ -242,3 +242,17 @@ def test_cli_fit_reports_the_mode_and_eval_uses_it(tmp_path, capsys):
     assert "--mode" in capsys.readouterr().err
     assert main([*args, "--shots", "0,x", "--out", str(tmp_path / "y")]) == 2
     assert "--shots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [("1se", "unless another way is more than one standard error better"), ("min", "the best CV accuracy")],
+)
+def test_the_printed_modes_table_names_the_rule_that_picked(rule, words, capsys):
+    from lens_laai.cli.fit_report import print_modes
+
+    row = {"delta": True, "n_selected": 1, "cv_accuracy": 0.5, "cv_accuracy_se": 0.1, "cv_ce": 2.0, "cv_ce_se": 0.3}
+    print_modes(
+        [{**row, "mode": "zero-shot Δ", "chosen": False}, {**row, "mode": "5-shot prompting + Δ", "chosen": True}], rule
+    )
+    assert words in capsys.readouterr().out
