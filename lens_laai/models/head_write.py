@@ -97,7 +97,8 @@ def head_writes(
 
     ``share`` defaults to ``z`` itself (each head's whole output, as Function Vectors reads it);
     pass ``Δ`` with ``z`` the intervened activation for what each Δ_h adds on top of the rest.
-    On a linear path this is exactly ``share_h @ W_O[layer, h]``.
+    On a linear path this is exactly ``share_h @ W_O[layer, h]``. A head whose share is zero writes
+    exactly zero (not the round-off of two passes, which multi-threaded kernels make nonzero).
 
     Example:
         >>> import torch
@@ -113,7 +114,9 @@ def head_writes(
     eye = torch.eye(n_heads, dtype=z.dtype, device=z.device)[:, :, None]  # [h, head, 1]
     without = z.unsqueeze(-3) - eye * share.unsqueeze(-3)  # [..., h, head, d_head]
     full = attention_write(model, layer, z).unsqueeze(-2)
-    return full - attention_write(model, layer, without).to(full.device)
+    writes = full - attention_write(model, layer, without).to(full.device)
+    nothing = (share == 0).all(-1, keepdim=True).to(writes.device)  # taking out zero changes nothing, exactly
+    return writes.masked_fill(nothing, 0.0)
 
 
 def write_of_delta(
