@@ -18,6 +18,8 @@ and the 40 "validation" pairs of those studies are left unused), one cell per (t
         --out-dir docs/results/modes_study --workers 2                 # or --address auto on a Ray cluster
     python benchmarks/modes_study.py --summarise-only --out-dir docs/results/modes_study
     python benchmarks/modes_study.py --model lens-laai-tiny --quick
+    # the variant with 10-shot modes (docs/results.md §7; not the default):
+    python benchmarks/modes_study.py ... --parts main --demos 10 --out-dir docs/results/modes_study_demos10
 
 Cells run as a study (:mod:`lens_laai.studies`, kind ``modes_study:cell``): a rerun skips finished
 cells. ``--out-dir`` gets ``rows.csv`` (one row per method and cell) and the summaries
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--fv-prompts", type=int, default=8)
+    p.add_argument(
+        "--demos", type=int, default=None, help="the default fit's demos= (k-shot modes); default: the library's"
+    )
     p.add_argument("--summarise-only", action="store_true")
     add_study_args(p)
     args = p.parse_args(argv)
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return summarise(Path(args.out_dir))
     tasks, seeds, parts = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     fixed = {"model": args.model, "data_dir": args.data_dir, "n": args.n, "n_test": args.n_test}
-    fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40}
+    fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40} | ({"demos": args.demos} if args.demos else {})
     if args.quick or args.model == TINY:
         tasks, seeds = tasks[:1], [0]
         fixed |= {"n": 12, "n_test": 6, "n_valid": 4, "fv_prompts": 4}
@@ -107,11 +112,12 @@ def cell(ctx, config: dict) -> dict:
 
 
 def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
-    """Prompting at 0 and 10 shots; the default fit; 5-shot prompting and 5-shot + Δ in one pass (the
-    prefix shared: :func:`lens_laai.evaluate_many`), zero-shot Δ, and the chosen mode (one of those)."""
+    """Prompting at 0 and 10 shots; the default fit (``demos``: its k-shot modes, when the config names
+    them); its Δ zero-shot, and 5- and 10-shot prompting with and without it in one pass per k (the
+    prefix shared: :func:`lens_laai.evaluate_many`); the chosen mode is one of those."""
     rows = [{"method": f"{k}-shot prompting", "accuracy": evaluate(model, splits, shots=k).accuracy} for k in (0, 10)]
     start = time.perf_counter()
-    default = fit(model, splits, progress=False)
+    default = fit(model, splits, progress=False, demos=config.get("demos"))
     seconds = time.perf_counter() - start
     common = {
         "n_selected": default.n_selected,
@@ -123,16 +129,15 @@ def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
     }
     iv = default.intervention
     none = HeadIntervention.zeros(model, iv.layers[0])
-    five = evaluate_many(model, splits, [none, iv], shots=5).accuracy.tolist()
-    by_mode = {
-        "zero-shot Δ": evaluate(model, splits, iv, shots=0).accuracy,
-        "5-shot prompting": five[0],
-        "5-shot prompting + Δ": five[1],
-    }
-    rows.append({"method": "5-shot prompting", "accuracy": five[0]})
+    by_mode = {"zero-shot Δ": evaluate(model, splits, iv, shots=0).accuracy}
+    for k in sorted({5, 10, default.mode.shots} - {0}):
+        plain, with_delta = evaluate_many(model, splits, [none, iv], shots=k).accuracy.tolist()
+        by_mode |= {f"{k}-shot prompting": plain, f"{k}-shot prompting + Δ": with_delta}
+    rows.append({"method": "5-shot prompting", "accuracy": by_mode["5-shot prompting"]})
     rows.append({"method": "default (chosen mode)", "accuracy": by_mode[default.mode.name], **common})
     rows.append({"method": "default, zero-shot Δ", "accuracy": by_mode["zero-shot Δ"], **common})
-    rows.append({"method": "default, 5-shot + Δ", "accuracy": by_mode["5-shot prompting + Δ"], **common})
+    for k in (5, 10):
+        rows.append({"method": f"default, {k}-shot + Δ", "accuracy": by_mode[f"{k}-shot prompting + Δ"], **common})
     return rows
 
 
@@ -202,6 +207,7 @@ COLUMNS = [
     "default (chosen mode)",
     "default, zero-shot Δ",
     "default, 5-shot + Δ",
+    "default, 10-shot + Δ",
     "zero-shot fit",
     "dense zero-shot fit",
     "function vectors",

@@ -32,10 +32,13 @@ def test_fit_eval_compose_round_trip(tmp_path, task_file, capsys):
         "test_accuracy",
         "zero_shot_accuracy",
         "few_shot_accuracy",
+        "few_shot_shots",
         "seconds",
     ):
         assert key in out, key
     assert out["layer"] == 1 and out["n_heads_total"] == 4 and out["n_test"] == len(TINY_PAIRS) - 12
+    mode_shots = [m["shots"] for m in out["modes"] or []] + [out["mode_shots"]]
+    assert out["few_shot_shots"] == (max(mode_shots) or 5)  # prompting compared on the mode's prompts
 
     assert main(["eval", "--task-file", str(task_file), "--intervention", str(tmp_path / "a"), *TINY, "--json"]) == 0
     ev = last_json(capsys)

@@ -132,9 +132,10 @@ def run_fit(args: argparse.Namespace) -> int:
         zero_delta = evaluate(model, splits, result.intervention, shots=0, progress=not args.no_progress)
     stable = _stability(model, splits, result, args) if args.stability else None
     zero = few = None
+    k = _comparison_shots(result)
     if not args.no_baselines:
         zero = evaluate(model, splits, shots=0, progress=not args.no_progress).accuracy
-        few = evaluate(model, splits, shots=5, progress=not args.no_progress).accuracy
+        few = evaluate(model, splits, shots=k, progress=not args.no_progress).accuracy
     result.intervention.save(args.out, force=args.force)
     summary = {
         "task": task.name,
@@ -168,6 +169,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "n_test": test.n,
         "zero_shot_accuracy": zero,
         "few_shot_accuracy": few,
+        "few_shot_shots": k,
         "fit_seconds": round(result.seconds, 2),
         "forward_equivalents": round(result.forward_equivalents, 1),
         "fast_path": result.fast_path,
@@ -181,6 +183,16 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _comparison_shots(result: Any) -> int:
+    """Demonstrations for the prompting baseline: as many as the fit's k-shot modes use (5 when it has none),
+    so prompting + Δ is compared with prompting on the same prompts."""
+    if result.mode.shots:
+        return int(result.mode.shots)
+    if result.modes is not None and (result.modes.shots > 0).any():
+        return int(result.modes.shots.max())
+    return 5
 
 
 def _deprecated_valid_accuracy(result: Any, splits: Any) -> float:
@@ -229,7 +241,7 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
         print_modes(s["modes"], s["mode_rule"])
     rows = [
         ("zero-shot prompt", s["zero_shot_accuracy"]),
-        ("5-shot prompt", s["few_shot_accuracy"]),
+        (f"{s['few_shot_shots']}-shot prompt", s["few_shot_accuracy"]),
         ("LAAI, zero-shot Δ", s["zero_shot_delta_accuracy"]),
     ]
     if s["mode"] != "zero-shot Δ":

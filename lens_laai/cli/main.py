@@ -232,7 +232,11 @@ def _parser() -> argparse.ArgumentParser:
         help="proximal steps per λ₂ (default: 30 in all for tasks, 20 for surveys)",
     )
     f.add_argument("--lr", type=positive_float, default=None, help=f"default {FitConfig.lr}")
-    f.add_argument("--no-baselines", action="store_true", help="skip the zero-shot and 5-shot comparisons")
+    f.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the comparisons with zero-shot and k-shot prompting (k: the fit's k-shot modes, else 5)",
+    )
     add_out_args(f)
     f.set_defaults(func=run_fit)
 
