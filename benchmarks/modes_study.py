@@ -11,6 +11,8 @@ and the 40 "validation" pairs of those studies are left unused), one cell per (t
 * ``part=zero``: the **zero-shot fit** (``mode="zero-shot"``: the paper's setting and the previous
   default) and the **dense** fit (zero-shot, the λ₂ path's last point 0.05·λ_max, penalised: the
   default before the sparse head set);
+* ``part=joint``: the **joint fit** (``layer="joint"``: the default candidate layers at once, one
+  group per (layer, head), with the default selection; zero-shot);
 * ``part=baselines``: Function Vectors (top 10 heads by causal indirect effect, layer and scale
   chosen on the n pairs) and mean difference, as ``dev_study.py`` runs them.
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--parts", default="main,zero,baselines")
+    p.add_argument("--parts", default="main,zero,joint,baselines")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--fv-prompts", type=int, default=8)
@@ -105,7 +107,7 @@ def cell(ctx, config: dict) -> dict:
     n = config["n"]
     nested = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], n)
     splits = TaskSplits(nested.train, Task(task.name, []), nested.test, config["seed"])  # n pairs, nothing more
-    parts = {"main": run_main, "zero": run_zero, "baselines": run_baselines}
+    parts = {"main": run_main, "zero": run_zero, "joint": run_joint, "baselines": run_baselines}
     rows = parts[config["part"]](model, splits, config)
     base = {"task": config["task"], "seed": config["seed"], "n_test": len(splits.test)}
     return {"rows": json.dumps([base | r for r in rows])}
@@ -142,11 +144,27 @@ def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
 
 
 def run_zero(model, splits: TaskSplits, config: dict) -> list[dict]:
+    return fitted_rows(
+        model,
+        splits,
+        [
+            ("zero-shot fit", {"mode": "zero-shot"}),
+            ("dense zero-shot fit", {"mode": "zero-shot", "select": "none", "relaxed": False}),
+        ],
+    )
+
+
+def run_joint(model, splits: TaskSplits, config: dict) -> list[dict]:
+    """The joint fit over the default candidate layers, one group per (layer, head), with the library's
+    selection (λ₂ path, cross-validation, one-standard-error rule, relaxed refit); zero-shot, since a
+    fit over several layers has no k-shot modes: compare it with the zero-shot fit."""
+    return fitted_rows(model, splits, [("joint fit", {"layer": "joint"})])
+
+
+def fitted_rows(model, splits: TaskSplits, fits: list[tuple[str, dict]]) -> list[dict]:
+    """One row per named fit: held-out accuracy in the fit's mode, its heads and cost."""
     rows = []
-    for name, kwargs in (
-        ("zero-shot fit", {"mode": "zero-shot"}),
-        ("dense zero-shot fit", {"mode": "zero-shot", "select": "none", "relaxed": False}),
-    ):
+    for name, kwargs in fits:
         start = time.perf_counter()
         res = fit(model, splits, progress=False, **kwargs)
         rows.append(
@@ -210,6 +228,7 @@ COLUMNS = [
     "default, 10-shot + Δ",
     "zero-shot fit",
     "dense zero-shot fit",
+    "joint fit",
     "function vectors",
     "mean difference",
 ]
@@ -222,11 +241,28 @@ def per_task(rows: pd.DataFrame) -> pd.DataFrame:
     chosen = rows[rows.method == "default (chosen mode)"]
     table["default heads"] = chosen.groupby("task").n_selected.mean()
     table["zero-shot fit heads"] = rows[rows.method == "zero-shot fit"].groupby("task").n_selected.mean()
+    table["joint fit heads"] = rows[rows.method == "joint fit"].groupby("task").n_selected.mean()
     table["default heads Jaccard"] = chosen.groupby("task").heads.agg(jaccard)
     table["chosen modes"] = chosen.groupby("task").chosen_mode.agg(lambda m: " / ".join(m))
     table["seeds"] = chosen.groupby("task").seed.nunique()
     order = [t for t in TASKS if t in table.index] + [t for t in table.index if t not in TASKS]
     return table.loc[order]
+
+
+def joint_row(table: pd.DataFrame, cost: pd.Series) -> dict:
+    """The joint fit against the zero-shot single-layer fit on the tasks both ran: accuracy, heads, cost."""
+    both = table.dropna(subset=["joint fit", "zero-shot fit"]) if {"joint fit", "zero-shot fit"} <= set(table) else []
+    if not len(both):
+        return {
+            "what": "joint fit / zero-shot fit (mean accuracy, median heads, forward-pass equivalents)",
+            "value": "-",
+        }
+    return {
+        "what": f"joint fit / zero-shot fit on {len(both)} tasks (mean accuracy, median heads, forward-pass equivalents)",
+        "value": f"{both['joint fit'].mean():.3f} / {both['zero-shot fit'].mean():.3f}, "
+        f"{both['joint fit heads'].median():.1f} / {both['zero-shot fit heads'].median():.1f}, "
+        f"{cost.get('joint fit', float('nan')):.0f} / {cost.get('zero-shot fit', float('nan')):.0f}",
+    }
 
 
 def jaccard(heads: pd.Series) -> float:
@@ -348,6 +384,7 @@ def summarise(out: Path) -> int:
                 "value": f"{table.loc[table.index.isin(TASKS[:12]), 'default heads'].median():.1f} / "
                 f"{table.loc[table.index.isin(TASKS[:12]), 'zero-shot fit heads'].median():.1f}",
             },
+            joint_row(table, cost),
             {
                 "what": "default fit, forward-pass equivalents",
                 "value": f"{cost.get('default (chosen mode)', float('nan')):.0f}",

@@ -242,8 +242,11 @@ def test_modes_study_smoke(capsys, tmp_path):
         "default (chosen mode)",
         "default, zero-shot Δ",
         "zero-shot fit",
+        "joint fit",
         "function vectors",
     } <= set(rows.method)
+    joint = rows[rows.method == "joint fit"].iloc[0]
+    assert joint.forward_equivalents > 0 and 0 <= joint.n_selected <= 3 * 4  # the tiny model: 3 layers × 4 heads
     chosen = rows[rows.method == "default (chosen mode)"].iloc[0]
     assert chosen.chosen_mode in json.loads(chosen.cv) and chosen.forward_equivalents > 0
     summary = pd.read_csv(tmp_path / "modes_study_summary.csv")

@@ -163,3 +163,11 @@ def test_empty_task_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "e.json").write_text("[]")
     assert main(["eval", "--task-file", str(tmp_path / "e.json"), *TINY]) == 2
     assert "non-empty JSON list" in capsys.readouterr().err
+
+
+def test_joint_fit_prints_its_layers_and_the_path_it_chose_on(tmp_path, task_file, capsys):
+    args = ["fit", "--task-file", str(task_file), "--layer", "joint", "--n-train", "12", "--steps", "2", *TINY]
+    assert main([*args, "--no-baselines", "--out", str(tmp_path / "j")]) == 0
+    out = capsys.readouterr().out
+    assert "layers 0, 1 (joint)" in out and "of 8 heads selected" in out and "one-standard-error rule" in out
+    assert "Sparsity–accuracy frontier at layers 0, 1 (joint)" in out

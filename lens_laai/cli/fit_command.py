@@ -17,7 +17,7 @@ from lens_laai.cli.args import (
     parse_penalties,
     task_from_args,
 )
-from lens_laai.cli.fit_report import print_frontier, print_modes, print_stability
+from lens_laai.cli.fit_report import print_frontier, print_modes, print_stability, where
 from lens_laai.cli.opinion import (
     fill_task_defaults,
     fit_survey,
@@ -143,6 +143,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "device": str(model.cfg.device),
         "dtype": str(model.cfg.dtype).removeprefix("torch."),
         "layer": result.layer,
+        "layers": list(result.config.candidate_layers(model.cfg.n_layers)) if layer == "joint" else [result.layer],
         "group_l1": result.config.group_l1,
         "relative": result.config.relative,
         "selection": result.selection,
@@ -221,8 +222,8 @@ def _print_fit_table(s: dict[str, Any], sweep: pd.DataFrame) -> None:
     else:
         rule = s["selection_rule"]
     print(
-        f"\nTask {s['task']} on {s['model']}: layer {s['layer']}, {len(s['selected_heads'])} of "
-        f"{s['n_heads_total']} heads selected ({heads}); {rule}"
+        f"\nTask {s['task']} on {s['model']}: {where(s)}, {len(s['selected_heads'])} of "
+        f"{s['n_heads_total'] * len(s.get('layers', [0]))} heads selected ({heads}); {rule}"
         + ("; relaxed refit (group penalty off on those heads)" if s["relaxed"] else "")
     )
     if "group_l1_rel" in sweep and "chosen" in sweep and len(sweep) > 1:

@@ -7,6 +7,18 @@ from typing import Any
 import pandas as pd
 
 
+def where(s: dict[str, Any]) -> str:
+    """Where a fit acts, for a printed heading: ``layer 16``, or a joint fit's ``layers 4, 8, 12 (joint)``.
+
+    Example:
+        >>> from lens_laai.cli.fit_report import where
+        >>> where({"layer": 16}), where({"layer": 8, "layers": [4, 8, 12]})
+        ('layer 16', 'layers 4, 8, 12 (joint)')
+    """
+    layers = s.get("layers") or [s["layer"]]
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (joint)"
+
+
 def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
     """The sparsity–accuracy frontier at the fitted layer, the pick marked.
 
@@ -43,7 +55,7 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
             table[f"CV acc ({est})"] = [f"{a:.2f} ± {e:.2f}" for a, e in zip(acc, se)]
     table["pick"] = ["<-" if c else "" for c in path.chosen]
     used = f"{s['labelled_pairs_used']} labelled pairs used in all"
-    print(f"\nSparsity–accuracy frontier at layer {s['layer']} (λ₂ path, warm starts; {used}):")
+    print(f"\nSparsity–accuracy frontier at {where(s)} (λ₂ path, warm starts; {used}):")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if unfitted.any():
         print("* past the pick: not refitted on all pairs; heads kept, mean over the cross-validation folds")

@@ -8,8 +8,10 @@ pairs alone: by default the layer comes from a rule fixed on the development stu
 (:func:`auto_layer`); the head set is a point of a λ₂ path relative to λ_max, chosen by k-fold
 cross-validation on the training pairs with the one-standard-error rule, and its heads are then
 refitted with the group penalty off (the relaxed group lasso; :mod:`lens_laai.fitting.frontier`,
-:mod:`lens_laai.fitting.relaxed`). ``layer="sweep"`` / ``"joint"`` also choose the layer by
-cross-validation (``lens_laai.fitting.selection``).
+:mod:`lens_laai.fitting.relaxed`). ``layer="joint"`` fits every candidate layer at once, one group
+per (layer, head), and chooses its point on the same path the same way, so the group lasso picks
+layers and heads together; ``layer="sweep"`` chooses (layer, λ₂) by cross-validation
+(``lens_laai.fitting.selection``).
 
 Example:
     >>> from lens_laai import fit, load_task
@@ -202,6 +204,7 @@ def fit(
     if layer == "joint":
         candidates = [tuple(candidates)]  # one candidate: Δ on every layer at once, one group per (layer, head)
     one_layer = len(candidates) == 1 and layer != "joint"
+    on_path = len(candidates) == 1  # one layer, or the joint fit's one candidate: all its layers at once
     how = _selection(select, splits, len(candidates), len(lambdas), joint=layer == "joint", path=one_layer)
     if max_heads is not None and not one_layer:
         raise FitError("max_heads is a head budget on one layer's λ₂ path; use it with one layer (not sweep or joint).")
@@ -215,7 +218,7 @@ def fit(
     check_splits(splits, max(shot_counts(cfg.shots)), how, cfg)
     start, meter = time.perf_counter(), zero_shot_meter(model, splits.train, template)
     choice: PathChoice | None = None
-    if one_layer:
+    if on_path:
         choice = choose_on_path(model, splits, candidates[0], lambdas, cfg, template, meter, how=how, progress=progress)
         best, table = choice.penalised, choice.table
     elif how == "cv":
