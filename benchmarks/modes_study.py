@@ -54,6 +54,7 @@ from dev_study import TASKS as DEV_TASKS
 
 from lens_laai import HeadIntervention, Task, TaskSplits, evaluate, evaluate_many, fit
 from lens_laai.baselines import fit_function_vector, fit_mean_difference
+from lens_laai.cli.args import positive_int
 
 TASKS = [
     *DEV_TASKS,
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--fv-prompts", type=int, default=8)
     p.add_argument(
-        "--demos", type=int, default=None, help="the default fit's demos= (k-shot modes); default: the library's"
+        "--demos",
+        type=positive_int,
+        default=None,
+        help="the default fit's demos= (k-shot modes); default: the library's",
     )
     p.add_argument("--summarise-only", action="store_true")
     add_study_args(p)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return summarise(Path(args.out_dir))
     tasks, seeds, parts = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
     fixed = {"model": args.model, "data_dir": args.data_dir, "n": args.n, "n_test": args.n_test}
-    fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40} | ({"demos": args.demos} if args.demos else {})
+    fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40} | ({"demos": args.demos} if args.demos is not None else {})
     if args.quick or args.model == TINY:
         tasks, seeds = tasks[:1], [0]
         fixed |= {"n": 12, "n_test": 6, "n_valid": 4, "fv_prompts": 4}

@@ -259,3 +259,12 @@ def test_stability_study_smoke(tmp_path):
     probs = pd.read_csv(tmp_path / "selection_probabilities.csv")
     assert set(probs.columns) >= {"task", "seed", "layer", "head", "probability"}
     assert probs.probability.between(0, 1).all() and (tmp_path / "selection_probabilities.png").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan"])
+def test_modes_study_refuses_a_bad_demos_before_running(bad, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        load_script("modes_study").main(
+            ["--model", "lens-laai-tiny", "--quick", "--demos", bad, "--out-dir", str(tmp_path / "o")]
+        )
+    assert "--demos" in capsys.readouterr().err and not (tmp_path / "o").exists()
