@@ -11,6 +11,8 @@ and the 40 "validation" pairs of those studies are left unused), one cell per (t
 * ``part=zero``: the **zero-shot fit** (``mode="zero-shot"``: the paper's setting and the previous
   default) and the **dense** fit (zero-shot, the λ₂ path's last point 0.05·λ_max, penalised: the
   default before the sparse head set);
+* ``part=positions``: the default fit with Δ at each prompt's **last 3 tokens** (``last_positions=3``),
+  scored in each mode like ``main``;
 * ``part=joint``: the **joint fit** (``layer="joint"``: the default candidate layers at once, one
   group per (layer, head), with the default selection; zero-shot);
 * ``part=baselines``: Function Vectors (top 10 heads by causal indirect effect, layer and scale
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--parts", default="main,zero,joint,baselines")
+    p.add_argument("--parts", default="main,zero,joint,positions,baselines")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--fv-prompts", type=int, default=8)
@@ -112,38 +114,52 @@ def cell(ctx, config: dict) -> dict:
     nested = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], n)
     splits = TaskSplits(nested.train, Task(task.name, []), nested.test, config["seed"])  # n pairs, nothing more
     parts = {"main": run_main, "zero": run_zero, "joint": run_joint, "baselines": run_baselines}
+    parts |= {"positions": run_positions}
     rows = parts[config["part"]](model, splits, config)
     base = {"task": config["task"], "seed": config["seed"], "n_test": len(splits.test)}
     return {"rows": json.dumps([base | r for r in rows])}
 
 
 def run_main(model, splits: TaskSplits, config: dict) -> list[dict]:
-    """Prompting at 0 and 10 shots; the default fit (``demos``: its k-shot modes, when the config names
-    them); its Δ zero-shot, and 5- and 10-shot prompting with and without it in one pass per k (the
-    prefix shared: :func:`lens_laai.evaluate_many`); the chosen mode is one of those."""
+    """Prompting at 0 and 10 shots, and the default fit in its modes (:func:`fit_in_modes`; ``demos``:
+    its k-shot modes, when the config names them)."""
     rows = [{"method": f"{k}-shot prompting", "accuracy": evaluate(model, splits, shots=k).accuracy} for k in (0, 10)]
+    return rows + fit_in_modes(model, splits, "default", {"demos": config.get("demos")}, prompting=True)
+
+
+def run_positions(model, splits: TaskSplits, config: dict) -> list[dict]:
+    """The default fit with Δ at each prompt's last ``last_positions`` tokens (3 unless the config says)."""
+    m = config.get("last_positions", 3)
+    return fit_in_modes(model, splits, f"last {m} tokens", {"last_positions": m})
+
+
+def fit_in_modes(model, splits: TaskSplits, name: str, kwargs: dict, prompting: bool = False) -> list[dict]:
+    """``fit(model, splits, **kwargs)`` scored in the mode it chose and in each mode: its Δ zero-shot,
+    and 5- and 10-shot prompting with and without it in one pass per k (the prefix shared:
+    :func:`lens_laai.evaluate_many`); ``prompting`` adds the 5-shot prompting row."""
     start = time.perf_counter()
-    default = fit(model, splits, progress=False, demos=config.get("demos"))
+    res = fit(model, splits, progress=False, **kwargs)
     seconds = time.perf_counter() - start
     common = {
-        "n_selected": default.n_selected,
-        "heads": " ".join(f"L{l}H{h}" for l, h in default.selected_heads),
-        "forward_equivalents": default.forward_equivalents,
+        "n_selected": res.n_selected,
+        "heads": " ".join(f"L{l}H{h}" for l, h in res.selected_heads),
+        "forward_equivalents": res.forward_equivalents,
         "seconds": seconds,
-        "chosen_mode": default.mode.name,
-        "cv": json.dumps({m: round(a, 4) for m, a in zip(default.modes["mode"], default.modes.cv_accuracy)}),
+        "chosen_mode": res.mode.name,
+        "cv": json.dumps({m: round(a, 4) for m, a in zip(res.modes["mode"], res.modes.cv_accuracy)}),
+        "cv_won_lost_p": res.modes.set_index("mode")[["wins", "losses", "p_better"]].dropna().to_json(orient="index"),
     }
-    iv = default.intervention
+    iv = res.intervention
     none = HeadIntervention.zeros(model, iv.layers[0])
     by_mode = {"zero-shot Δ": evaluate(model, splits, iv, shots=0).accuracy}
-    for k in sorted({5, 10, default.mode.shots} - {0}):
+    for k in sorted({5, 10, res.mode.shots} - {0}):
         plain, with_delta = evaluate_many(model, splits, [none, iv], shots=k).accuracy.tolist()
         by_mode |= {f"{k}-shot prompting": plain, f"{k}-shot prompting + Δ": with_delta}
-    rows.append({"method": "5-shot prompting", "accuracy": by_mode["5-shot prompting"]})
-    rows.append({"method": "default (chosen mode)", "accuracy": by_mode[default.mode.name], **common})
-    rows.append({"method": "default, zero-shot Δ", "accuracy": by_mode["zero-shot Δ"], **common})
+    rows = [{"method": "5-shot prompting", "accuracy": by_mode["5-shot prompting"]}] if prompting else []
+    rows.append({"method": f"{name} (chosen mode)", "accuracy": by_mode[res.mode.name], **common})
+    rows.append({"method": f"{name}, zero-shot Δ", "accuracy": by_mode["zero-shot Δ"], **common})
     for k in (5, 10):
-        rows.append({"method": f"default, {k}-shot + Δ", "accuracy": by_mode[f"{k}-shot prompting + Δ"], **common})
+        rows.append({"method": f"{name}, {k}-shot + Δ", "accuracy": by_mode[f"{k}-shot prompting + Δ"], **common})
     return rows
 
 
@@ -230,6 +246,9 @@ COLUMNS = [
     "default, zero-shot Δ",
     "default, 5-shot + Δ",
     "default, 10-shot + Δ",
+    "last 3 tokens (chosen mode)",
+    "last 3 tokens, zero-shot Δ",
+    "last 3 tokens, 5-shot + Δ",
     "zero-shot fit",
     "dense zero-shot fit",
     "joint fit",
@@ -242,10 +261,14 @@ def per_task(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy over seeds per task and method, with the default's heads and chosen modes."""
     table = rows.pivot_table(index="task", columns="method", values="accuracy", aggfunc="mean")
     table = table[[c for c in COLUMNS if c in table]]
+    n_fits = (rows.method == "default (chosen mode)").sum()
+    partial = [c for c in table if c.startswith("default, ") and (rows.method == c).sum() < n_fits]
+    table = table.drop(columns=partial)  # scored on some fits only (an older run of the cell): not comparable
     chosen = rows[rows.method == "default (chosen mode)"]
     table["default heads"] = chosen.groupby("task").n_selected.mean()
     table["zero-shot fit heads"] = rows[rows.method == "zero-shot fit"].groupby("task").n_selected.mean()
     table["joint fit heads"] = rows[rows.method == "joint fit"].groupby("task").n_selected.mean()
+    table["last 3 tokens heads"] = rows[rows.method == "last 3 tokens (chosen mode)"].groupby("task").n_selected.mean()
     table["default heads Jaccard"] = chosen.groupby("task").heads.agg(jaccard)
     table["chosen modes"] = chosen.groupby("task").chosen_mode.agg(lambda m: " / ".join(m))
     table["seeds"] = chosen.groupby("task").seed.nunique()
@@ -253,19 +276,46 @@ def per_task(rows: pd.DataFrame) -> pd.DataFrame:
     return table.loc[order]
 
 
-def joint_row(table: pd.DataFrame, cost: pd.Series) -> dict:
-    """The joint fit against the zero-shot single-layer fit on the tasks both ran: accuracy, heads, cost."""
-    both = table.dropna(subset=["joint fit", "zero-shot fit"]) if {"joint fit", "zero-shot fit"} <= set(table) else []
+def positions_table(rows: pd.DataFrame, name: str = "last 3 tokens") -> pd.DataFrame:
+    """Per task, on the (task, seed) cells both ran: the default fit and the fit with Δ at the last
+    tokens, in the chosen mode and as zero-shot Δ, with heads and forward-pass equivalents."""
+    pairs = {"default (chosen mode)": "default", f"{name} (chosen mode)": name}
+    pairs |= {"default, zero-shot Δ": "default, zero-shot Δ", f"{name}, zero-shot Δ": f"{name}, zero-shot Δ"}
+    wide = rows[rows.method.isin(list(pairs))].pivot_table(
+        index=["task", "seed"], columns="method", values=["accuracy", "n_selected", "forward_equivalents"]
+    )
+    if ("accuracy", f"{name} (chosen mode)") not in wide:
+        return pd.DataFrame()
+    wide = wide.dropna(subset=[("accuracy", m) for m in pairs])
+    out = wide["accuracy"][list(pairs)].rename(columns=pairs)
+    for m in ("default (chosen mode)", f"{name} (chosen mode)"):
+        out[f"{pairs[m]} heads"] = wide["n_selected"][m]
+        out[f"{pairs[m]} forward-pass equivalents"] = wide["forward_equivalents"][m]
+    table = out.groupby("task").mean().assign(seeds=out.groupby("task").size())
+    return pd.concat([table, table.mean().to_frame("mean").T]).reset_index(names="task")
+
+
+def versus_row(rows: pd.DataFrame, a: str, b: str) -> dict:
+    """Method ``a`` against ``b`` on the (task, seed) cells both ran: mean accuracy, median heads, mean
+    forward-pass equivalents, and how many cells ``a`` was above / below ``b``."""
+    wide = rows[rows.method.isin([a, b])].pivot_table(
+        index=["task", "seed"], columns="method", values=["accuracy", "n_selected", "forward_equivalents"]
+    )
+    both = (
+        wide.dropna(subset=[("accuracy", a), ("accuracy", b)])
+        if ("accuracy", a) in wide and ("accuracy", b) in wide
+        else []
+    )
+    what = f"{a} / {b}"
     if not len(both):
-        return {
-            "what": "joint fit / zero-shot fit (mean accuracy, median heads, forward-pass equivalents)",
-            "value": "-",
-        }
+        return {"what": f"{what} (mean accuracy, median heads, forward-pass equivalents)", "value": "-"}
+    acc, heads, fpe = both["accuracy"], both.get("n_selected"), both.get("forward_equivalents")
+    median = lambda m: f"{heads[m].median():.1f}" if heads is not None and m in heads else "-"
+    mean = lambda m: f"{fpe[m].mean():.0f}" if fpe is not None and m in fpe else "-"
     return {
-        "what": f"joint fit / zero-shot fit on {len(both)} tasks (mean accuracy, median heads, forward-pass equivalents)",
-        "value": f"{both['joint fit'].mean():.3f} / {both['zero-shot fit'].mean():.3f}, "
-        f"{both['joint fit heads'].median():.1f} / {both['zero-shot fit heads'].median():.1f}, "
-        f"{cost.get('joint fit', float('nan')):.0f} / {cost.get('zero-shot fit', float('nan')):.0f}",
+        "what": f"{what} on {len(both)} cells (mean accuracy, median heads, forward-pass equivalents, cells up / down)",
+        "value": f"{acc[a].mean():.3f} / {acc[b].mean():.3f}, {median(a)} / {median(b)}, {mean(a)} / {mean(b)}, "
+        f"{int((acc[a] > acc[b]).sum())} / {int((acc[a] < acc[b]).sum())}",
     }
 
 
@@ -388,7 +438,8 @@ def summarise(out: Path) -> int:
                 "value": f"{table.loc[table.index.isin(TASKS[:12]), 'default heads'].median():.1f} / "
                 f"{table.loc[table.index.isin(TASKS[:12]), 'zero-shot fit heads'].median():.1f}",
             },
-            joint_row(table, cost),
+            versus_row(rows, "joint fit", "zero-shot fit"),
+            versus_row(rows, "last 3 tokens (chosen mode)", "default (chosen mode)"),
             {
                 "what": "default fit, forward-pass equivalents",
                 "value": f"{cost.get('default (chosen mode)', float('nan')):.0f}",
@@ -404,6 +455,9 @@ def summarise(out: Path) -> int:
         ]
     )
     write_outputs(str(out), "modes_study_summary", summary, meta)
+    positions = positions_table(rows)
+    if len(positions):
+        write_outputs(str(out), "modes_study_positions", positions, meta)
     chosen = rows[rows.method == "default (chosen mode)"]
     modes = chosen.chosen_mode.value_counts().rename_axis("mode").reset_index(name="cells")
     write_outputs(str(out), "modes_study_modes", modes, meta)

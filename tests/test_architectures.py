@@ -28,6 +28,7 @@ from lens_laai import (
 from lens_laai.fastpath import LastTokenCache, LayerRunner, blocks, notices, prefix, tolerance
 from lens_laai.fastpath.kernels import LlamaLastToken
 from lens_laai.interventions.head import delta_hook
+from lens_laai.interventions.positions import tail_of
 from lens_laai.models.bridge import hook_name
 from lens_laai.tasks.prompts import k_shot_prompts, make_batch
 from lens_laai.testing import (
@@ -110,14 +111,16 @@ def test_unembedding_only_the_last_position_is_exact(models, arch):
     assert cut.shape[1] == 1 and torch.allclose(cut[:, -1].float(), full.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("positions", ["last", (-3, -2, -1), (-4, -1)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
+def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task, positions):
+    """Δ at the last token, or at several of the last positions (the cache then recomputes that many)."""
     model = model_for(models, arch)
     batch = padded_batch(model, task)
     notices._warned.clear()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        cache = LastTokenCache.build(model, batch, layer=1)
+        cache = LastTokenCache.build(model, batch, layer=1, tail=tail_of(positions))
     assert cache is not None and not no_fallback_warnings(record)
     assert cache.path == EXPECTED_PATH[arch]
     assert all(not block._forward_pre_hooks for block in model.blocks), "recording hooks leaked"
@@ -129,7 +132,10 @@ def test_fast_path_equals_the_full_forward_with_gradients(models, arch, task):
             .to(DEVICE)
             .requires_grad_(True)
         )
-        hooks = [(hook_name(1), delta_hook(y)), (hook_name(2), delta_hook(0.5 * y))]  # two layers: Δ flows through both
+        hooks = [
+            (hook_name(1), delta_hook(y, positions)),
+            (hook_name(2), delta_hook(0.5 * y, positions)),
+        ]  # Δ flows through both
         if fast:
             logits, loss = cache.logits(hooks), cache.cross_entropy(hooks, batch.target_ids).sum()
         else:
@@ -259,8 +265,8 @@ def test_sliding_windows_come_from_the_recorded_mask(models, arch, windowed, dty
     assert batch.input_ids.shape[1] > 3 * SLIDING_WINDOW
     cut = blocks._cut
 
-    def see_everything(name, value, width):
-        out = cut(name, value, width)
+    def see_everything(name, value, width, tail=1):
+        out = cut(name, value, width, tail)
         return torch.zeros_like(out) if name == "attention_mask" and isinstance(out, torch.Tensor) else out
 
     monkeypatch.setattr(blocks, "_cut", see_everything)

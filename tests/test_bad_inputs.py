@@ -436,8 +436,13 @@ def test_generate_honours_an_all_positions_ablation(tiny):
     with ablation.apply(tiny):
         first = tiny.tokenizer.decode([int(tiny(tiny.to_tokens("Q: hot\nA:"))[0, -1].argmax())])
     assert cached[0].startswith(first)
+    at_end = HeadAblation.zero(tiny, [(1, h) for h in range(4)], positions=(-1,))  # counted from the prompt's end
+    for cache in (True, False):
+        assert generate(tiny, "Q: hot\nA:", at_end, max_new_tokens=3, use_past_kv_cache=cache) == generate(
+            tiny, "Q: hot\nA:", HeadAblation.zero(tiny, [(1, h) for h in range(4)]), max_new_tokens=3
+        )
     with pytest.raises(TaskError, match="explicit positions"):
-        generate(tiny, "Q: hot\nA:", HeadAblation.zero(tiny, [(1, 0)], positions=(-1,)))
+        generate(tiny, "Q: hot\nA:", HeadAblation.zero(tiny, [(1, 0)], positions=(-500,)))
 
 
 def test_another_task_is_split_normally_but_never_scores_seen_pairs(tiny, saved):

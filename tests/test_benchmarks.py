@@ -243,6 +243,7 @@ def test_modes_study_smoke(capsys, tmp_path):
         "default, zero-shot Δ",
         "zero-shot fit",
         "joint fit",
+        "last 3 tokens (chosen mode)",
         "function vectors",
     } <= set(rows.method)
     joint = rows[rows.method == "joint fit"].iloc[0]
@@ -251,6 +252,8 @@ def test_modes_study_smoke(capsys, tmp_path):
     assert chosen.chosen_mode in json.loads(chosen.cv) and chosen.forward_equivalents > 0
     summary = pd.read_csv(tmp_path / "modes_study_summary.csv")
     assert "target: default ≥ 10-shot mean + 0.05" in set(summary.what)
+    versus = summary[summary.what.str.startswith("last 3 tokens (chosen mode) / default (chosen mode) on 1 cells")]
+    assert len(versus) == 1 and versus.value.iloc[0] != "-"
 
 
 def test_stability_study_smoke(tmp_path):

@@ -165,6 +165,20 @@ def test_empty_task_file_is_a_clear_error(tmp_path, capsys):
     assert "non-empty JSON list" in capsys.readouterr().err
 
 
+def test_fit_with_delta_at_the_last_few_tokens_says_so_and_saves_those_positions(tmp_path, task_file, capsys):
+    from lens_laai import HeadIntervention
+
+    args = ["fit", "--task-file", str(task_file), "--layer", "1", "--n-train", "10", "--steps", "2", *TINY]
+    assert main([*args, "--last-positions", "2", "--no-baselines", "--out", str(tmp_path / "m"), "--json"]) == 0
+    assert last_json(capsys)["last_positions"] == 2
+    assert HeadIntervention.load(tmp_path / "m").positions == (-2, -1)
+    assert main([*args, "--last-positions", "2", "--no-baselines", "--out", str(tmp_path / "m"), "--force"]) == 0
+    assert "layer 1, last 2 tokens" in capsys.readouterr().out
+    for bad in ("0", "-1", "two"):
+        assert main([*args, "--last-positions", bad, "--out", str(tmp_path / "bad")]) == 2
+        assert "--last-positions" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_joint_fit_prints_its_layers_and_the_path_it_chose_on(tmp_path, task_file, capsys):
     args = ["fit", "--task-file", str(task_file), "--layer", "joint", "--n-train", "12", "--steps", "2", *TINY]
     assert main([*args, "--no-baselines", "--out", str(tmp_path / "j")]) == 0

@@ -183,3 +183,51 @@ def test_last_token_cache_refuses_hooks_it_cannot_honour(tiny, task):
     with pytest.raises(ValueError, match="acts below block 1"):
         cache.logits([("hook_embed", lambda x, hook: x)])
     assert cache.logits([("blocks.2.hook_resid_post", lambda x, hook: x)]).shape == (4, len(tiny.tokenizer))
+
+
+@pytest.mark.parametrize("mode", ["zero-shot", "auto"])
+def test_delta_at_the_last_few_positions_fits_on_the_fast_path_as_on_the_full_forward(tiny, task, mode):
+    """``last_positions=3``: one Δ at each prompt's last 3 tokens; the fast path recomputes those 3."""
+    kwargs = dict(layer=1, n_train=8, steps=3, relaxed_steps=2, group_l1_rel=[0.5, 0.1], mode=mode, progress=False)
+    fast = fit(tiny, task, last_positions=3, **kwargs)
+    slow = fit(tiny, task, last_positions=3, fast=False, **kwargs)
+    last = fit(tiny, task, **kwargs)
+    assert fast.fast_path and fast.intervention.positions == (-3, -2, -1) and last.intervention.positions == "last"
+    assert torch.allclose(fast.intervention.deltas[1], slow.intervention.deltas[1], atol=1e-4)
+    assert not torch.allclose(fast.intervention.deltas[1], last.intervention.deltas[1], atol=1e-4)
+    assert fast.forward_equivalents < slow.forward_equivalents
+
+
+def test_delta_at_the_last_few_positions_evaluates_generates_and_saves_consistently(tiny, task, tmp_path):
+    from lens_laai import HeadIntervention, evaluate_many, generate
+
+    res = fit(
+        tiny, task, layer=1, n_train=8, steps=3, relaxed_steps=1, mode="zero-shot", last_positions=3, progress=False
+    )
+    iv = 3.0 * res.intervention  # strong enough to change what the tiny model says
+    plain = evaluate(tiny, res.splits, iv)
+    assert evaluate_many(tiny, res.splits, [iv]).accuracy.item() == pytest.approx(plain.accuracy)
+    assert not plain.table.target_logprob.equals(evaluate(tiny, res.splits, res.intervention).table.target_logprob)
+    prompts = ["Q: hot\nA:", "Q: upward and onward\nA:"]
+    cached = generate(tiny, prompts, iv, max_new_tokens=4, use_past_kv_cache=True)
+    assert cached == generate(tiny, prompts, iv, max_new_tokens=4, use_past_kv_cache=False)
+    assert cached != generate(tiny, prompts, max_new_tokens=4)
+    res.intervention.save(tmp_path / "iv")
+    assert HeadIntervention.load(tmp_path / "iv").positions == (-3, -2, -1)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "3"])
+def test_last_positions_must_be_a_positive_integer(tiny, task, bad):
+    from lens_laai.errors import FitError
+
+    with pytest.raises(FitError, match="last_positions must be a positive integer"):
+        fit(tiny, task, layer=1, n_train=8, last_positions=bad, progress=False)
+
+
+def test_last_positions_beyond_the_shortest_prompt_or_with_the_sequence_objective_is_refused(tiny, task):
+    from lens_laai.errors import FitError, LensLaaiError
+
+    with pytest.raises(FitError, match="objective='sequence' adds Δ at the last prompt token only"):
+        fit(tiny, task, layer=1, n_train=8, last_positions=2, objective="sequence", progress=False)
+    with pytest.raises(LensLaaiError, match="needs prompts of at least 500 tokens"):
+        fit(tiny, task, layer=1, n_train=8, last_positions=500, mode="zero-shot", progress=False)

@@ -76,11 +76,17 @@ def _five_shot(train):
 
 
 def _scores(zero_delta, five_delta, five_prompt):
-    """HeldScores with one λ₂ point and one fold of 4 pairs scored at 0 and 5 shots."""
+    """HeldScores with one λ₂ point and one fold of n pairs scored at 0 and 5 shots."""
     rows = lambda c, ce: np.array([c, ce], dtype=float)
+    n = len(zero_delta[0])
     held = {(0.5, "relaxed"): [np.concatenate([rows(*zero_delta), rows(*five_delta)], 1)]}
-    prompting = [np.concatenate([rows([0] * 4, [9.0] * 4), rows(*five_prompt)], 1)]
-    return HeldScores([0.5], (0, 5), {0.5: [2]}, held, prompting, [4])
+    prompting = [np.concatenate([rows([0] * n, [9.0] * n), rows(*five_prompt)], 1)]
+    return HeldScores([0.5], (0, 5), {0.5: [2]}, held, prompting, [n])
+
+
+def _right(*pairs: int) -> tuple[list[int], list[float]]:
+    """Ten held-out pairs, right on the ones named (cross-entropy 1 everywhere)."""
+    return [int(i in pairs) for i in range(10)], [1.0] * 10
 
 
 @pytest.mark.parametrize(
@@ -102,20 +108,36 @@ def test_under_rule_min_the_best_cross_validated_mode_wins_ties_by_cross_entropy
 @pytest.mark.parametrize(
     "scores, winner",
     [
-        # prompting alone is ahead by 0.25, within one SE of the paired difference (0.25): keep prompting + Δ
-        ((([1, 0, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4), ([1, 1, 1, 0], [1] * 4)), "5-shot prompting + Δ"),
-        # zero-shot Δ is ahead by 0.5 with SE 0.29: it has earned its place
-        ((([1, 1, 1, 0], [1] * 4), ([1, 0, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4)), "zero-shot Δ"),
-        # right on every pair, never behind the preferred mode: 0.5 ahead, SE 0.29
-        ((([1, 1, 1, 1], [1] * 4), ([1, 1, 0, 0], [1] * 4), ([1, 1, 0, 0], [1] * 4)), "zero-shot Δ"),
+        # zero-shot Δ right on 5 pairs the preferred mode misses, never the reverse: p = 1/32, it wins
+        ((_right(0, 1, 2, 3, 4, 5), _right(5), _right(5)), "zero-shot Δ"),
+        # 4 such pairs, ahead by 0.4 (more than one SE of the difference, 0.16): p = 1/16, not enough
+        ((_right(0, 1, 2, 3, 5), _right(5), _right(5)), "5-shot prompting + Δ"),
+        # prompting alone wins 6 and loses 1 (p = 0.0625): keep prompting + Δ
+        ((_right(), _right(9), _right(0, 1, 2, 3, 4, 5)), "5-shot prompting + Δ"),
+        # prompting alone wins 7 and loses none (p = 1/128)
+        ((_right(), _right(), _right(0, 1, 2, 3, 4, 5, 6)), "5-shot prompting"),
+        # one pair ahead is exactly one SE of the paired difference: never a reason to leave
+        ((_right(0, 1), _right(1), _right(1)), "5-shot prompting + Δ"),
         # a tie goes to the preferred mode whatever the cross-entropies say
         ((([1, 1, 0, 0], [0.1] * 4), ([1, 1, 0, 0], [3.0] * 4), ([1, 1, 0, 0], [1] * 4)), "5-shot prompting + Δ"),
     ],
 )
-def test_under_rule_1se_prompting_plus_delta_is_left_only_for_a_mode_better_by_one_se(scores, winner):
+def test_under_rule_1se_prompting_plus_delta_is_left_only_for_a_significantly_better_mode(scores, winner):
     choice = choose_mode(_scores(*scores), FitConfig(shots=(0, 5)), [2], "relaxed")
     assert choice.mode.name == winner
     assert choice.table.loc[choice.table.chosen, "mode"].item() == winner
+    table = choice.table.set_index("mode")
+    assert np.isnan(table.loc["5-shot prompting + Δ", ["wins", "losses", "p_better"]].astype(float)).all()
+    others = table.drop("5-shot prompting + Δ")
+    assert ((others.p_better <= 0.05) == (others.index == winner)).all()
+
+
+def test_the_mode_table_counts_the_pairs_where_a_mode_disagrees_with_the_preferred_one():
+    choice = choose_mode(_scores(_right(0, 1, 2), _right(2, 3), _right(3, 4, 5)), FitConfig(shots=(0, 5)), [2])
+    table = choice.table.set_index("mode")
+    assert table.loc["zero-shot Δ", ["wins", "losses"]].tolist() == [2, 1]
+    assert table.loc["5-shot prompting", ["wins", "losses"]].tolist() == [2, 1]
+    assert table.loc["zero-shot Δ", "p_better"] == pytest.approx(0.5)  # 2 of 3 disagreements: P(X ≥ 2), X ~ Bin(3, ½)
 
 
 def test_candidate_modes():
@@ -246,13 +268,19 @@ def test_cli_fit_reports_the_mode_and_eval_uses_it(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "rule, words",
-    [("1se", "unless another way is more than one standard error better"), ("min", "the best CV accuracy")],
+    [("1se", "unless another way is significantly better"), ("min", "the best CV accuracy")],
 )
 def test_the_printed_modes_table_names_the_rule_that_picked(rule, words, capsys):
     from lens_laai.cli.fit_report import print_modes
 
     row = {"delta": True, "n_selected": 1, "cv_accuracy": 0.5, "cv_accuracy_se": 0.1, "cv_ce": 2.0, "cv_ce_se": 0.3}
     print_modes(
-        [{**row, "mode": "zero-shot Δ", "chosen": False}, {**row, "mode": "5-shot prompting + Δ", "chosen": True}], rule
+        [
+            {**row, "mode": "zero-shot Δ", "chosen": False, "wins": 3.0, "losses": 1.0, "p_better": 0.3125},
+            {**row, "mode": "5-shot prompting + Δ", "chosen": True, "wins": None, "losses": None, "p_better": None},
+        ],
+        rule,
     )
-    assert words in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert words in out
+    assert ("3–1, p 0.312" in out) == (rule == "1se")

@@ -8,15 +8,18 @@ import pandas as pd
 
 
 def where(s: dict[str, Any]) -> str:
-    """Where a fit acts, for a printed heading: ``layer 16``, or a joint fit's ``layers 4, 8, 12 (joint)``.
+    """Where a fit acts, for a printed heading: ``layer 16``, a joint fit's ``layers 4, 8, 12 (joint)``,
+    and ``, last 3 tokens`` when Δ acts at more than the last token.
 
     Example:
         >>> from lens_laai.cli.fit_report import where
-        >>> where({"layer": 16}), where({"layer": 8, "layers": [4, 8, 12]})
-        ('layer 16', 'layers 4, 8, 12 (joint)')
+        >>> where({"layer": 16}), where({"layer": 8, "layers": [4, 8, 12]}), where({"layer": 16, "last_positions": 3})
+        ('layer 16', 'layers 4, 8, 12 (joint)', 'layer 16, last 3 tokens')
     """
     layers = s.get("layers") or [s["layer"]]
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (joint)"
+    at = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))} (joint)"
+    m = s.get("last_positions") or 1
+    return at if m == 1 else f"{at}, last {m} tokens"
 
 
 def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
@@ -63,7 +66,8 @@ def print_frontier(s: dict[str, Any], path: pd.DataFrame) -> None:
 
 def print_modes(modes: list[dict[str, Any]], rule: str = "1se") -> None:
     """How the fit is to be used: each candidate mode's cross-validated accuracy, the winner marked,
-    and (with several candidates) the ``rule`` that picked it.
+    and (with several candidates) the ``rule`` that picked it, with each mode's record against the
+    preferred one (held-out pairs won and lost, and the sign test's p-value) where the fit kept it.
 
     Example:
         >>> from lens_laai.cli.fit_report import print_modes
@@ -80,18 +84,27 @@ def print_modes(modes: list[dict[str, Any]], rule: str = "1se") -> None:
             "heads": [m["n_selected"] if m["delta"] else "-" for m in modes],
             "CV accuracy": [f"{m['cv_accuracy']:.2f} ± {m['cv_accuracy_se']:.2f}" for m in modes],
             "CV cross-entropy": [f"{m['cv_ce']:.2f} ± {m['cv_ce_se']:.2f}" for m in modes],
-            "pick": ["<-" if m["chosen"] else "" for m in modes],
         }
     )
+    if len(modes) > 1 and rule == "1se" and any(m.get("p_better") is not None for m in modes):
+        table["won–lost, p"] = [_record(m) for m in modes]
+    table["pick"] = ["<-" if m["chosen"] else "" for m in modes]
     print("\nHow to use it, chosen by the same cross-validation (evaluate and generate use the pick by default):")
     print(table.to_string(index=False))
     if len(modes) > 1:
         print(
-            "(--rule 1se: prompting + Δ unless another way is more than one standard error better on the same "
-            "held-out pairs)"
+            "(--rule 1se: prompting + Δ unless another way is significantly better on the same held-out pairs: "
+            "won–lost counts the pairs where the two disagree, p is the one-sided sign test's, ≤ 0.05 to leave)"
             if rule == "1se"
             else "(--rule min: the best CV accuracy, ties to the lower cross-entropy)"
         )
+
+
+def _record(mode: dict[str, Any]) -> str:
+    """``"5–0, p 0.031"`` against the preferred mode, ``"-"`` for the preferred mode itself."""
+    if mode.get("p_better") is None or mode["p_better"] != mode["p_better"]:
+        return "-"
+    return f"{mode['wins']:.0f}–{mode['losses']:.0f}, p {mode['p_better']:.3f}"
 
 
 def print_stability(st: dict[str, Any]) -> None:

@@ -159,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
         default=FitConfig.rule,
         help="at one layer: '1se' (default: the sparsest head set whose cross-validated --cv-metric is "
         "within one standard error of the best, and k-shot prompting + Δ unless another --mode auto "
-        "candidate is more than one standard error better) or 'min' (the best of each: denser heads)",
+        "candidate is significantly better: a one-sided sign test at 0.05 on the held-out pairs where "
+        "they disagree) or 'min' (the best of each: denser heads)",
     )
     f.add_argument(
         "--cv-metric",
@@ -183,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="demonstrations in the training prompts, a comma list (default: 0,5 with --mode auto or few-shot, "
         "fewer when folds are small; 0 with --mode zero-shot)",
+    )
+    f.add_argument(
+        "--last-positions",
+        type=positive_int,
+        default=1,
+        metavar="M",
+        help="add Δ at each prompt's last M tokens (default 1: the last token, the paper's setting)",
     )
     f.add_argument(
         "--no-relaxed",

@@ -29,6 +29,7 @@ from lens_laai.errors import TaskError
 from lens_laai.fastpath import LayerRunner
 from lens_laai.fastpath.scoring import score_logits
 from lens_laai.interventions.mode import Mode
+from lens_laai.interventions.positions import tail_of
 from lens_laai.interventions.protocol import Intervention
 from lens_laai.models.bridge import last_position_hooks
 from lens_laai.tasks.prompts import (
@@ -331,12 +332,13 @@ def evaluate_many(
     template = resolve_template(template, interventions)
     prompts, targets = k_shot_prompts(part, shots, demos, demo_seed, template)
     batches = model_batches(model, prompts, targets, batch_size, template)
-    by_layer: dict[int, list[int]] = {}
+    by_layer: dict[tuple[int, int], list[int]] = {}
     for i, iv in enumerate(interventions):
-        by_layer.setdefault(min(iv.layers) if iv.positions == "last" and iv.layers else -1, []).append(i)
+        tail = tail_of(iv.positions)
+        by_layer.setdefault((min(iv.layers), tail) if tail and iv.layers else (-1, 1), []).append(i)
     rows: dict[int, dict[str, Any]] = {}
-    for layer, members in tqdm(by_layer.items(), desc="layers", disable=not progress):
-        runner = LayerRunner(model, batches, max(layer, 0), fast and layer >= 0)
+    for (layer, tail), members in tqdm(by_layer.items(), desc="layers", disable=not progress):
+        runner = LayerRunner(model, batches, max(layer, 0), fast and layer >= 0, tail=tail)
         for i in members:
             accuracy, ce = runner.scores(interventions[i].fwd_hooks())
             rows[i] = {"accuracy": accuracy, "mean_target_logprob": -ce}

@@ -86,7 +86,8 @@ def generate(
     ``delta_at="prompt"`` (default) adds Δ at the last prompt token only, as in training; every
     later token sees it through the attention cache. ``"every_token"`` also adds it at each
     generated token. An intervention (or ablation) whose ``positions`` are ``"all"`` acts at every
-    prompt and generated token; explicit positions index the left-padded prompt. Cached and
+    prompt and generated token; explicit positions index the left-padded prompt (negative ones count
+    back from its last token: a fit with ``last_positions=3`` acts at ``(-3, -2, -1)``). Cached and
     uncached generation compute the same thing in every case.
     ``temperature=0`` is greedy; otherwise sample, optionally restricted by ``top_k`` / ``top_p``,
     reproducibly with ``seed``. Each row stops at the tokenizer's EOS.
@@ -114,11 +115,11 @@ def generate(
     if (
         intervention is not None
         and isinstance(intervention.positions, tuple)
-        and (min(intervention.positions) < 0 or max(intervention.positions) >= ids.shape[1])
+        and not all(-ids.shape[1] <= p < ids.shape[1] for p in intervention.positions)
     ):
         raise TaskError(
             f"generate needs an intervention's explicit positions inside the (left-padded) prompt, "
-            f"0..{ids.shape[1] - 1}; got {intervention.positions}. Use positions='last' or 'all'."
+            f"{-ids.shape[1]}..{ids.shape[1] - 1}; got {intervention.positions}. Use positions='last' or 'all'."
         )
     device = model.cfg.device
     ids, mask = (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
@@ -194,8 +195,9 @@ def _generation_hooks(
         return []
     if iv.positions == "all":
         return iv.fwd_hooks("all")  # under a cache each step sees only its new token: every position once
-    if iv.positions != "last":
-        return iv.fwd_hooks(iv.positions) if first or not cached else []
+    if isinstance(iv.positions, tuple):
+        at = tuple(p % prompt_len for p in iv.positions)  # negative: from the prompt's end, not the sequence's
+        return iv.fwd_hooks(at) if first or not cached else []
     if cached:
         return iv.fwd_hooks("last") if first or delta_at == "every_token" else []
     if delta_at == "every_token":

@@ -6,7 +6,8 @@ block was called with (:func:`record_block_calls`), and later runs replay blocks
 those inputs (:func:`replay_logits`) under whatever hooks the caller sets. Two callers:
 
 * the last-token prefix cache (:class:`lens_laai.fastpath.prefix.LastTokenCache`) records each
-  argument cut to the last query position (``width=``) and replays one token per row;
+  argument cut to the last ``tail`` query positions (``width=``, ``tail=``) and replays those tokens
+  per row (one, unless Δ acts at the last few positions);
 * :class:`BlockReplayModel` records all positions and answers TransformerLens' patching
   functions, one patched run per head.
 
@@ -67,7 +68,7 @@ class BlockCall:
     """What the full forward passed one block, other than its hidden state.
 
     ``kwargs`` holds every argument by name: recorded with ``width`` (the last-token path), the
-    attention mask's last query row, the rotary tables' and position ids' last position, flags as
+    attention mask's last ``tail`` query rows, the rotary tables' and position ids' last ``tail`` positions, flags as
     given and the cache as :data:`PREFIX`; recorded without, every argument as given and the cache
     as ``None``. ``device`` is where the block ran.
 
@@ -117,24 +118,24 @@ def is_cache(value: Any) -> bool:
     return isinstance(value, Cache)
 
 
-def _cut(name: str, value: Any, width: int) -> Any:
-    """``value`` of argument ``name`` at the last of ``width`` positions, or :class:`ReplayUnsupported`."""
+def _cut(name: str, value: Any, width: int, tail: int = 1) -> Any:
+    """``value`` of argument ``name`` at the last ``tail`` of ``width`` positions, or :class:`ReplayUnsupported`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if is_cache(value):
         return PREFIX
     if isinstance(value, Tensor):
         if name == "attention_mask" and value.dim() == 4 and value.shape[-2:] == (width, width):
-            return value[..., -1:, :].detach().clone()
+            return value[..., -tail:, :].detach().clone()
         if name in ("position_ids", "cache_position") and value.shape[-1] == width:
-            return value[..., -1:].detach().clone()
+            return value[..., -tail:].detach().clone()
         raise ReplayUnsupported(f"tensor argument {name!r} of shape {tuple(value.shape)}")
     if (
         name == "position_embeddings"
         and isinstance(value, (tuple, list))
         and all(isinstance(t, Tensor) and t.dim() >= 2 and t.shape[-2] == width for t in value)
     ):
-        return tuple(t[..., -1:, :].detach().clone() for t in value)
+        return tuple(t[..., -tail:, :].detach().clone() for t in value)
     raise ReplayUnsupported(f"argument {name!r} of type {type(value).__name__}")
 
 
@@ -166,14 +167,14 @@ def _bind(block: Any, args: tuple, kwargs: dict) -> tuple[Tensor, dict[str, Any]
     return hidden, named
 
 
-def _record(module: Any, args: tuple, kwargs: dict, width: int | None) -> RecordedCall:
+def _record(module: Any, args: tuple, kwargs: dict, width: int | None, tail: int = 1) -> RecordedCall:
     hidden, named = _bind(module, args, kwargs)
     if width is None:
         kept = {name: (None if is_cache(value) else value) for name, value in named.items()}
         hidden = hidden.detach()
     else:
-        kept = {name: _cut(name, value, width) for name, value in named.items()}
-        hidden = hidden[:, -1:].detach().clone()
+        kept = {name: _cut(name, value, width, tail) for name, value in named.items()}
+        hidden = hidden[:, -tail:].detach().clone()
     if "use_cache" in kept:
         kept["use_cache"] = False
     return hidden, BlockCall(kept, hidden.device)
@@ -181,12 +182,12 @@ def _record(module: Any, args: tuple, kwargs: dict, width: int | None) -> Record
 
 @contextmanager
 def record_block_calls(
-    model: TransformerBridge, layers: Sequence[int], width: int | None = None
+    model: TransformerBridge, layers: Sequence[int], width: int | None = None, tail: int = 1
 ) -> Iterator[dict[int, RecordedCall | ReplayUnsupported]]:
     """Forward pre-hooks on blocks ``layers`` recording each call, or the reason it cannot be replayed.
 
-    With ``width`` (the prompt length) every argument is cut to the last position; without, all
-    positions are kept. The hooks are removed on exit, also after an exception. Check the result
+    With ``width`` (the prompt length) every argument is cut to the last ``tail`` positions; without,
+    all positions are kept. The hooks are removed on exit, also after an exception. Check the result
     with :func:`recording_problems`.
 
     Example:
@@ -207,7 +208,7 @@ def record_block_calls(
             calls[index] = ReplayUnsupported(f"block {index} ran twice in one forward")
             return
         try:
-            calls[index] = _record(module, args, kwargs, width)
+            calls[index] = _record(module, args, kwargs, width, tail)
         except ReplayUnsupported as err:
             calls[index] = err
 

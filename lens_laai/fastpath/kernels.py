@@ -97,8 +97,10 @@ def rms_norm(x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], eps: float)
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rotary_tables(cos: Float[Tensor, "batch 1 d_head"], sin: Float[Tensor, "batch 1 d_head"]) -> tuple[Tensor, Tensor]:
-    """``(cos, signed sin)`` shaped ``[batch, 1, 1, d_head]`` for :func:`_rotate`.
+def rotary_tables(
+    cos: Float[Tensor, "batch tail d_head"], sin: Float[Tensor, "batch tail d_head"]
+) -> tuple[Tensor, Tensor]:
+    """``(cos, signed sin)`` shaped ``[batch, 1, tail, d_head]`` for :func:`_rotate`.
 
     Example:
         >>> import torch
@@ -136,8 +138,8 @@ class _Block:
 class BlockInputs:
     """What one block's attention needs besides weights: rotary tables and the additive key mask.
 
-    ``rotary`` is ``(cos, signed sin)`` shaped ``[batch, 1, 1, d_head]`` (:func:`rotary_tables`);
-    ``mask`` is ``[batch, 1, 1, pos]`` added to the scores (0 where visible), or ``None``.
+    ``rotary`` is ``(cos, signed sin)`` shaped ``[batch, 1, tail, d_head]`` (:func:`rotary_tables`);
+    ``mask`` is ``[batch, 1, tail, pos]`` added to the scores (0 where visible), or ``None``.
 
     Example:
         >>> from lens_laai.fastpath.prefix import LastTokenCache
@@ -169,7 +171,7 @@ class KernelUnsupported(Exception):
 
 
 class LlamaLastToken:
-    """One token per row through Llama-family blocks ``first..n-1``, keys/values of earlier positions given.
+    """The last token (or last few) of each row through Llama-family blocks ``first..n-1``, keys/values of earlier positions given.
 
     Example:
         >>> import torch
@@ -258,13 +260,13 @@ class LlamaLastToken:
         if not (isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2):
             raise KernelUnsupported("the block was not given (cos, sin) rotary tables")
         cos, sin = (t.detach() for t in position_embeddings)
-        if cos.shape[-1] != self.d_head or cos.shape[-2] != 1:
+        if cos.shape[-1] != self.d_head:
             raise KernelUnsupported(f"rotary tables of shape {tuple(cos.shape)} (partial rotary?)")
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         mask = attention_mask
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-2] != 1:
+            if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-2] != cos.shape[-2]:
                 raise KernelUnsupported(f"attention mask of shape {getattr(mask, 'shape', None)}")
             mask = mask.detach()
             if mask.dtype == torch.bool:
@@ -273,13 +275,13 @@ class LlamaLastToken:
 
     def hidden(
         self,
-        h: Float[Tensor, "batch 1 d_model"],
+        h: Float[Tensor, "batch tail d_model"],
         inputs: dict[int, BlockInputs],
         keys: dict[int, Tensor],
         values: dict[int, Tensor],
         z_hooks: dict[int, list[ZHook]],
     ) -> Float[Tensor, "batch d_model"]:
-        """The final-normed last-token state; ``z_hooks[l]`` edit ``blocks.l.attn.hook_z`` ([batch, 1, head, d_head])."""
+        """The final-normed last-token state; ``z_hooks[l]`` edit ``blocks.l.attn.hook_z`` ([batch, tail, head, d_head])."""
         for l, blk in self.blocks.items():
             h = self._block_forward(blk, h.to(blk.q[0].device), inputs[l], keys[l], values[l], z_hooks.get(l, ()))
         return rms_norm(h.to(self.final_norm[0].device), *self.final_norm)[:, -1]
@@ -287,22 +289,29 @@ class LlamaLastToken:
     def _block_forward(
         self, blk: _Block, h: Tensor, inp: BlockInputs, k_prev: Tensor, v_prev: Tensor, z_hooks: list[ZHook] | tuple
     ) -> Tensor:
-        b, group = h.shape[0], self.n_heads // self.n_kv
-        cos, sin = inp.rotary
+        b, m, group = h.shape[0], h.shape[1], self.n_heads // self.n_kv
+        cos, sin = inp.rotary  # [batch, 1, m, d_head]
+        mask = inp.mask  # [batch, 1, m, pos]
+        if m > 1:  # query rows ordered (group, position), so each row finds its position's table and mask row
+            cos, sin = cos.repeat(1, 1, group, 1), sin.repeat(1, 1, group, 1)
+            mask = mask.repeat(1, 1, group, 1) if mask is not None else None
         x = rms_norm(h, *blk.ln1)
-        # query head h reads key/value head h // group, so queries group as [batch, kv, group, d_head]
-        q = _rotate(F.linear(x, *blk.q).view(b, self.n_kv, group, self.d_head), cos, sin)
-        k = _rotate(F.linear(x, *blk.k).view(b, self.n_kv, 1, self.d_head), cos, sin)
-        v = F.linear(x, *blk.v).view(b, self.n_kv, 1, self.d_head)
+        # query head h reads key/value head h // group, so queries group as [batch, kv, group · m, d_head]
+        q = F.linear(x, *blk.q).view(b, m, self.n_kv, group, self.d_head).permute(0, 2, 3, 1, 4)
+        q = _rotate(q.reshape(b, self.n_kv, group * m, self.d_head), cos, sin)
+        k = F.linear(x, *blk.k).view(b, m, self.n_kv, self.d_head).transpose(1, 2)
+        k = _rotate(k, *inp.rotary)
+        v = F.linear(x, *blk.v).view(b, m, self.n_kv, self.d_head).transpose(1, 2)
         keys, vals = torch.cat([k_prev, k], dim=-2), torch.cat([v_prev, v], dim=-2)
         scores = (q @ keys.transpose(-1, -2)).mul_(blk.scaling)
-        if inp.mask is not None:
-            scores = scores + inp.mask  # [batch, 1, 1, pos] broadcasts over (kv head, group)
+        if mask is not None:
+            scores = scores + mask  # broadcasts over kv heads
         weights = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(vals.dtype)
-        z = (weights @ vals).reshape(b, 1, self.n_heads, self.d_head)
+        z = (weights @ vals).view(b, self.n_kv, group, m, self.d_head).permute(0, 3, 1, 2, 4)
+        z = z.reshape(b, m, self.n_heads, self.d_head)
         for fn in z_hooks:
             z = fn(z)
-        h = h + F.linear(z.reshape(b, 1, -1), *blk.o)
+        h = h + F.linear(z.reshape(b, m, -1), *blk.o)
         x = rms_norm(h, *blk.ln2)
         return h + F.linear(blk.act(F.linear(x, *blk.gate)) * F.linear(x, *blk.up), *blk.down)
 

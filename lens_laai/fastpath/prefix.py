@@ -113,6 +113,9 @@ class FrozenPrefix:
 class LastTokenCache:
     """What Δ at (layer, last token) cannot change, for one batch; see the module docstring.
 
+    Built with ``tail=m``, the same for Δ at the last ``m`` positions: the prefix is all but those,
+    and a step recomputes them from ``layer`` up (the logits are still the last token's).
+
     Example:
         >>> import torch
         >>> from lens_laai.interventions.head import delta_hook
@@ -131,7 +134,7 @@ class LastTokenCache:
     """
 
     layer: int
-    resid: Float[Tensor, "batch 1 d_model"]
+    resid: Float[Tensor, "batch tail d_model"]
     prefix: FrozenPrefix
     calls: dict[int, BlockCall]
     full_logits: Float[Tensor, "batch vocab"]
@@ -140,10 +143,18 @@ class LastTokenCache:
     kernel: LlamaLastToken | None = None
     kernel_inputs: dict[int, BlockInputs] = field(default_factory=dict)
     hook_points: dict[str, Any] = field(default_factory=dict)  # the model's ``hook_dict`` is rebuilt per access
+    tail: int = 1
 
     @classmethod
-    def build(cls, model: TransformerBridge, batch: Batch, layer: int, check: bool = True) -> LastTokenCache | None:
-        """Run the one full forward; ``None`` (after a one-time warning) if the path can't be used."""
+    def build(
+        cls, model: TransformerBridge, batch: Batch, layer: int, check: bool = True, tail: int = 1
+    ) -> LastTokenCache | None:
+        """Run the one full forward; ``None`` (after a one-time warning) if the path can't be used.
+
+        ``tail``: how many last positions a step recomputes from ``layer`` up (1 for Δ at the last
+        token; ``m`` for Δ at the last ``m`` positions, which then attend to each other as in the full
+        forward). The step's cost grows with ``tail``, not with the prompt.
+        """
         hf = getattr(model, "original_model", None)
         arch = type(hf).__name__
         missing = [part for part in REQUIRED_PARTS if not hasattr(model, part)]
@@ -158,7 +169,7 @@ class LastTokenCache:
 
         width, layers = batch.input_ids.shape[1], range(layer, model.cfg.n_layers)
         try:
-            with torch.no_grad(), record_block_calls(model, layers, width) as recorded:
+            with torch.no_grad(), record_block_calls(model, layers, width, tail) as recorded:
                 logits, cache = model(
                     batch.input_ids,
                     attention_mask=batch.attention_mask,
@@ -182,7 +193,7 @@ class LastTokenCache:
                 f"arch:{arch}", f"Fast last-token path unsupported for {arch} ({problems[0]}); using the full forward."
             )
             return None
-        keys, values = prefix_kv(cache, layer, model.cfg.n_layers)
+        keys, values = prefix_kv(cache, layer, model.cfg.n_layers, tail)
         if keys is None or values is None:
             warn_once("nocache", "The model returned no KV cache; the fast path is off, using the full forward.")
             return None
@@ -194,6 +205,7 @@ class LastTokenCache:
             logits[:, -1].detach(),
             model,
             final_softcap(model),
+            tail=tail,
         )
         if check:
             try:
@@ -361,8 +373,10 @@ def _bound_hook(fn: Callable, point: Any) -> ZHook:
     return lambda z: _call_hook(fn, z, point)
 
 
-def prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:
-    """Keys/values of all positions but the last, for layers ``layer..n_layers-1``.
+def prefix_kv(
+    cache: Any, layer: int, n_layers: int, tail: int = 1
+) -> tuple[dict[int, Tensor] | None, dict[int, Tensor] | None]:
+    """Keys/values of all positions but the last ``tail``, for layers ``layer..n_layers-1``.
 
     Example:
         >>> import torch
@@ -387,5 +401,5 @@ def prefix_kv(cache: Any, layer: int, n_layers: int) -> tuple[dict[int, Tensor] 
             k, v = cache[l][0], cache[l][1]
         if k is None or k.numel() == 0:
             return None, None
-        keys[l], values[l] = k[..., :-1, :].detach(), v[..., :-1, :].detach()
+        keys[l], values[l] = k[..., :-tail, :].detach(), v[..., :-tail, :].detach()
     return keys, values

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from lens_laai.errors import LensLaaiError
 from lens_laai.fastpath.cost import CostMeter
 from lens_laai.fastpath.prefix import PATHS, LastTokenCache
 from lens_laai.fastpath.scoring import score_logits
@@ -41,6 +42,8 @@ def block_device(model: TransformerBridge, layer: int) -> torch.device:
 
 class LayerRunner:
     """Last-token logits of fixed batches under a Δ at one layer; fast path where possible.
+
+    ``tail``: the last positions the fast path recomputes (Δ at the last ``tail`` prompt tokens).
 
     Example:
         >>> import torch
@@ -66,14 +69,21 @@ class LayerRunner:
         layer: int,
         fast: bool = True,
         meter: CostMeter | None = None,
+        tail: int = 1,
     ) -> None:
-        self.model, self.batches, self.layer = model, batches, layer
+        self.model, self.batches, self.layer, self.tail = model, batches, layer, tail
+        shortest = min((int(b.attention_mask.sum(1).min()) for b in batches), default=tail)
+        if shortest < tail:
+            raise LensLaaiError(
+                f"Δ at the last {tail} prompt positions needs prompts of at least {tail} tokens; the shortest "
+                f"has {shortest}. Use fewer last positions or a longer prompt template."
+            )
         self.meter = meter or CostMeter()
         n = model.cfg.n_layers
         self.caches: list[LastTokenCache | None] = []
         for batch in batches:
             self.meter.register_prompts(batch, n)
-            cache = LastTokenCache.build(model, batch, layer) if fast else None
+            cache = LastTokenCache.build(model, batch, layer, tail=tail) if fast else None
             if cache is not None:
                 self.meter.add(float(batch.attention_mask.sum()), n, backward=False)
             self.caches.append(cache)
@@ -99,7 +109,7 @@ class LayerRunner:
         batch, cache = self.batches[index], self.caches[index]
         n = self.model.cfg.n_layers
         if cache is not None:
-            self.meter.add(len(batch), n - self.layer, backward)
+            self.meter.add(len(batch) * self.tail, n - self.layer, backward)
             return cache.logits(fwd_hooks)
         self.meter.add(float(batch.attention_mask.sum()), n, backward)
         out = self.model.run_with_hooks(
@@ -113,7 +123,7 @@ class LayerRunner:
         """Summed cross-entropy of batch ``index``'s first target tokens (the fitting loss)."""
         batch, cache = self.batches[index], self.caches[index]
         if cache is not None:
-            self.meter.add(len(batch), self.model.cfg.n_layers - self.layer, backward)
+            self.meter.add(len(batch) * self.tail, self.model.cfg.n_layers - self.layer, backward)
             return cache.cross_entropy(fwd_hooks, batch.target_ids).sum()
         logits = self.logits(index, fwd_hooks, backward).float()
         return F.cross_entropy(logits, batch.target_ids.to(logits.device), reduction="sum")
@@ -137,10 +147,11 @@ def cached_runner(
     fast: bool,
     meter: CostMeter,
     runners: MutableMapping[Any, LayerRunner] | None,
+    tail: int = 1,
 ) -> LayerRunner:
     """A :class:`LayerRunner` for ``batches`` at ``layer``, reused from ``runners`` when the same prompts were seen.
 
-    The key is ``(layer, fast, model, prompts and targets)``, layer first so a caller can drop a
+    The key is ``(layer, fast, model, prompts and targets, tail)``, layer first so a caller can drop a
     layer's runners. A reused runner charges its steps to ``meter`` from now on; building its
     prefix caches was charged to the meter of the fit that built it.
 
@@ -155,11 +166,11 @@ def cached_runner(
         >>> again is first, len(runners)
         (True, 1)
     """
-    key = (layer, fast, id(model), tuple((tuple(b.prompts), tuple(b.targets)) for b in batches))
+    key = (layer, fast, id(model), tuple((tuple(b.prompts), tuple(b.targets)) for b in batches), tail)
     if runners is not None and key in runners:
         runners[key].meter = meter
         return runners[key]
-    runner = LayerRunner(model, batches, layer, fast, meter)
+    runner = LayerRunner(model, batches, layer, fast, meter, tail)
     if runners is not None:
         runners[key] = runner
     return runner

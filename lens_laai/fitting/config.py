@@ -110,7 +110,8 @@ class FitConfig:
     :func:`lens_laai.fitting.layer_fit.lambda_max`); otherwise it is λ₂ itself. ``select`` says how the
     layer and λ₂ were chosen: ``"cv"`` (``folds``-fold cross-validation on the training pairs),
     ``"valid"`` (on a separate validation split: the older protocol, which uses more labelled
-    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose).
+    pairs than ``n_train``) or ``"none"`` (one candidate, nothing to choose). ``last_positions``:
+    Δ at each prompt's last ``m`` tokens (1: the last token, the paper's setting).
 
     Example:
         >>> import dataclasses
@@ -152,6 +153,7 @@ class FitConfig:
     objective: Objective = "first_token"
     batch_size: int = 32
     fast: bool = True
+    last_positions: int = 1
 
     def validate(self, n_layers: int) -> None:
         """Raise :class:`FitError` naming the first bad setting."""
@@ -199,6 +201,11 @@ class FitConfig:
             raise FitError(f"folds must be an integer ≥ 2, got {self.folds!r}.")
         if not isinstance(self.halving, bool):
             raise FitError(f"halving must be True or False, got {self.halving!r}.")
+        m = self.last_positions
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise FitError(f"last_positions must be a positive integer (Δ at each prompt's last m tokens), got {m!r}.")
+        if m > 1 and self.objective == "sequence":
+            raise FitError("objective='sequence' adds Δ at the last prompt token only; use last_positions=1.")
         self.candidate_layers(n_layers)
 
     def candidate_layers(self, n_layers: int) -> list[int]:

@@ -93,6 +93,7 @@ def fit(
     shots: int | Sequence[int] | None = None,
     mode: str = "auto",
     demos: int | None = None,
+    last_positions: int = FitConfig.last_positions,
     init: Init = "zero",
     select: Select = "cv",
     rule: str = FitConfig.rule,
@@ -153,6 +154,8 @@ def fit(
         steps, lr: proximal steps per λ₂ (default :data:`STEPS_PER_POINT` on the default path; 30
             in all, split over a path you give) and the initial step size (adapted by backtracking).
         shots: demonstrations in the training prompts (0: the zero-shot setting of the paper).
+        last_positions: add the one Δ at each prompt's last ``m`` tokens instead of the last one
+            (the fast path recomputes those ``m``; ``docs/results.md`` §7 measures it).
         init: the first λ₂'s starting point: ``"zero"`` or ``"mean-difference"`` (each head's mean
             ``hook_z`` shift from zero-shot to k-shot prompts of the training pairs).
         objective: ``"first_token"`` or ``"sequence"`` (whole target, teacher forcing; uses the
@@ -196,6 +199,7 @@ def fit(
         relaxed=relaxed,
         relaxed_steps=relaxed_steps,
         max_heads=max_heads,
+        last_positions=last_positions,
     )
     for lam in lambdas:
         replace(cfg, group_l1=lam).validate(model.cfg.n_layers)
@@ -283,8 +287,12 @@ def _finish(model, splits, source, chosen, template, best, choice, table, how):
         delta, train_acc, valid = choice.relaxed, choice.relaxed_train_accuracy, choice.relaxed_valid
     else:
         delta, _ = relaxed_refit(best.runner, chosen, best.delta, chosen.relaxed_steps, best.sites)
-        train_acc = best.runner.scores(delta_hooks(best.sites, delta))[0]
-        valid = best.valid_runner.scores(delta_hooks(best.sites, delta)) if best.valid_runner is not None else None
+        train_acc = best.runner.scores(delta_hooks(best.sites, delta, best.runner.tail))[0]
+        valid = (
+            best.valid_runner.scores(delta_hooks(best.sites, delta, best.runner.tail))
+            if best.valid_runner is not None
+            else None
+        )
     final = replace(best, delta=delta, train_accuracy=train_acc)
     if valid is not None:
         final.valid_accuracy, final.valid_ce = valid

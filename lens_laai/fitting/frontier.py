@@ -155,9 +155,9 @@ def choose_on_path(
     if cfg.relaxed:
         assert chosen.runner is not None, "layer_path keeps each point's runner"
         relaxed, _ = relaxed_refit(chosen.runner, cfg, chosen.delta, cfg.relaxed_steps, chosen.sites)
-        relaxed_acc = chosen.runner.scores(delta_hooks(chosen.sites, relaxed))[0]
+        relaxed_acc = chosen.runner.scores(delta_hooks(chosen.sites, relaxed, chosen.runner.tail))[0]
         if chosen.valid_runner is not None:
-            relaxed_valid = chosen.valid_runner.scores(delta_hooks(chosen.sites, relaxed))
+            relaxed_valid = chosen.valid_runner.scores(delta_hooks(chosen.sites, relaxed, chosen.runner.tail))
     table = pd.DataFrame(
         [_row(f, lam, cfg) for lam, f in zip(path, fits)] + [_unfitted(lam, cfg) for lam in path[len(fits) :]]
     )
@@ -203,7 +203,7 @@ def _top_heads(f: LayerFit, k: int) -> LayerFit:
     keep[norms.topk(k).indices] = True
     delta = f.delta * keep[:, None]
     assert f.runner is not None, "layer_path keeps each point's runner"
-    acc, _ = f.runner.scores(delta_hooks(f.sites, delta))
+    acc, _ = f.runner.scores(delta_hooks(f.sites, delta, f.runner.tail))
     return replace(f, delta=delta, train_accuracy=acc)
 
 

@@ -31,6 +31,7 @@ from lens_laai.fitting.objective import (  # noqa: F401  (re-exported: they were
 )
 from lens_laai.fitting.solver import StepRecord
 from lens_laai.interventions.head import HeadIntervention
+from lens_laai.interventions.positions import last_positions
 from lens_laai.models.bridge import model_fingerprint, model_name
 from lens_laai.tasks.prompts import (
     Batch,
@@ -134,7 +135,8 @@ class LayerFit:
         delta = self.delta.detach().to("cpu", torch.float32).clone()
         parts = dict(zip(self.sites, delta.chunk(len(self.sites))))
         kept = {L: d for L, d in parts.items() if d.abs().sum() > 0} or {self.sites[0]: parts[self.sites[0]]}
-        return HeadIntervention(kept, model_name(model), model_fingerprint(model), "last", metadata)
+        where = last_positions(cfg.last_positions)
+        return HeadIntervention(kept, model_name(model), model_fingerprint(model), where, metadata)
 
 
 def layer_path(
@@ -186,9 +188,10 @@ def layer_path(
     sites = sites_of(layer)
     if len(sites) > 1 and cfg.objective == "sequence":
         raise FitError("a joint fit over several layers supports objective='first_token' only.")
-    runner = _runner(model, training_batches(model, train, train, cfg, template), sites[0], meter, fast, runners)
+    tail = cfg.last_positions
+    runner = _runner(model, training_batches(model, train, train, cfg, template), sites[0], meter, fast, runners, tail)
     valid_runner = (
-        _runner(model, held_out_batches(model, valid, train, cfg, template), sites[0], meter, cfg.fast, runners)
+        _runner(model, held_out_batches(model, valid, train, cfg, template), sites[0], meter, cfg.fast, runners, tail)
         if valid is not None and len(valid)
         else None
     )
@@ -197,8 +200,10 @@ def layer_path(
     for lam in sorted(lambdas, reverse=True):
         absolute = lam * lam_max if lam_max is not None else lam
         delta, history = _solve_with_bar(runner, replace(cfg, group_l1=absolute), delta, show_steps, sites)
-        train_acc, train_ce = runner.scores(delta_hooks(sites, delta))
-        valid_acc, valid_ce = valid_runner.scores(delta_hooks(sites, delta)) if valid_runner else (train_acc, train_ce)
+        train_acc, train_ce = runner.scores(delta_hooks(sites, delta, runner.tail))
+        valid_acc, valid_ce = (
+            valid_runner.scores(delta_hooks(sites, delta, runner.tail)) if valid_runner else (train_acc, train_ce)
+        )
         yield LayerFit(
             layer,
             absolute,
@@ -222,9 +227,10 @@ def _runner(
     meter: CostMeter,
     fast: bool,
     runners: dict | None,
+    tail: int = 1,
 ) -> LayerRunner:
     """A :class:`LayerRunner` for ``batches``, shared through ``runners`` (:func:`~lens_laai.fastpath.cached_runner`)."""
-    return cached_runner(model, batches, layer, fast, meter, runners)
+    return cached_runner(model, batches, layer, fast, meter, runners, tail)
 
 
 def training_batches(

@@ -20,6 +20,7 @@ from lens_laai.errors import FitError
 from lens_laai.fastpath import CostMeter, LayerRunner, block_device
 from lens_laai.fitting.solver import StepRecord, fista
 from lens_laai.interventions.head import delta_hook
+from lens_laai.interventions.positions import last_positions
 from lens_laai.models.bridge import hook_name
 from lens_laai.tasks.prompts import Batch, PromptTemplate, k_shot_prompts, left_pad, model_batches, pad_id
 from lens_laai.tasks.task import Task
@@ -68,7 +69,7 @@ def objective(
             if cfg.objective == "sequence":
                 part = _sequence_ce(runner, batch, delta, backward) * len(batch)
             else:
-                part = runner.cross_entropy(i, delta_hooks(sites, delta), backward)
+                part = runner.cross_entropy(i, delta_hooks(sites, delta, runner.tail), backward)
             total = total + part.to(total.device)  # the loss may come off another device than Δ's
         return total / n_rows
 
@@ -209,16 +210,17 @@ def solve_layer(
     return fista(smooth_and_grad, smooth, init, cfg.l1, cfg.group_l1, cfg.steps, cfg.lr, on_step)
 
 
-def delta_hooks(layer: int | Sequence[int], delta: Tensor) -> list[tuple[str, Callable]]:
-    """``fwd_hooks`` adding Δ at ``hook_z`` at each row's last position: one layer, or (joint) one
-    ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``.
+def delta_hooks(layer: int | Sequence[int], delta: Tensor, tail: int = 1) -> list[tuple[str, Callable]]:
+    """``fwd_hooks`` adding Δ at ``hook_z`` at each row's last ``tail`` positions: one layer, or (joint)
+    one ``[n_heads, d_head]`` block of Δ's rows per layer of ``layer``. Pass the runner's ``tail``.
 
     Example:
         >>> [name for name, _ in delta_hooks((2, 0), torch.zeros(8, 16))]  # rows 0-3 → layer 0, rows 4-7 → layer 2
         ['blocks.0.attn.hook_z', 'blocks.2.attn.hook_z']
     """
     sites = sites_of(layer)
-    return [(hook_name(L), delta_hook(part)) for L, part in zip(sites, delta.chunk(len(sites)))]
+    where = last_positions(tail)
+    return [(hook_name(L), delta_hook(part, where)) for L, part in zip(sites, delta.chunk(len(sites)))]
 
 
 def _sequence_ce(runner: LayerRunner, batch: Batch, delta: Tensor, backward: bool) -> Tensor:

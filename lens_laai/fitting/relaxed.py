@@ -192,10 +192,10 @@ def relaxed_path(
         if relaxed_steps is not None:
             assert f.runner is not None, "layer_path keeps each point's runner"
             relaxed, history = relaxed_refit(f.runner, cfg, f.delta, relaxed_steps, f.sites)
-            train_acc = f.runner.scores(delta_hooks(f.sites, relaxed))[0]
+            train_acc = f.runner.scores(delta_hooks(f.sites, relaxed, f.runner.tail))[0]
         scores = {}
         if f.valid_runner is not None:
-            scores["penalised"] = pair_scores(f.valid_runner, delta_hooks(f.sites, f.delta))
+            scores["penalised"] = pair_scores(f.valid_runner, delta_hooks(f.sites, f.delta, f.valid_runner.tail))
             if relaxed is not None:
-                scores["relaxed"] = pair_scores(f.valid_runner, delta_hooks(f.sites, relaxed))
+                scores["relaxed"] = pair_scores(f.valid_runner, delta_hooks(f.sites, relaxed, f.valid_runner.tail))
         yield PathPoint(lam, f, relaxed, history, train_acc, scores)

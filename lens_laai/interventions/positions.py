@@ -71,6 +71,34 @@ def check_positions(positions: Any) -> Positions:
     raise InterventionError(f"positions must be 'last', 'all' or a tuple of ints, got {type(positions).__name__}.")
 
 
+def last_positions(m: int) -> Positions:
+    """The positions of Δ at each row's last ``m`` prompt tokens: ``"last"`` for one, else ``(-m, …, -1)``
+    (with left padding, as evaluation and generation pad, those are every row's last ``m`` real tokens).
+
+    Example:
+        >>> from lens_laai.interventions.positions import last_positions
+        >>> last_positions(1), last_positions(3)
+        ('last', (-3, -2, -1))
+    """
+    return "last" if m == 1 else tuple(range(-m, 0))
+
+
+def tail_of(positions: Positions) -> int | None:
+    """How many last positions ``positions`` reach back (``"last"``: 1; negative indices: the deepest),
+    which the fast path recomputes; ``None`` for ``"all"`` or any non-negative index.
+
+    Example:
+        >>> from lens_laai.interventions.positions import tail_of
+        >>> tail_of("last"), tail_of((-3, -1)), tail_of((0, -1)), tail_of("all")
+        (1, 3, None, None)
+    """
+    if positions == "last":
+        return 1
+    if isinstance(positions, tuple) and positions and max(positions) < 0:
+        return -min(positions)
+    return None
+
+
 def positions_to_json(positions: Positions) -> str | list[int]:
     """``positions`` as a manifest stores them: the string, or a list of ints.
 
