@@ -177,6 +177,8 @@ def test_fit_with_delta_at_the_last_few_tokens_says_so_and_saves_those_positions
     for bad in ("0", "-1", "two"):
         assert main([*args, "--last-positions", bad, "--out", str(tmp_path / "bad")]) == 2
         assert "--last-positions" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*args, "--last-positions", "2", "--stability", "2", "--out", str(tmp_path / "st")]) == 2
+    assert "--stability refits Δ at the last token only" in capsys.readouterr().err
 
 
 def test_joint_fit_prints_its_layers_and_the_path_it_chose_on(tmp_path, task_file, capsys):

@@ -231,3 +231,35 @@ def test_last_positions_beyond_the_shortest_prompt_or_with_the_sequence_objectiv
         fit(tiny, task, layer=1, n_train=8, last_positions=2, objective="sequence", progress=False)
     with pytest.raises(LensLaaiError, match="needs prompts of at least 500 tokens"):
         fit(tiny, task, layer=1, n_train=8, last_positions=500, mode="zero-shot", progress=False)
+
+
+def test_delta_at_the_last_few_positions_refuses_a_right_padded_batch_and_leaks_no_hooks(tiny):
+    from lens_laai import HeadIntervention
+    from lens_laai.errors import InterventionError
+
+    delta = torch.randn(tiny.cfg.n_heads, tiny.cfg.d_head, generator=torch.Generator().manual_seed(0))
+    iv = HeadIntervention.from_deltas(tiny, {1: delta}, positions=(-3, -2, -1))
+    prompts = ["Q: hot\nA:", "Q: a much longer prompt than that\nA:"]
+    tokens = tiny.to_tokens(prompts[0])
+    before = tiny(tokens)
+    with pytest.raises(InterventionError, match="right-padded"), iv.apply(tiny):
+        tiny(prompts)  # the tiny tokenizer pads on the right: Δ would land on padding
+    assert torch.equal(tiny(tokens), before)
+    with iv.apply(tiny):
+        steered = tiny(tokens)  # one prompt: its last three tokens
+    assert torch.allclose(steered, tiny.run_with_hooks(tokens, fwd_hooks=iv.fwd_hooks()))
+    assert not torch.allclose(steered, before)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    with pytest.raises(InterventionError, match="right-padded"):
+        tiny.run_with_hooks(torch.tensor([[1, 5, 6, 7, 0]]), fwd_hooks=iv.fwd_hooks(attention_mask=mask))
+
+
+def test_every_token_generation_also_steers_the_generated_tokens_of_a_last_positions_fit(tiny):
+    from lens_laai import HeadIntervention, generate
+
+    delta = 4 * torch.randn(tiny.cfg.n_heads, tiny.cfg.d_head, generator=torch.Generator().manual_seed(1))
+    iv = HeadIntervention.from_deltas(tiny, {1: delta}, positions=(-2, -1))
+    kwargs = dict(max_new_tokens=5, delta_at="every_token")
+    cached = generate(tiny, ["Q: hot\nA:", "Q: up and down\nA:"], iv, use_past_kv_cache=True, **kwargs)
+    assert cached == generate(tiny, ["Q: hot\nA:", "Q: up and down\nA:"], iv, use_past_kv_cache=False, **kwargs)
+    assert cached != generate(tiny, ["Q: hot\nA:", "Q: up and down\nA:"], iv, max_new_tokens=5)

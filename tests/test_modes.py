@@ -84,9 +84,9 @@ def _scores(zero_delta, five_delta, five_prompt):
     return HeldScores([0.5], (0, 5), {0.5: [2]}, held, prompting, [n])
 
 
-def _right(*pairs: int) -> tuple[list[int], list[float]]:
-    """Ten held-out pairs, right on the ones named (cross-entropy 1 everywhere)."""
-    return [int(i in pairs) for i in range(10)], [1.0] * 10
+def _right(*pairs: int, n: int = 10) -> tuple[list[int], list[float]]:
+    """``n`` held-out pairs, right on the ones named (cross-entropy 1 everywhere)."""
+    return [int(i in pairs) for i in range(n)], [1.0] * n
 
 
 @pytest.mark.parametrize(
@@ -118,6 +118,11 @@ def test_under_rule_min_the_best_cross_validated_mode_wins_ties_by_cross_entropy
         ((_right(), _right(), _right(0, 1, 2, 3, 4, 5, 6)), "5-shot prompting"),
         # one pair ahead is exactly one SE of the paired difference: never a reason to leave
         ((_right(0, 1), _right(1), _right(1)), "5-shot prompting + Δ"),
+        # zero-shot Δ leads (0.70) but wins 12 and loses 6 (p = 0.12); prompting alone (0.65) wins 5 of 5
+        (
+            (_right(*range(6, 20), n=20), _right(*range(8), n=20), _right(*range(13), n=20)),
+            "5-shot prompting",
+        ),
         # a tie goes to the preferred mode whatever the cross-entropies say
         ((([1, 1, 0, 0], [0.1] * 4), ([1, 1, 0, 0], [3.0] * 4), ([1, 1, 0, 0], [1] * 4)), "5-shot prompting + Δ"),
     ],

@@ -85,6 +85,8 @@ def run_fit(args: argparse.Namespace) -> int:
         raise FitError(
             f"--stability takes an even number of subsamples ≥ 2 (complementary pairs), got {args.stability}."
         )
+    if args.stability and args.last_positions > 1:
+        raise FitError("--stability refits Δ at the last token only; drop --last-positions or --stability.")
     if cross_validates and not 2 <= args.folds <= args.n_train:
         raise FitError(f"--folds must be within 2..--n-train ({args.n_train}), got {args.folds}.")
     if layer == "auto" and args.layers != "default":

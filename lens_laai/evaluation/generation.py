@@ -119,7 +119,8 @@ def generate(
     ):
         raise TaskError(
             f"generate needs an intervention's explicit positions inside the (left-padded) prompt, "
-            f"{-ids.shape[1]}..{ids.shape[1] - 1}; got {intervention.positions}. Use positions='last' or 'all'."
+            f"{-ids.shape[1]}..{ids.shape[1] - 1}; got {intervention.positions}. Use a longer prompt, or "
+            "refit with fewer last_positions."
         )
     device = model.cfg.device
     ids, mask = (ids.to(device), mask.to(device)) if device is not None else (ids, mask)
@@ -197,6 +198,8 @@ def _generation_hooks(
         return iv.fwd_hooks("all")  # under a cache each step sees only its new token: every position once
     if isinstance(iv.positions, tuple):
         at = tuple(p % prompt_len for p in iv.positions)  # negative: from the prompt's end, not the sequence's
+        if delta_at == "every_token":  # and at each generated token: under a cache, the one each step adds
+            return iv.fwd_hooks(at if first else "last") if cached else iv.fwd_hooks((*at, *range(prompt_len, length)))
         return iv.fwd_hooks(at) if first or not cached else []
     if cached:
         return iv.fwd_hooks("last") if first or delta_at == "every_token" else []

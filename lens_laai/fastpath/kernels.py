@@ -265,6 +265,8 @@ class LlamaLastToken:
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         mask = attention_mask
+        if mask is None and cos.shape[-2] > 1:
+            raise KernelUnsupported("no attention mask for several query rows (their causal mask is needed)")
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-2] != cos.shape[-2]:
                 raise KernelUnsupported(f"attention mask of shape {getattr(mask, 'shape', None)}")

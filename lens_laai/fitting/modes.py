@@ -202,8 +202,9 @@ def choose_mode(
     index: int | None = None,
 ) -> ModeChoice:
     """Pick a mode among :func:`candidate_modes`: under ``cfg.rule="1se"`` the richest (most
-    demonstrations, with Δ) unless another is better on the same held-out pairs by a one-sided sign
-    test at :data:`MODE_ALPHA`; under ``"min"`` the best held-out accuracy (ties: lower cross-entropy).
+    demonstrations, with Δ) unless others are better on the same held-out pairs by a one-sided sign
+    test at :data:`MODE_ALPHA` (then the best of those); under ``"min"`` the best held-out accuracy
+    (ties: lower cross-entropy).
 
     Each Δ mode's λ₂ point is ``cfg.rule`` on ``cfg.cv_metric`` over its own rows (``counts``: heads
     kept on all n pairs, per point), or ``index`` when a head budget fixed it.
@@ -239,10 +240,11 @@ def choose_mode(
     table = pd.DataFrame(rows)
     table[["wins", "losses", "p_better"]] = [_against(correct_of, i, _preferred(candidates)) for i in range(len(rows))]
     acc, ce = table[f"{score}_accuracy"].to_numpy(), table[f"{score}_ce"].to_numpy()
-    best = max(range(len(rows)), key=lambda i: (acc[i], -ce[i], -i))
+    allowed = list(range(len(rows)))
     preferred = _preferred(candidates)
-    if getattr(cfg, "rule", "1se") == "1se" and preferred is not None and table.p_better[best] > MODE_ALPHA:
-        best = preferred
+    if getattr(cfg, "rule", "1se") == "1se" and preferred is not None:
+        allowed = [preferred] + [i for i in allowed if table.p_better[i] <= MODE_ALPHA]  # NaN (preferred) is not ≤
+    best = max(allowed, key=lambda i: (acc[i], -ce[i], -i))
     table["chosen"] = [i == best for i in range(len(rows))]
     chosen = candidates[best]
     with_delta = [i for i, m in enumerate(candidates) if m.delta]

@@ -9,7 +9,10 @@ Positions are one of:
   which the bridge pads on the tokenizer's side).
 * ``"all"``: every position.
 * a tuple of distinct ints (negative counts from the end), indices into the sequence that the
-  hook sees.
+  hook sees. Negative ones (a fit's ``last_positions``: ``(-3, -2, -1)``) are each row's last real
+  tokens with left padding (as :func:`lens_laai.evaluate` and :func:`lens_laai.generate` pad) or one
+  prompt; on a right-padded batch (seen by ``apply``, or passed to ``fwd_hooks`` as its
+  ``attention_mask``) they are refused rather than put on padding.
 
 Generation: :func:`lens_laai.generate` adds Δ at the last prompt token only (as in training),
 or also at every generated token (``delta_at="every_token"``), and computes the same thing with
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from jaxtyping import Float, Int
@@ -97,6 +100,17 @@ def tail_of(positions: Positions) -> int | None:
     if isinstance(positions, tuple) and positions and max(positions) < 0:
         return -min(positions)
     return None
+
+
+def counts_back(where: Any) -> TypeGuard[tuple[int, ...]]:
+    """Whether ``where`` is a tuple of negative positions, counted back from each row's end.
+
+    Example:
+        >>> from lens_laai.interventions.positions import counts_back
+        >>> counts_back((-3, -2, -1)), counts_back((0, -1)), counts_back("last")
+        (True, False, False)
+    """
+    return isinstance(where, tuple) and bool(where) and tail_of(where) is not None
 
 
 def positions_to_json(positions: Positions) -> str | list[int]:
@@ -201,12 +215,26 @@ class LastTokenTracker:
         'last'
     """
 
-    def __init__(self, model: Any, attention_mask: Tensor | None = None) -> None:
+    def __init__(self, model: Any, attention_mask: Tensor | None = None, back: tuple[int, ...] | None = None) -> None:
         self.model = model
         self.mask: Tensor | None = attention_mask
+        self.back = back
 
     def index(self, z: Tensor) -> Positions | Tensor:
-        """Per-row indices into ``z`` of the last real token, or ``"last"`` when that is -1."""
+        """Per-row indices into ``z`` of the last real token, or ``"last"`` when that is -1.
+
+        Built with ``back`` (negative positions, e.g. a fit's ``(-3, -2, -1)``), ``back`` itself,
+        after checking that every row ends at the last position: on a right-padded batch those
+        positions would fall on padding, which is refused with an :class:`InterventionError`.
+        """
+        if self.back is not None:
+            if self.mask is not None and not bool((last_real_index(self.mask) == self.mask.shape[-1] - 1).all()):
+                raise InterventionError(
+                    f"Positions {self.back} count back from the end of each row, but this batch is right-padded, "
+                    "so they would fall on padding. Pad on the left (tokenizer.padding_side = 'left'), run one "
+                    "prompt at a time, or use lens_laai.evaluate / generate, which pad on the left."
+                )
+            return self.back
         if self.mask is None:
             return "last"
         last = last_real_index(self.mask.to(z.device))

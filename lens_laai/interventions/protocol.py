@@ -43,6 +43,7 @@ from lens_laai.interventions.positions import (
     Positions,
     add_at_positions,
     check_positions,
+    counts_back,
     positions_to_json,
 )
 from lens_laai.models.bridge import SHAPE_KEYS, check_fingerprint
@@ -131,12 +132,15 @@ class InterventionBase:
         """A TransformerLens ``fwd_hooks`` list, for ``model.run_with_hooks`` or ``model.hooks``.
 
         With ``positions="last"`` (the default) and right-padded batches, pass ``attention_mask``
-        so each row gets its own last real token; without it ``"last"`` is position -1.
+        so each row gets its own last real token; without it ``"last"`` is position -1. Negative
+        positions (a fit's ``last_positions``) count back from the end; given a right-padded
+        ``attention_mask`` (or, in ``apply``, a right-padded batch) they are refused, not put on padding.
         """
         self.check_values()
         where = check_positions(self.positions if positions is None else positions)
-        if where == "last" and attention_mask is not None:
-            return self._hooks(LastTokenTracker(None, attention_mask))
+        back = where if counts_back(where) else None
+        if attention_mask is not None and (where == "last" or back is not None):
+            return self._hooks(LastTokenTracker(None, attention_mask, back))
         return self._hooks(where)
 
     @contextmanager
@@ -153,8 +157,9 @@ class InterventionBase:
         self.check_values()
         scaled = self if scale == 1.0 else self * scale
         where = check_positions(self.positions if positions is None else positions)
-        tracker = LastTokenTracker(model)
-        with tracker.watching(), model.hooks(fwd_hooks=scaled._hooks(tracker if where == "last" else where)):
+        tracker = LastTokenTracker(model, back=where if counts_back(where) else None)
+        watched = where == "last" or counts_back(where)
+        with tracker.watching(), model.hooks(fwd_hooks=scaled._hooks(tracker if watched else where)):
             yield model
 
     def check_model(self, model: TransformerBridge, strict: bool = False) -> None:
