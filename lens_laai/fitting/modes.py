@@ -60,8 +60,8 @@ MODE_SHOTS = 5
 """Demonstrations per prompt in the k-shot modes (fewer when a fold is too small)."""
 MODE_ALPHA = 0.05
 """Under ``rule="1se"``, another mode replaces k-shot prompting + Δ only when the one-sided sign test
-on the held-out pairs where they disagree gives ``p ≤ MODE_ALPHA`` (with 20 pairs: 5 disagreements,
-all won)."""
+on the held-out pairs where they disagree gives ``p ≤ MODE_ALPHA`` (the fewest that pass: 5
+disagreements, all won; 7 won and 1 lost also pass)."""
 
 
 @dataclass
