@@ -238,10 +238,10 @@ def choose_mode(
             rows.append(_row(m, None, 0, correct, ce, score))
         correct_of.append(correct)
     table = pd.DataFrame(rows)
-    table[["wins", "losses", "p_better"]] = [_against(correct_of, i, _preferred(candidates)) for i in range(len(rows))]
+    preferred = _preferred(candidates)
+    table[["wins", "losses", "p_better"]] = [_against(correct_of, i, preferred) for i in range(len(rows))]
     acc, ce = table[f"{score}_accuracy"].to_numpy(), table[f"{score}_ce"].to_numpy()
     allowed = list(range(len(rows)))
-    preferred = _preferred(candidates)
     if getattr(cfg, "rule", "1se") == "1se" and preferred is not None:
         allowed = [preferred] + [i for i in allowed if table.p_better[i] <= MODE_ALPHA]  # NaN (preferred) is not ≤
     best = max(allowed, key=lambda i: (acc[i], -ce[i], -i))
