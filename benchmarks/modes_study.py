@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise_only:
         return summarise(Path(args.out_dir))
     tasks, seeds, parts = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.parts.split(",")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        p.error(f"--parts: unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
     fixed = {"model": args.model, "data_dir": args.data_dir, "n": args.n, "n_test": args.n_test}
     fixed |= {"fv_prompts": args.fv_prompts, "n_valid": 40} | ({"demos": args.demos} if args.demos is not None else {})
     if args.quick or args.model == TINY:
@@ -113,9 +116,7 @@ def cell(ctx, config: dict) -> dict:
     n = config["n"]
     nested = nested_splits(task, config["seed"], n, config["n_valid"], config["n_test"], n)
     splits = TaskSplits(nested.train, Task(task.name, []), nested.test, config["seed"])  # n pairs, nothing more
-    parts = {"main": run_main, "zero": run_zero, "joint": run_joint, "baselines": run_baselines}
-    parts |= {"positions": run_positions}
-    rows = parts[config["part"]](model, splits, config)
+    rows = PARTS[config["part"]](model, splits, config)
     base = {"task": config["task"], "seed": config["seed"], "n_test": len(splits.test)}
     return {"rows": json.dumps([base | r for r in rows])}
 
@@ -236,6 +237,10 @@ def run_baselines(model, splits: TaskSplits, config: dict) -> list[dict]:
         }
     )
     return rows
+
+
+PARTS = {"main": run_main, "zero": run_zero, "joint": run_joint, "positions": run_positions, "baselines": run_baselines}
+"""Each ``--parts`` name and the function that runs its cell."""
 
 
 COLUMNS = [

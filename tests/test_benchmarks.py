@@ -271,3 +271,11 @@ def test_modes_study_refuses_a_bad_demos_before_running(bad, capsys, tmp_path):
             ["--model", "lens-laai-tiny", "--quick", "--demos", bad, "--out-dir", str(tmp_path / "o")]
         )
     assert "--demos" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_modes_study_refuses_an_unknown_part_before_running(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        load_script("modes_study").main(
+            ["--model", "lens-laai-tiny", "--quick", "--parts", "main,bogus", "--out-dir", str(tmp_path / "o")]
+        )
+    assert "unknown part 'bogus'" in capsys.readouterr().err and not (tmp_path / "o").exists()
